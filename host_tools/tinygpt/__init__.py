@@ -1,0 +1,1 @@
+"""tinygpt host tools: converter, reference, engine binding, CLI."""
