@@ -1,0 +1,129 @@
+"""`tinygpt bench`: speed and memory of the C engine on random-weight models of every preset.
+
+A benchmark, not a test: it prints what it measured on this machine. Timings are wall-clock
+best-of-N on the host CPU; the byte counts are exact (they follow from the format).
+"""
+import json
+import time
+
+import numpy as np
+
+from . import modelfile
+from .presets import PRESETS
+
+
+def synthetic_tokenizer_section(n_vocab):
+    """A valid byte-level BPE tokenizer section with n_vocab tokens (for random models only):
+    the 256 byte tokens, then each further token the merge of two earlier ones."""
+    if n_vocab < 256:
+        raise ValueError("a byte-level tokenizer needs at least 256 tokens, got %d" % n_vocab)
+    toks = [bytes([b]) for b in range(256)]
+    merges = []
+    rng = np.random.default_rng(0)
+    while len(toks) < n_vocab:
+        a, b = (int(x) for x in rng.integers(0, len(toks), 2))
+        if len(toks[a]) + len(toks[b]) > 12 or toks[a] + toks[b] in toks:
+            a, b = int(rng.integers(0, 256)), int(rng.integers(0, 256))
+            if toks[a] + toks[b] in toks:
+                continue
+        merges.append((a, b, len(toks)))
+        toks.append(toks[a] + toks[b])
+    blob = b"".join(toks)
+    offs = np.cumsum([0] + [len(t) for t in toks]).astype("<u4")
+    head = np.array([n_vocab, len(merges), 0, 1, len(blob), 0], dtype="<u4")
+    pad = b"\0" * (-len(blob) % 4)
+    return (b"TTOK" + np.array([1], "<u4").tobytes() + head.tobytes() + offs.tobytes() + blob + pad
+            + np.array(merges, dtype="<u4").reshape(-1).tobytes())
+
+
+def random_model_bytes(hparams, seed=0):
+    """The bytes of a model file with GPT-2-like random weights (N(0, 0.02), unit LN gains)."""
+    rng = np.random.default_rng(seed)
+    E, I, V, P, L = (hparams[k] for k in ("n_embd", "n_inner", "n_vocab", "n_positions", "n_layer"))
+    t = {}
+    t["wte_q"], t["wte_s"] = modelfile.quantize_rows(rng.normal(0, 0.02, (V, E)).astype(np.float32))
+    t["wpe"] = rng.normal(0, 0.01, (P, E)).astype(np.float32)
+    t["lnf_g"], t["lnf_b"] = np.ones(E, np.float32), np.zeros(E, np.float32)
+    for l in range(L):
+        for name, (o, i) in (("attn", (3 * E, E)), ("proj", (E, E)), ("fc", (I, E)), ("mproj", (E, I))):
+            w, s = modelfile.quantize_rows(rng.normal(0, 0.02, (o, i)).astype(np.float32))
+            t["h.%d.%s_w" % (l, name)], t["h.%d.%s_s" % (l, name)] = w, s
+            t["h.%d.%s_b" % (l, name)] = rng.normal(0, 0.01, o).astype(np.float32)
+        for ln in ("ln1", "ln2"):
+            t["h.%d.%s_g" % (l, ln)], t["h.%d.%s_b" % (l, ln)] = np.ones(E, np.float32), np.zeros(E, np.float32)
+    hp = dict(hparams, eos_id=0)
+    buf, _ = modelfile.build_model_bytes(hp, t, synthetic_tokenizer_section(V))
+    return bytes(buf)
+
+
+def bytes_read(info, n_tokens):
+    """Weight bytes the engine reads to process n_tokens in one batch (one chunk): every layer
+    matrix once, the head (wte_q, wte_s) once for the last token, an embedding row and a wpe
+    row per token."""
+    E, V = info["n_embd"], info["n_vocab"]
+    embed = V * E + 4 * V + 4 * info["n_positions"] * E + 8 * E  # wte_q, wte_s, wpe, lnf
+    layers = info["weight_bytes"] - embed
+    return layers + (V * E + 4 * V + 8 * E) + n_tokens * (E + 4 + 4 * E)
+
+
+def bench_model(model, n_prompt=16, n_decode=32, repeats=3):
+    info = model.info()
+    n_prompt = min(n_prompt, info["n_ctx"] - 1)
+    n_decode = min(n_decode, info["n_ctx"] - n_prompt)
+    prompt = [(7 * i + 3) % info["n_vocab"] for i in range(n_prompt)]
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        model.reset()
+        t0 = time.perf_counter()
+        model.prefill(prompt)
+        t1 = time.perf_counter()
+        for _ in range(n_decode):
+            model.step(model.sample())
+        t2 = time.perf_counter()
+        prefill_s.append(t1 - t0)
+        decode_s.append(t2 - t1)
+    return {
+        "prefill_tok_s": n_prompt / min(prefill_s),
+        "decode_tok_s": n_decode / min(decode_s),
+        "prefill_tokens": n_prompt,
+        "decode_tokens": n_decode,
+        "bytes_read_per_decoded_token": bytes_read(info, 1),
+        "bytes_read_per_prefill": bytes_read(info, n_prompt),
+        "weights_bytes": info["weight_bytes"],
+        "file_bytes": info["file_bytes"],
+        "kv_bytes": info["kv_bytes"],
+        "scratch_bytes": info["scratch_bytes"],
+        "n_ctx": info["n_ctx"],
+    }
+
+
+def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print):
+    from .engine import Model
+
+    results = {}
+    if model_path:
+        with Model(model_path, n_ctx=n_ctx) as m:
+            results[str(model_path)] = bench_model(m)
+    else:
+        for name in presets or list(PRESETS):
+            hp = dict(PRESETS[name])
+            hp["n_vocab"] = hp.pop("vocab_size")
+            with Model(random_model_bytes(hp), n_ctx=n_ctx) as m:
+                results[name] = bench_model(m)
+    if as_json:
+        out(json.dumps(results, indent=2))
+    else:
+        out("%-10s %10s %10s %12s %12s %10s %10s %9s" % (
+            "model", "decode/s", "prefill/s", "read/token", "read/prefill", "weights", "kv", "scratch"))
+        for name, r in results.items():
+            out("%-10s %10.1f %10.1f %12s %12s %10s %10s %9s" % (
+                name[-10:], r["decode_tok_s"], r["prefill_tok_s"], _mb(r["bytes_read_per_decoded_token"]),
+                _mb(r["bytes_read_per_prefill"]), _mb(r["weights_bytes"]), _mb(r["kv_bytes"]),
+                _mb(r["scratch_bytes"])))
+        out("(host CPU, best of 3; prefill = %d-token prompt; sizes in MB = 10^6 bytes)"
+            % next(iter(results.values()))["prefill_tokens"])
+    return results
+
+
+def _mb(n):
+    return "%.3f" % (n / 1e6)

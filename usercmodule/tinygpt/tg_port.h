@@ -1,0 +1,17 @@
+/*
+ * Port layer: the only place the engine touches the platform.
+ *
+ * The engine asks for all its working memory (activations, KV cache, sampling buffers) once,
+ * at load, and gives it back in tg_free. A port decides where that memory lives: malloc on a
+ * PC (tg_port_posix.c), PSRAM via heap_caps_malloc on the ESP32, or a static arena on a bare
+ * microcontroller. Allocations must be at least 16-byte aligned.
+ */
+#ifndef TG_PORT_H
+#define TG_PORT_H
+
+#include <stddef.h>
+
+void *tg_port_alloc(size_t nbytes); /* NULL on failure */
+void tg_port_free(void *p);         /* p may be NULL */
+
+#endif

@@ -1,0 +1,1209 @@
+/*
+ * tinygpt engine: load (validate) -> forward (prefill / step) -> sample.
+ *
+ * Sections, in reading order:
+ *   1. small helpers: errors, little-endian reads, CRC32
+ *   2. float32 math exactly as docs/model-format.md section 4.1 specifies (exp32, tanh32, erf32)
+ *   3. kernels: LayerNorm, activation quantization, int8 matmul, GELU
+ *   4. the model struct and the loader (validates every byte it will ever read)
+ *   5. the forward pass (prefill processes a batch; step is a batch of one)
+ *   6. sampling
+ *
+ * Every float32 operation is written in the order the spec gives, one operation per rounding;
+ * compile with -ffp-contract=off so the compiler does not fuse a*b+c into one rounding.
+ */
+#include "tinygpt.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "tg_port.h"
+
+#ifdef __FAST_MATH__
+#error "tinygpt must not be built with -ffast-math: it reorders the float32 operations the spec fixes"
+#endif
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
+#error "tinygpt needs float expressions evaluated in float (FLT_EVAL_METHOD 0): use SSE2, not x87"
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+/* 1. Helpers                                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+static int fail(tg_error *err, int code, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        err->code = code;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+static int ok(tg_error *err) {
+    if (err) {
+        err->code = TG_OK;
+        err->msg[0] = 0;
+    }
+    return TG_OK;
+}
+
+const char *tg_status_name(int code) {
+    static const char *const names[] = {
+        "ok", "bad argument", "misaligned buffer", "truncated", "bad magic", "unsupported version",
+        "bad header", "bad dimensions", "bad directory", "crc mismatch", "bad value",
+        "bad tokenizer", "out of memory", "bad token", "context full", "interrupted",
+        "no logits", "big-endian host"};
+    if (code < 0 || code >= (int)(sizeof(names) / sizeof(names[0]))) {
+        return "unknown error";
+    }
+    return names[code];
+}
+
+/* Reads through memcpy: correct at any alignment, a single load where alignment is known. */
+static uint32_t rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static float rdf32(const uint8_t *p) {
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static int host_is_little_endian(void) {
+    const uint32_t one = 1;
+    uint8_t b;
+    memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+/* CRC-32 (ISO-HDLC, reflected 0xEDB88320), as zlib's crc32(). Table built on first use. */
+static uint32_t crc_table[256];
+static int crc_table_ready;
+
+uint32_t tg_crc32(uint32_t crc, const uint8_t *p, size_t n) {
+    if (!crc_table_ready) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) {
+                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            }
+            crc_table[i] = c;
+        }
+        crc_table_ready = 1;
+    }
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) {
+        crc = crc_table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+    }
+    return ~crc;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 2. Float32 math of spec section 4.1                                                      */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Round to nearest, ties to even, for |v| < 2^22: adding 1.5*2^23 pushes the fraction out. */
+static float rne(float v) {
+    float t = v + 12582912.0f;
+    return t - 12582912.0f;
+}
+
+static float pow2i(int n) { /* 2^n for n in [-126, 127] */
+    uint32_t bits = (uint32_t)(n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float exp32(float x) {
+    if (x < -87.0f) {
+        return 0.0f;
+    }
+    if (x > 88.0f) {
+        x = 88.0f;
+    }
+    float n = rne(x * 1.44269502f);
+    float r = x - n * 0.693145752f;
+    r = r - n * 1.42860677e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * pow2i((int)n);
+}
+
+static float tanh32(float u) {
+    if (u > 9.0f) {
+        u = 9.0f;
+    }
+    if (u < -9.0f) {
+        u = -9.0f;
+    }
+    float e = exp32(2.0f * u);
+    return 1.0f - 2.0f / (e + 1.0f);
+}
+
+static float erf32(float z) {
+    float a = z < 0.0f ? -z : z;
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float k = t * 1.061405429f;
+    k = k + -1.453152027f;
+    k = k * t;
+    k = k + 1.421413741f;
+    k = k * t;
+    k = k + -0.284496736f;
+    k = k * t;
+    k = k + 0.254829592f;
+    k = k * t;
+    float e = exp32(-(a * a));
+    float y = 1.0f - k * e;
+    return z < 0.0f ? -y : y;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 3. Kernels                                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+static void layernorm(float *y, const float *x, const float *g, const float *b, uint32_t n,
+                      float eps) {
+    float sum = 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        sum += x[i];
+    }
+    float mean = sum / (float)n;
+    float ss = 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        float d = x[i] - mean;
+        ss += d * d;
+    }
+    float var = ss / (float)n;
+    float inv = 1.0f / sqrtf(var + eps);
+    for (uint32_t i = 0; i < n; i++) {
+        float d = x[i] - mean;
+        y[i] = (d * inv) * g[i] + b[i];
+    }
+}
+
+/* Dynamic symmetric quantization of one vector to int8 with one scale (spec 4.3). */
+static float quantize(int8_t *q, const float *v, uint32_t n) {
+    float amax = 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        float a = fabsf(v[i]);
+        if (a > amax) {
+            amax = a;
+        }
+    }
+    if (amax == 0.0f) {
+        memset(q, 0, n);
+        return 0.0f;
+    }
+    float s = amax / 127.0f;
+    float inv = 127.0f / amax;
+    for (uint32_t i = 0; i < n; i++) {
+        float t = v[i] * inv;
+        if (t != t) {
+            t = 0.0f;
+        } else if (t > 127.0f) {
+            t = 127.0f;
+        } else if (t < -127.0f) {
+            t = -127.0f;
+        }
+        q[i] = (int8_t)rne(t);
+    }
+    return s;
+}
+
+static int32_t dot_i8(const int8_t *a, const int8_t *b, uint32_t n) {
+    int32_t acc = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        acc += (int32_t)a[i] * (int32_t)b[i];
+    }
+    return acc;
+}
+
+/* y[t][o] = (float)(xq[t] . W[o]) * (xs[t] * sw[o]) + b[o] for nb tokens (spec 4.4).
+ * The weight row is the outer loop so each row is read once for the whole batch: on the
+ * device the weights stream from PSRAM or flash, the activations stay in cache. */
+static void matmul(float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
+                   const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
+                   uint32_t n_in, uint32_t n_out) {
+    for (uint32_t o = 0; o < n_out; o++) {
+        const int8_t *row = w + (size_t)o * n_in;
+        for (uint32_t t = 0; t < nb; t++) {
+            int32_t acc = dot_i8(xq + (size_t)t * x_stride, row, n_in);
+            float scale = xs[t] * sw[o];
+            float v = (float)acc * scale;
+            y[(size_t)t * y_stride + o] = b ? v + b[o] : v;
+        }
+    }
+}
+
+static float gelu(float x, uint32_t activation) {
+    if (activation == 0) {
+        float x3 = (x * x) * x;
+        float u = 0.797884583f * (x + 0.044715f * x3);
+        return (0.5f * x) * (1.0f + tanh32(u));
+    }
+    return (0.5f * x) * (1.0f + erf32(x * 0.707106769f));
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 4. Model and loader                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *ln1_g, *ln1_b;
+    const int8_t *attn_w;
+    const float *attn_s, *attn_b;
+    const int8_t *proj_w;
+    const float *proj_s, *proj_b;
+    const float *ln2_g, *ln2_b;
+    const int8_t *fc_w;
+    const float *fc_s, *fc_b;
+    const int8_t *mproj_w;
+    const float *mproj_s, *mproj_b;
+} tg_layer;
+
+struct tg_model {
+    tg_info info;
+    /* weights: pointers into the caller's buffer */
+    const int8_t *wte_q;
+    const float *wte_s, *wpe, *lnf_g, *lnf_b;
+    tg_layer *layers;
+    const uint8_t *tokenizer;
+    /* KV cache: [layer][pos][n_embd] int8, scales [layer][pos][n_head] */
+    int8_t *k8, *v8;
+    float *sk, *sv;
+    int32_t *tokens; /* the ids in the cache, for the repetition penalty */
+    uint32_t pos;
+    /* scratch, sized for max_batch tokens */
+    float *x;       /* [B][E] residual stream */
+    float *buf;     /* [B][max(3E, I)] linear outputs: qkv, then fc */
+    float *att;     /* [B][E] attention outputs */
+    int8_t *xq;     /* [B][max(E, I)] quantized activations */
+    float *xs;      /* [B] their scales */
+    float *scores;  /* [n_ctx] */
+    int8_t *q8;     /* [head_dim] */
+    float *logits;  /* [V] */
+    float *probs;   /* [V] sampling */
+    int32_t *order; /* [V] sampling */
+    int has_logits;
+    uint64_t rng;
+    tg_poll_fn poll;
+    void *poll_ctx;
+    tg_trace_fn trace;
+    void *trace_ctx;
+    /* every allocation, for tg_free */
+    void *blocks[16];
+    int n_blocks;
+};
+
+static void *model_alloc(tg_model *m, size_t nbytes) {
+    if (m->n_blocks >= (int)(sizeof(m->blocks) / sizeof(m->blocks[0]))) {
+        return NULL;
+    }
+    void *p = tg_port_alloc(nbytes);
+    if (p && ((uintptr_t)p & 15u) != 0) {
+        tg_port_free(p); /* the kernels assume 16-byte alignment */
+        p = NULL;
+    }
+    if (p) {
+        m->blocks[m->n_blocks++] = p;
+    }
+    return p;
+}
+
+void tg_free(tg_model *m) {
+    if (!m) {
+        return;
+    }
+    for (int i = m->n_blocks - 1; i >= 0; i--) {
+        tg_port_free(m->blocks[i]);
+    }
+    tg_port_free(m);
+}
+
+enum { DT_I8 = 1, DT_F32 = 2, DT_RAW = 3 };
+
+enum {
+    K_WTE_Q = 1, K_WTE_S = 2, K_WPE = 3, K_LNF_G = 4, K_LNF_B = 5, K_TOKENIZER = 6,
+    K_LN1_G = 16, K_LN1_B, K_ATTN_W, K_ATTN_S, K_ATTN_B, K_PROJ_W, K_PROJ_S, K_PROJ_B,
+    K_LN2_G, K_LN2_B, K_FC_W, K_FC_S, K_FC_B, K_MPROJ_W, K_MPROJ_S, K_MPROJ_B
+};
+
+static const char *const layer_kind_names[16] = {
+    "ln1_g", "ln1_b", "attn_w", "attn_s", "attn_b", "proj_w", "proj_s", "proj_b",
+    "ln2_g", "ln2_b", "fc_w", "fc_s", "fc_b", "mproj_w", "mproj_s", "mproj_b"};
+
+static const char *global_kind_name(uint32_t kind) {
+    switch (kind) {
+        case K_WTE_Q: return "wte_q";
+        case K_WTE_S: return "wte_s";
+        case K_WPE: return "wpe";
+        case K_LNF_G: return "lnf_g";
+        case K_LNF_B: return "lnf_b";
+        default: return "tokenizer";
+    }
+}
+
+/* Directory slot -> (kind, layer): the canonical order of spec section 3. */
+static void slot_kind(uint32_t slot, uint32_t n_layer, uint32_t *kind, uint32_t *layer) {
+    if (slot < 3) {
+        *kind = slot + 1;
+        *layer = 0;
+    } else if (slot < 3 + 16 * n_layer) {
+        *kind = 16 + (slot - 3) % 16;
+        *layer = (slot - 3) / 16;
+    } else {
+        *kind = 4 + (slot - 3 - 16 * n_layer);
+        *layer = 0;
+    }
+}
+
+/* Expected dtype and element count of a tensor kind; 0 elements = any size (tokenizer). */
+static void kind_shape(const tg_info *h, uint32_t kind, uint32_t *dtype, uint64_t *count) {
+    uint64_t E = h->n_embd, I = h->n_inner, V = h->n_vocab, P = h->n_positions;
+    *dtype = DT_F32;
+    switch (kind) {
+        case K_WTE_Q: *dtype = DT_I8; *count = V * E; break;
+        case K_WTE_S: *count = V; break;
+        case K_WPE: *count = P * E; break;
+        case K_LNF_G: case K_LNF_B: *count = E; break;
+        case K_TOKENIZER: *dtype = DT_RAW; *count = 0; break;
+        case K_ATTN_W: *dtype = DT_I8; *count = 3 * E * E; break;
+        case K_ATTN_S: case K_ATTN_B: *count = 3 * E; break;
+        case K_PROJ_W: *dtype = DT_I8; *count = E * E; break;
+        case K_FC_W: *dtype = DT_I8; *count = I * E; break;
+        case K_FC_S: case K_FC_B: *count = I; break;
+        case K_MPROJ_W: *dtype = DT_I8; *count = E * I; break;
+        default: *count = E; break; /* ln*, proj_s/b, mproj_s/b */
+    }
+}
+
+static int is_scale_kind(uint32_t kind) {
+    return kind == K_WTE_S || kind == K_ATTN_S || kind == K_PROJ_S || kind == K_FC_S ||
+           kind == K_MPROJ_S;
+}
+
+static void tensor_name(char *out, size_t n, uint32_t kind, uint32_t layer) {
+    if (kind >= 16 && kind < 32) {
+        snprintf(out, n, "h.%u.%s", (unsigned)layer, layer_kind_names[kind - 16]);
+    } else {
+        snprintf(out, n, "%s", global_kind_name(kind));
+    }
+}
+
+int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_error *err) {
+    if (!sec || len < 32) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section too short (%u bytes)", (unsigned)len);
+    }
+    if (memcmp(sec, "TTOK", 4) != 0) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: bad magic");
+    }
+    if (rd32(sec + 4) != 1) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: unsupported version %u",
+                    (unsigned)rd32(sec + 4));
+    }
+    uint32_t nv = rd32(sec + 8), n_merges = rd32(sec + 12), n_special = rd32(sec + 16);
+    uint32_t pretok = rd32(sec + 20), bytes_size = rd32(sec + 24);
+    if (nv != n_vocab) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer has %u tokens but the model has %u",
+                    (unsigned)nv, (unsigned)n_vocab);
+    }
+    if (pretok != 1 || rd32(sec + 28) != 0) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: unknown pretokenizer %u",
+                    (unsigned)pretok);
+    }
+    uint64_t need = 32 + 4 * ((uint64_t)nv + 1) + (((uint64_t)bytes_size + 3) & ~(uint64_t)3) +
+                    12 * (uint64_t)n_merges + 4 * (uint64_t)n_special;
+    if (need != len) {
+        return fail(err, TG_E_TOKENIZER,
+                    "tokenizer section is %u bytes but its counts need %llu", (unsigned)len,
+                    (unsigned long long)need);
+    }
+    const uint8_t *off = sec + 32;
+    const uint8_t *blob = off + 4 * ((size_t)nv + 1);
+    const uint8_t *merges = blob + ((bytes_size + 3u) & ~3u);
+    const uint8_t *special = merges + 12 * (size_t)n_merges;
+    if (rd32(off) != 0 || rd32(off + 4 * (size_t)nv) != bytes_size) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer offsets do not span the byte table");
+    }
+    uint16_t byte_token[256]; /* how many single-byte tokens spell each byte value */
+    memset(byte_token, 0, sizeof(byte_token));
+    for (uint32_t t = 0; t < nv; t++) {
+        uint32_t a = rd32(off + 4 * (size_t)t), b = rd32(off + 4 * (size_t)t + 4);
+        if (b < a) {
+            return fail(err, TG_E_TOKENIZER, "token %u: offsets decrease", (unsigned)t);
+        }
+        if (b - a == 1 && byte_token[blob[a]] < 2) {
+            byte_token[blob[a]]++;
+        }
+    }
+    for (int v = 0; v < 256; v++) {
+        if (byte_token[v] != 1) {
+            return fail(err, TG_E_TOKENIZER, "byte 0x%02x has %u single-byte tokens, needs 1", v,
+                        (unsigned)byte_token[v]);
+        }
+    }
+    for (uint32_t r = 0; r < n_merges; r++) {
+        uint32_t l = rd32(merges + 12 * (size_t)r), rt = rd32(merges + 12 * (size_t)r + 4);
+        uint32_t res = rd32(merges + 12 * (size_t)r + 8);
+        if (l >= nv || rt >= nv || res >= nv) {
+            return fail(err, TG_E_TOKENIZER, "merge %u: token id out of range", (unsigned)r);
+        }
+        uint32_t la = rd32(off + 4 * (size_t)l), lb = rd32(off + 4 * (size_t)l + 4);
+        uint32_t ra = rd32(off + 4 * (size_t)rt), rb = rd32(off + 4 * (size_t)rt + 4);
+        uint32_t xa = rd32(off + 4 * (size_t)res), xb = rd32(off + 4 * (size_t)res + 4);
+        if (xb - xa != (lb - la) + (rb - ra) || memcmp(blob + xa, blob + la, lb - la) != 0 ||
+            memcmp(blob + xa + (lb - la), blob + ra, rb - ra) != 0) {
+            return fail(err, TG_E_TOKENIZER, "merge %u: token %u is not token %u + token %u",
+                        (unsigned)r, (unsigned)res, (unsigned)l, (unsigned)rt);
+        }
+    }
+    for (uint32_t i = 0; i < n_special; i++) {
+        uint32_t id = rd32(special + 4 * (size_t)i);
+        if (id >= nv) {
+            return fail(err, TG_E_TOKENIZER, "special token %u: id %u out of range", (unsigned)i,
+                        (unsigned)id);
+        }
+        if (rd32(off + 4 * (size_t)id + 4) == rd32(off + 4 * (size_t)id)) {
+            return fail(err, TG_E_TOKENIZER, "special token %u has no text", (unsigned)id);
+        }
+        for (uint32_t j = 0; j < i; j++) {
+            if (rd32(special + 4 * (size_t)j) == id) {
+                return fail(err, TG_E_TOKENIZER, "special token %u listed twice", (unsigned)id);
+            }
+        }
+    }
+    return ok(err);
+}
+
+static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *err) {
+    if (len < TG_HEADER_SIZE) {
+        return fail(err, TG_E_TRUNCATED, "file is %lu bytes, shorter than the %u-byte header",
+                    (unsigned long)len, (unsigned)TG_HEADER_SIZE);
+    }
+    if (memcmp(buf, "TGPT", 4) != 0) {
+        return fail(err, TG_E_MAGIC, "not a tinygpt model (magic is not 'TGPT')");
+    }
+    uint32_t version = rd32(buf + 4);
+    if (version != TG_FORMAT_VERSION) {
+        return fail(err, TG_E_VERSION, "format version %u, this engine reads version %u",
+                    (unsigned)version, (unsigned)TG_FORMAT_VERSION);
+    }
+    if (rd32(buf + 8) != TG_HEADER_SIZE) {
+        return fail(err, TG_E_HEADER, "header_size %u, expected %u", (unsigned)rd32(buf + 8),
+                    (unsigned)TG_HEADER_SIZE);
+    }
+    uint32_t file_size = rd32(buf + 12);
+    if (file_size < TG_HEADER_SIZE) {
+        return fail(err, TG_E_HEADER, "file_size %u is smaller than the header",
+                    (unsigned)file_size);
+    }
+    if (file_size > len) {
+        return fail(err, TG_E_TRUNCATED, "file is %lu bytes but its header says %u (truncated?)",
+                    (unsigned long)len, (unsigned)file_size);
+    }
+    if (rd32(buf + 20) != 1) {
+        return fail(err, TG_E_HEADER, "unknown quantization scheme %u", (unsigned)rd32(buf + 20));
+    }
+    if (rd32(buf + 84) != 0) {
+        return fail(err, TG_E_HEADER, "flags 0x%x set; this engine knows none",
+                    (unsigned)rd32(buf + 84));
+    }
+    for (uint32_t i = 88; i < TG_HEADER_SIZE; i++) {
+        if (buf[i] != 0) {
+            return fail(err, TG_E_HEADER, "reserved header byte %u is not zero", (unsigned)i);
+        }
+    }
+    memset(h, 0, sizeof(*h));
+    h->n_vocab = rd32(buf + 24);
+    h->n_positions = rd32(buf + 28);
+    h->n_embd = rd32(buf + 32);
+    h->n_layer = rd32(buf + 36);
+    h->n_head = rd32(buf + 40);
+    h->n_inner = rd32(buf + 44);
+    h->activation = rd32(buf + 48);
+    h->layer_norm_epsilon = rdf32(buf + 52);
+    h->eos_id = rd32(buf + 56);
+    h->bos_id = rd32(buf + 60);
+    h->q_id = rd32(buf + 64);
+    h->a_id = rd32(buf + 68);
+    h->do_id = rd32(buf + 72);
+    h->file_bytes = file_size;
+    struct { const char *name; uint32_t v, lo, hi; } dims[] = {
+        {"n_vocab", h->n_vocab, 1, 65536}, {"n_positions", h->n_positions, 1, 65536},
+        {"n_embd", h->n_embd, 1, 65536},   {"n_layer", h->n_layer, 1, 1024},
+        {"n_head", h->n_head, 1, 65536},   {"n_inner", h->n_inner, 1, 65536},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+        if (dims[i].v < dims[i].lo || dims[i].v > dims[i].hi) {
+            return fail(err, TG_E_DIMS, "%s = %u is outside %u..%u", dims[i].name,
+                        (unsigned)dims[i].v, (unsigned)dims[i].lo, (unsigned)dims[i].hi);
+        }
+    }
+    if (h->n_head > h->n_embd || h->n_embd % h->n_head != 0) {
+        return fail(err, TG_E_DIMS, "n_embd %u is not divisible by n_head %u",
+                    (unsigned)h->n_embd, (unsigned)h->n_head);
+    }
+    h->head_dim = h->n_embd / h->n_head;
+    if (h->activation > 1) {
+        return fail(err, TG_E_DIMS, "unknown activation %u (0 = gelu_new, 1 = gelu)",
+                    (unsigned)h->activation);
+    }
+    float eps = h->layer_norm_epsilon;
+    if (!(eps > 0.0f) || !(eps <= FLT_MAX)) {
+        return fail(err, TG_E_DIMS, "layer_norm_epsilon must be finite and > 0");
+    }
+    if (h->eos_id >= h->n_vocab || h->bos_id >= h->n_vocab) {
+        return fail(err, TG_E_DIMS, "eos_id %u / bos_id %u out of range for n_vocab %u",
+                    (unsigned)h->eos_id, (unsigned)h->bos_id, (unsigned)h->n_vocab);
+    }
+    const uint32_t opt_ids[3] = {h->q_id, h->a_id, h->do_id};
+    for (int i = 0; i < 3; i++) {
+        if (opt_ids[i] != TG_NO_TOKEN && opt_ids[i] >= h->n_vocab) {
+            return fail(err, TG_E_DIMS, "%s %u out of range for n_vocab %u",
+                        i == 0 ? "q_id" : i == 1 ? "a_id" : "do_id", (unsigned)opt_ids[i],
+                        (unsigned)h->n_vocab);
+        }
+    }
+    uint32_t n_tensors = rd32(buf + 76), dir_offset = rd32(buf + 80);
+    if (n_tensors != 6 + 16 * h->n_layer) {
+        return fail(err, TG_E_DIRECTORY, "n_tensors %u, expected %u for %u layers",
+                    (unsigned)n_tensors, (unsigned)(6 + 16 * h->n_layer), (unsigned)h->n_layer);
+    }
+    if (dir_offset % 16 != 0 || dir_offset < TG_HEADER_SIZE ||
+        (uint64_t)dir_offset + 16 * (uint64_t)n_tensors > file_size) {
+        return fail(err, TG_E_DIRECTORY, "directory at %u (%u entries) is misaligned or past "
+                    "the end of the %u-byte file", (unsigned)dir_offset, (unsigned)n_tensors,
+                    (unsigned)file_size);
+    }
+    return ok(err);
+}
+
+static int check_floats(const float *p, uint64_t n, int scale, const char *name, tg_error *err) {
+    for (uint64_t i = 0; i < n; i++) {
+        float v = p[i];
+        if (!(v >= -FLT_MAX && v <= FLT_MAX)) {
+            return fail(err, TG_E_VALUE, "tensor '%s' holds a non-finite value at %llu", name,
+                        (unsigned long long)i);
+        }
+        if (scale && v < 0.0f) {
+            return fail(err, TG_E_VALUE, "tensor '%s' holds a negative scale at %llu", name,
+                        (unsigned long long)i);
+        }
+    }
+    return TG_OK;
+}
+
+static int check_directory(tg_model *m, const uint8_t *buf, tg_error *err) {
+    tg_info *h = &m->info;
+    uint32_t n_tensors = rd32(buf + 76), dir_offset = rd32(buf + 80);
+    uint64_t end = (uint64_t)dir_offset + 16 * (uint64_t)n_tensors; /* end of previous data */
+    uint64_t weight_bytes = 0;
+    for (uint32_t slot = 0; slot < n_tensors; slot++) {
+        const uint8_t *e = buf + dir_offset + 16 * slot;
+        uint32_t kind, layer, dtype;
+        uint64_t count;
+        char name[32];
+        slot_kind(slot, h->n_layer, &kind, &layer);
+        tensor_name(name, sizeof(name), kind, layer);
+        uint32_t id = rd32(e), dt = rd32(e + 4), offset = rd32(e + 8), nbytes = rd32(e + 12);
+        if (id != kind + 256 * layer) {
+            return fail(err, TG_E_DIRECTORY, "directory entry %u has id %u, expected '%s' (%u)",
+                        (unsigned)slot, (unsigned)id, name, (unsigned)(kind + 256 * layer));
+        }
+        kind_shape(h, kind, &dtype, &count);
+        uint64_t want = dtype == DT_F32 ? 4 * count : count;
+        if (dt != dtype) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': dtype %u, expected %u", name,
+                        (unsigned)dt, (unsigned)dtype);
+        }
+        if (kind != K_TOKENIZER && nbytes != want) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': nbytes %u, expected %llu", name,
+                        (unsigned)nbytes, (unsigned long long)want);
+        }
+        if (offset % 16 != 0) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': offset %u is not 16-byte aligned",
+                        name, (unsigned)offset);
+        }
+        if (offset < end) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': offset %u overlaps what precedes it",
+                        name, (unsigned)offset);
+        }
+        if ((uint64_t)offset + nbytes > h->file_bytes) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': bytes %u..%llu are past the end of "
+                        "the %llu-byte file", name, (unsigned)offset,
+                        (unsigned long long)offset + nbytes, (unsigned long long)h->file_bytes);
+        }
+        end = (uint64_t)offset + nbytes;
+        const uint8_t *p = buf + offset;
+        if (dtype == DT_F32) {
+            int rc = check_floats((const float *)(const void *)p, count, is_scale_kind(kind),
+                                  name, err);
+            if (rc) {
+                return rc;
+            }
+        }
+        if (kind == K_TOKENIZER) {
+            int rc = tg_check_tokenizer(p, nbytes, h->n_vocab, err);
+            if (rc) {
+                return rc;
+            }
+            m->tokenizer = p;
+            h->tokenizer_bytes = nbytes;
+            continue;
+        }
+        weight_bytes += nbytes;
+        const float *pf = (const float *)(const void *)p;
+        const int8_t *pi = (const int8_t *)(const void *)p;
+        tg_layer *L = kind >= 16 ? &m->layers[layer] : NULL;
+        switch (kind) {
+            case K_WTE_Q: m->wte_q = pi; break;
+            case K_WTE_S: m->wte_s = pf; break;
+            case K_WPE: m->wpe = pf; break;
+            case K_LNF_G: m->lnf_g = pf; break;
+            case K_LNF_B: m->lnf_b = pf; break;
+            case K_LN1_G: L->ln1_g = pf; break;
+            case K_LN1_B: L->ln1_b = pf; break;
+            case K_ATTN_W: L->attn_w = pi; break;
+            case K_ATTN_S: L->attn_s = pf; break;
+            case K_ATTN_B: L->attn_b = pf; break;
+            case K_PROJ_W: L->proj_w = pi; break;
+            case K_PROJ_S: L->proj_s = pf; break;
+            case K_PROJ_B: L->proj_b = pf; break;
+            case K_LN2_G: L->ln2_g = pf; break;
+            case K_LN2_B: L->ln2_b = pf; break;
+            case K_FC_W: L->fc_w = pi; break;
+            case K_FC_S: L->fc_s = pf; break;
+            case K_FC_B: L->fc_b = pf; break;
+            case K_MPROJ_W: L->mproj_w = pi; break;
+            case K_MPROJ_S: L->mproj_s = pf; break;
+            default: L->mproj_b = pf; break;
+        }
+    }
+    h->weight_bytes = weight_bytes;
+    return TG_OK;
+}
+
+static int alloc_state(tg_model *m, tg_error *err) {
+    tg_info *h = &m->info;
+    uint64_t E = h->n_embd, I = h->n_inner, V = h->n_vocab, C = h->n_ctx, B = h->max_batch;
+    uint64_t L = h->n_layer, H = h->n_head;
+    uint64_t wide = 3 * E > I ? 3 * E : I;
+    uint64_t qwide = E > I ? E : I;
+    struct { void **dst; uint64_t bytes; const char *what; } plan[] = {
+        {(void **)&m->layers, L * sizeof(tg_layer), "layer table"},
+        {(void **)&m->k8, L * C * E, "KV cache (K)"},
+        {(void **)&m->v8, L * C * E, "KV cache (V)"},
+        {(void **)&m->sk, 4 * L * C * H, "KV cache scales (K)"},
+        {(void **)&m->sv, 4 * L * C * H, "KV cache scales (V)"},
+        {(void **)&m->tokens, 4 * C, "token history"},
+        {(void **)&m->x, 4 * B * E, "residual stream"},
+        {(void **)&m->buf, 4 * B * wide, "linear outputs"},
+        {(void **)&m->att, 4 * B * E, "attention outputs"},
+        {(void **)&m->xq, B * qwide + 16, "quantized activations"},
+        {(void **)&m->xs, 4 * B, "activation scales"},
+        {(void **)&m->scores, 4 * C, "attention scores"},
+        {(void **)&m->q8, h->head_dim + 16, "query"},
+        {(void **)&m->logits, 4 * V, "logits"},
+        {(void **)&m->probs, 4 * V, "sampling probabilities"},
+        {(void **)&m->order, 4 * V, "sampling order"},
+    };
+    uint64_t kv = 0, scratch = 0;
+    for (size_t i = 0; i < sizeof(plan) / sizeof(plan[0]); i++) {
+        if (plan[i].bytes > (uint64_t)(SIZE_MAX / 2)) {
+            return fail(err, TG_E_NOMEM, "cannot allocate %s: %llu bytes", plan[i].what,
+                        (unsigned long long)plan[i].bytes);
+        }
+        *plan[i].dst = model_alloc(m, (size_t)plan[i].bytes);
+        if (!*plan[i].dst) {
+            return fail(err, TG_E_NOMEM, "out of memory allocating %s (%llu bytes)",
+                        plan[i].what, (unsigned long long)plan[i].bytes);
+        }
+        if (i >= 1 && i <= 4) {
+            kv += plan[i].bytes;
+        } else if (i >= 6) {
+            scratch += plan[i].bytes;
+        }
+    }
+    memset(m->layers, 0, (size_t)(L * sizeof(tg_layer)));
+    h->kv_bytes = kv;
+    h->scratch_bytes = scratch;
+    return TG_OK;
+}
+
+int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **out,
+            tg_error *err) {
+    if (!out) {
+        return fail(err, TG_E_ARG, "no output pointer");
+    }
+    *out = NULL;
+    if (!buf) {
+        return fail(err, TG_E_ARG, "no model buffer");
+    }
+    if (!host_is_little_endian()) {
+        return fail(err, TG_E_ENDIAN, "this engine needs a little-endian CPU");
+    }
+    if (((uintptr_t)buf & 15u) != 0) {
+        return fail(err, TG_E_ALIGN, "model buffer at %p is not 16-byte aligned",
+                    (const void *)buf);
+    }
+    tg_info hdr;
+    int rc = check_header(buf, len, &hdr, err);
+    if (rc) {
+        return rc;
+    }
+    if (!(opt && opt->skip_crc)) {
+        uint32_t want = rd32(buf + 16);
+        uint32_t got = tg_crc32(0, buf + 20, (size_t)hdr.file_bytes - 20);
+        if (got != want) {
+            return fail(err, TG_E_CRC, "CRC32 mismatch: file says %08x, contents give %08x "
+                        "(damaged or incompletely copied file)", (unsigned)want, (unsigned)got);
+        }
+    }
+    uint32_t n_ctx = opt && opt->n_ctx ? opt->n_ctx : hdr.n_positions;
+    if (n_ctx > hdr.n_positions) {
+        return fail(err, TG_E_ARG, "n_ctx %u is larger than the model's n_positions %u",
+                    (unsigned)n_ctx, (unsigned)hdr.n_positions);
+    }
+    uint32_t batch = opt && opt->max_batch ? opt->max_batch : 32;
+    if (batch > n_ctx) {
+        batch = n_ctx;
+    }
+    hdr.n_ctx = n_ctx;
+    hdr.max_batch = batch;
+
+    tg_model *m = (tg_model *)tg_port_alloc(sizeof(tg_model));
+    if (!m) {
+        return fail(err, TG_E_NOMEM, "out of memory allocating the model struct");
+    }
+    memset(m, 0, sizeof(*m));
+    m->info = hdr;
+    rc = alloc_state(m, err);
+    if (!rc) {
+        rc = check_directory(m, buf, err);
+    }
+    if (rc) {
+        tg_free(m);
+        return rc;
+    }
+    tg_seed(m, 0);
+    *out = m;
+    return ok(err);
+}
+
+void tg_get_info(const tg_model *m, tg_info *info) {
+    *info = m->info;
+}
+
+uint32_t tg_pos(const tg_model *m) {
+    return m->pos;
+}
+
+void tg_reset(tg_model *m) {
+    m->pos = 0;
+    m->has_logits = 0;
+}
+
+void tg_set_poll(tg_model *m, tg_poll_fn fn, void *ctx) {
+    m->poll = fn;
+    m->poll_ctx = ctx;
+}
+
+void tg_set_trace(tg_model *m, tg_trace_fn fn, void *ctx) {
+    m->trace = fn;
+    m->trace_ctx = ctx;
+}
+
+const float *tg_logits(const tg_model *m) {
+    return m->has_logits ? m->logits : NULL;
+}
+
+const uint8_t *tg_tokenizer(const tg_model *m, uint32_t *len) {
+    *len = m->info.tokenizer_bytes;
+    return m->tokenizer;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 5. Forward pass                                                                          */
+/* ---------------------------------------------------------------------------------------- */
+
+#define TRACE(m, name, layer, pos, data, n, dtype)                                            \
+    do {                                                                                       \
+        if ((m)->trace) {                                                                      \
+            (m)->trace((m)->trace_ctx, name, layer, pos, data, n, dtype);                      \
+        }                                                                                      \
+    } while (0)
+
+/* Attention of one token at position p (its K and V already in the cache), head by head. */
+static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, float *out) {
+    const tg_info *h = &m->info;
+    uint32_t E = h->n_embd, D = h->head_dim, H = h->n_head;
+    const int8_t *k8 = m->k8 + (size_t)layer * h->n_ctx * E;
+    const int8_t *v8 = m->v8 + (size_t)layer * h->n_ctx * E;
+    const float *sk = m->sk + (size_t)layer * h->n_ctx * H;
+    const float *sv = m->sv + (size_t)layer * h->n_ctx * H;
+    float inv_sqrt_d = 1.0f / sqrtf((float)D);
+    for (uint32_t hd = 0; hd < H; hd++) {
+        uint32_t c = hd * D;
+        float sq = quantize(m->q8, qkv + c, D);
+        float mx = -FLT_MAX;
+        for (uint32_t j = 0; j <= p; j++) {
+            int32_t acc = dot_i8(m->q8, k8 + (size_t)j * E + c, D);
+            float s = ((float)acc * (sq * sk[(size_t)j * H + hd])) * inv_sqrt_d;
+            m->scores[j] = s;
+            if (s > mx) {
+                mx = s;
+            }
+        }
+        float sum = 0.0f;
+        for (uint32_t j = 0; j <= p; j++) {
+            m->scores[j] = exp32(m->scores[j] - mx);
+            sum += m->scores[j];
+        }
+        float inv = 1.0f / sum;
+        float *o = out + c;
+        for (uint32_t i = 0; i < D; i++) {
+            o[i] = 0.0f;
+        }
+        for (uint32_t j = 0; j <= p; j++) {
+            float w = (m->scores[j] * inv) * sv[(size_t)j * H + hd];
+            const int8_t *v = v8 + (size_t)j * E + c;
+            for (uint32_t i = 0; i < D; i++) {
+                o[i] += w * (float)v[i];
+            }
+        }
+    }
+}
+
+/* One transformer layer for nb tokens at positions p0 .. p0+nb-1 (residual in m->x). */
+static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
+    const tg_info *h = &m->info;
+    const tg_layer *L = &m->layers[l];
+    uint32_t E = h->n_embd, I = h->n_inner, D = h->head_dim, H = h->n_head;
+    uint32_t wide = 3 * E > I ? 3 * E : I, qwide = E > I ? E : I;
+    int li = (int)l;
+
+    /* attention block */
+    for (uint32_t t = 0; t < nb; t++) {
+        float *tmp = m->att + (size_t)t * E; /* att is free until attention runs */
+        layernorm(tmp, m->x + (size_t)t * E, L->ln1_g, L->ln1_b, E, h->layer_norm_epsilon);
+        m->xs[t] = quantize(m->xq + (size_t)t * qwide, tmp, E);
+        TRACE(m, "xq1", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
+        TRACE(m, "xs1", li, p0 + t, &m->xs[t], 1, 2);
+    }
+    matmul(m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, 3 * E);
+    for (uint32_t t = 0; t < nb; t++) {
+        uint32_t p = p0 + t;
+        const float *qkv = m->buf + (size_t)t * wide;
+        size_t row = ((size_t)l * h->n_ctx + p);
+        TRACE(m, "qkv", li, p, qkv, 3 * E, 2);
+        for (uint32_t hd = 0; hd < H; hd++) {
+            m->sk[row * H + hd] = quantize(m->k8 + row * E + hd * D, qkv + E + hd * D, D);
+            m->sv[row * H + hd] = quantize(m->v8 + row * E + hd * D, qkv + 2 * E + hd * D, D);
+        }
+        TRACE(m, "k8", li, p, m->k8 + row * E, E, 1);
+        TRACE(m, "sk", li, p, m->sk + row * H, H, 2);
+        TRACE(m, "v8", li, p, m->v8 + row * E, E, 1);
+        TRACE(m, "sv", li, p, m->sv + row * H, H, 2);
+        float *out = m->att + (size_t)t * E;
+        attend(m, l, p, qkv, out);
+        m->xs[t] = quantize(m->xq + (size_t)t * qwide, out, E);
+        TRACE(m, "aq", li, p, m->xq + (size_t)t * qwide, E, 1);
+        TRACE(m, "as", li, p, &m->xs[t], 1, 2);
+    }
+    matmul(m->att, E, m->xq, qwide, m->xs, nb, L->proj_w, L->proj_s, L->proj_b, E, E);
+    for (uint32_t t = 0; t < nb; t++) {
+        float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
+        for (uint32_t i = 0; i < E; i++) {
+            x[i] = x[i] + y[i];
+        }
+    }
+
+    /* MLP block */
+    for (uint32_t t = 0; t < nb; t++) {
+        float *tmp = m->att + (size_t)t * E;
+        layernorm(tmp, m->x + (size_t)t * E, L->ln2_g, L->ln2_b, E, h->layer_norm_epsilon);
+        m->xs[t] = quantize(m->xq + (size_t)t * qwide, tmp, E);
+        TRACE(m, "xq2", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
+        TRACE(m, "xs2", li, p0 + t, &m->xs[t], 1, 2);
+    }
+    matmul(m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, I);
+    for (uint32_t t = 0; t < nb; t++) {
+        float *f = m->buf + (size_t)t * wide;
+        TRACE(m, "fc", li, p0 + t, f, I, 2);
+        for (uint32_t i = 0; i < I; i++) {
+            f[i] = gelu(f[i], h->activation);
+        }
+        m->xs[t] = quantize(m->xq + (size_t)t * qwide, f, I);
+        TRACE(m, "gq", li, p0 + t, m->xq + (size_t)t * qwide, I, 1);
+        TRACE(m, "gs", li, p0 + t, &m->xs[t], 1, 2);
+    }
+    matmul(m->att, E, m->xq, qwide, m->xs, nb, L->mproj_w, L->mproj_s, L->mproj_b, I, E);
+    for (uint32_t t = 0; t < nb; t++) {
+        float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
+        for (uint32_t i = 0; i < E; i++) {
+            x[i] = x[i] + y[i];
+        }
+        TRACE(m, "h", li, p0 + t, x, E, 2);
+    }
+}
+
+/* Final LayerNorm and the tied output head, for the token whose residual is row t of m->x. */
+static void head_forward(tg_model *m, uint32_t t, uint32_t p) {
+    const tg_info *h = &m->info;
+    uint32_t E = h->n_embd;
+    float *tmp = m->att;
+    layernorm(tmp, m->x + (size_t)t * E, m->lnf_g, m->lnf_b, E, h->layer_norm_epsilon);
+    float xs = quantize(m->xq, tmp, E);
+    TRACE(m, "fq", -1, p, m->xq, E, 1);
+    TRACE(m, "fs", -1, p, &xs, 1, 2);
+    matmul(m->logits, h->n_vocab, m->xq, E, &xs, 1, m->wte_q, m->wte_s, NULL, E, h->n_vocab);
+    TRACE(m, "logits", -1, p, m->logits, h->n_vocab, 2);
+}
+
+int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err) {
+    if (!m || (!ids && n)) {
+        return fail(err, TG_E_ARG, "no model or no token ids");
+    }
+    const tg_info *h = &m->info;
+    if (n == 0) {
+        return fail(err, TG_E_ARG, "prefill needs at least one token");
+    }
+    if (n > h->n_ctx - m->pos) {
+        return fail(err, TG_E_CONTEXT, "%u tokens do not fit: %u of the context's %u positions "
+                    "are used", (unsigned)n, (unsigned)m->pos, (unsigned)h->n_ctx);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || (uint32_t)ids[i] >= h->n_vocab) {
+            return fail(err, TG_E_TOKEN, "token id %ld at index %u is outside 0..%u",
+                        (long)ids[i], (unsigned)i, (unsigned)(h->n_vocab - 1));
+        }
+    }
+    uint32_t E = h->n_embd, p0 = m->pos;
+    /* The model's pos and logits change only at the end: an interrupted prefill leaves the
+     * context as it was (cache rows past pos are overwritten by the next call). */
+    for (uint32_t start = 0; start < n; start += h->max_batch) {
+        uint32_t nb = n - start < h->max_batch ? n - start : h->max_batch;
+        uint32_t p = p0 + start;
+        for (uint32_t t = 0; t < nb; t++) {
+            uint32_t tok = (uint32_t)ids[start + t];
+            const int8_t *wq = m->wte_q + (size_t)tok * E;
+            const float *pe = m->wpe + (size_t)(p + t) * E;
+            float s = m->wte_s[tok];
+            float *x = m->x + (size_t)t * E;
+            for (uint32_t i = 0; i < E; i++) {
+                x[i] = (float)wq[i] * s + pe[i];
+            }
+        }
+        for (uint32_t l = 0; l < h->n_layer; l++) {
+            if (m->poll && m->poll(m->poll_ctx)) {
+                m->has_logits = 0;
+                return fail(err, TG_E_INTERRUPTED, "interrupted; the context is unchanged");
+            }
+            layer_forward(m, l, p, nb);
+        }
+        if (start + nb == n) {
+            head_forward(m, nb - 1, p + nb - 1);
+        }
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        m->tokens[p0 + i] = ids[i];
+    }
+    m->pos = p0 + n;
+    m->has_logits = 1;
+    return ok(err);
+}
+
+int tg_step(tg_model *m, int32_t id, tg_error *err) {
+    return tg_prefill(m, &id, 1, err);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 6. Sampling (spec section 5)                                                             */
+/* ---------------------------------------------------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+void tg_seed(tg_model *m, uint64_t seed) {
+    m->rng = splitmix64(seed);
+    if (m->rng == 0) {
+        m->rng = 1;
+    }
+}
+
+static float rng_uniform(tg_model *m) { /* [0, 1) with 24 random bits */
+    uint64_t x = m->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    m->rng = x;
+    uint64_t out = x * 0x2545F4914F6CDD1Dull;
+    return (float)(uint32_t)(out >> 40) * (1.0f / 16777216.0f);
+}
+
+/* Order: higher probability first, smaller id first on ties; a total order, so the result
+ * does not depend on the sort algorithm. */
+static int before(const float *p, int32_t a, int32_t b) {
+    return p[a] > p[b] || (p[a] == p[b] && a < b);
+}
+
+static void sift_down(int32_t *idx, const float *p, uint32_t root, uint32_t n) {
+    for (;;) {
+        uint32_t child = 2 * root + 1;
+        if (child >= n) {
+            return;
+        }
+        /* heap property: a parent comes before its children in the "before" order */
+        if (child + 1 < n && before(p, idx[child + 1], idx[child])) {
+            child++;
+        }
+        if (!before(p, idx[child], idx[root])) {
+            return;
+        }
+        int32_t t = idx[root];
+        idx[root] = idx[child];
+        idx[child] = t;
+        root = child;
+    }
+}
+
+static void sort_by_prob(int32_t *idx, const float *p, uint32_t n) {
+    /* heapsort with a min-heap of "before": repeatedly move the last-in-order to the end */
+    if (n < 2) {
+        return;
+    }
+    for (uint32_t i = n / 2; i-- > 0;) {
+        sift_down(idx, p, i, n);
+    }
+    for (uint32_t end = n - 1; end > 0; end--) {
+        int32_t t = idx[0];
+        idx[0] = idx[end];
+        idx[end] = t;
+        sift_down(idx, p, 0, end);
+    }
+    /* the min-heap sort leaves the order reversed */
+    for (uint32_t i = 0, j = n - 1; i < j; i++, j--) {
+        int32_t t = idx[i];
+        idx[i] = idx[j];
+        idx[j] = t;
+    }
+}
+
+int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) {
+    if (!m || !s || !out_id) {
+        return fail(err, TG_E_ARG, "no model, sampler or output");
+    }
+    if (!m->has_logits) {
+        return fail(err, TG_E_NO_LOGITS, "no logits yet: prefill or step first");
+    }
+    if (!(s->temperature >= 0.0f && s->temperature <= FLT_MAX)) {
+        return fail(err, TG_E_ARG, "temperature must be finite and >= 0");
+    }
+    if (!(s->top_p > 0.0f && s->top_p <= 1.0f)) {
+        return fail(err, TG_E_ARG, "top_p must be in (0, 1]");
+    }
+    if (!(s->repetition_penalty > 0.0f && s->repetition_penalty <= FLT_MAX)) {
+        return fail(err, TG_E_ARG, "repetition_penalty must be finite and > 0");
+    }
+    uint32_t V = m->info.n_vocab;
+    float *w = m->probs;
+    memcpy(w, m->logits, 4 * (size_t)V);
+    if (s->repetition_penalty != 1.0f) {
+        int32_t *seen = m->order;
+        memset(seen, 0, 4 * (size_t)V);
+        for (uint32_t i = 0; i < m->pos; i++) {
+            int32_t t = m->tokens[i];
+            if (!seen[t]) {
+                seen[t] = 1;
+                w[t] = w[t] > 0.0f ? w[t] / s->repetition_penalty : w[t] * s->repetition_penalty;
+            }
+        }
+    }
+    if (s->temperature == 0.0f) {
+        int32_t best = 0;
+        for (uint32_t i = 1; i < V; i++) {
+            if (w[i] > w[best]) {
+                best = (int32_t)i;
+            }
+        }
+        *out_id = best;
+        return ok(err);
+    }
+    float mx = -FLT_MAX;
+    for (uint32_t i = 0; i < V; i++) {
+        w[i] = w[i] / s->temperature;
+        if (w[i] > mx) {
+            mx = w[i];
+        }
+    }
+    float sum = 0.0f;
+    for (uint32_t i = 0; i < V; i++) {
+        w[i] = exp32(w[i] - mx);
+        sum += w[i];
+    }
+    float inv = 1.0f / sum;
+    for (uint32_t i = 0; i < V; i++) {
+        w[i] = w[i] * inv;
+    }
+    int32_t *idx = m->order;
+    for (uint32_t i = 0; i < V; i++) {
+        idx[i] = (int32_t)i;
+    }
+    uint32_t n = V;
+    if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1.0f) {
+        sort_by_prob(idx, w, V);
+        if (s->top_k > 0 && s->top_k < V) {
+            n = s->top_k;
+        }
+        if (s->top_p < 1.0f) {
+            float mass = 0.0f;
+            for (uint32_t i = 0; i < n; i++) {
+                mass += w[idx[i]];
+            }
+            float target = s->top_p * mass, cum = 0.0f;
+            uint32_t keep = n;
+            for (uint32_t i = 0; i < n; i++) {
+                cum += w[idx[i]];
+                if (cum >= target) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            n = keep;
+        }
+    }
+    float kept = 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        kept += w[idx[i]];
+    }
+    float target = rng_uniform(m) * kept, cum = 0.0f;
+    int32_t pick = idx[n - 1];
+    for (uint32_t i = 0; i < n; i++) {
+        cum += w[idx[i]];
+        if (cum > target) {
+            pick = idx[i];
+            break;
+        }
+    }
+    *out_id = pick;
+    return ok(err);
+}

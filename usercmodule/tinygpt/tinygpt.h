@@ -1,0 +1,114 @@
+/*
+ * tinygpt: an INT8 GPT-2 inference engine in portable C99.
+ *
+ * One engine for every build: the host Python module, the MicroPython user module (unix and
+ * ESP32 ports) and the bare-metal test program all compile this file unchanged. The model file
+ * format and every arithmetic step are specified in docs/model-format.md; the engine runs on
+ * the file's bytes in place and allocates its working memory once, at load, through the port
+ * layer (tg_port.h).
+ *
+ * Build with -ffp-contract=off and without -ffast-math: the spec fixes the order of every
+ * float32 operation so that all builds and the numpy reference agree to the bit.
+ */
+#ifndef TINYGPT_H
+#define TINYGPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TG_FORMAT_VERSION 1u
+#define TG_HEADER_SIZE 128u
+#define TG_NO_TOKEN 0xFFFFFFFFu
+
+/* Status codes. Every failure has its own code; tg_error.msg names the exact problem. */
+typedef enum {
+    TG_OK = 0,
+    TG_E_ARG = 1,          /* invalid argument (NULL pointer, bad option, bad sampling setting) */
+    TG_E_ALIGN = 2,        /* model buffer not 16-byte aligned */
+    TG_E_TRUNCATED = 3,    /* buffer shorter than the header or than header.file_size */
+    TG_E_MAGIC = 4,        /* not a tinygpt model file */
+    TG_E_VERSION = 5,      /* format version this engine does not read */
+    TG_E_HEADER = 6,       /* header field breaks a rule (sizes, reserved bytes, scheme) */
+    TG_E_DIMS = 7,         /* hyperparameters out of range or inconsistent */
+    TG_E_DIRECTORY = 8,    /* tensor directory entry wrong (id, dtype, size, offset, overlap) */
+    TG_E_CRC = 9,          /* CRC32 mismatch: the file is damaged */
+    TG_E_VALUE = 10,       /* a float tensor holds NaN/Inf or a negative scale */
+    TG_E_TOKENIZER = 11,   /* tokenizer section breaks a rule */
+    TG_E_NOMEM = 12,       /* the port layer could not allocate working memory */
+    TG_E_TOKEN = 13,       /* token id out of range */
+    TG_E_CONTEXT = 14,     /* the tokens do not fit in the context (n_ctx) */
+    TG_E_INTERRUPTED = 15, /* the poll callback asked to stop; the model state is unchanged */
+    TG_E_NO_LOGITS = 16,   /* sample() before any token was processed */
+    TG_E_ENDIAN = 17       /* big-endian host: the format is little-endian */
+} tg_status;
+
+typedef struct {
+    int code;       /* tg_status */
+    char msg[160];  /* human-readable, names the problem; "" when code == TG_OK */
+} tg_error;
+
+typedef struct {
+    uint32_t n_ctx;     /* KV cache length; 0 = n_positions. Must be <= n_positions. */
+    uint32_t max_batch; /* tokens per prefill chunk; 0 = min(n_ctx, 32) */
+    int skip_crc;       /* nonzero: skip the CRC32 check (faster load on a device) */
+} tg_options;
+
+typedef struct {
+    uint32_t n_vocab, n_positions, n_embd, n_layer, n_head, n_inner, activation;
+    float layer_norm_epsilon;
+    uint32_t eos_id, bos_id, q_id, a_id, do_id;
+    /* derived / per-load */
+    uint32_t n_ctx, max_batch, head_dim;
+    uint64_t file_bytes;    /* the model file (weights, scales, tokenizer) */
+    uint64_t weight_bytes;  /* all tensors except the tokenizer section */
+    uint64_t kv_bytes;      /* KV cache at n_ctx */
+    uint64_t scratch_bytes; /* activations, logits, sampling buffers */
+    uint32_t tokenizer_bytes;
+} tg_info;
+
+typedef struct {
+    float temperature;        /* 0 = greedy */
+    uint32_t top_k;           /* 0 = off */
+    float top_p;              /* 1 = off; (0, 1] */
+    float repetition_penalty; /* 1 = off; > 0 */
+} tg_sampler;
+
+typedef struct tg_model tg_model;
+
+/* Called between layers; return nonzero to abandon the current step/prefill. */
+typedef int (*tg_poll_fn)(void *ctx);
+
+/* Optional tracing of intermediates, for tests that compare against the reference.
+ * dtype: 1 = int8, 2 = float32, 3 = int32. layer = -1 for values outside the layers. */
+typedef void (*tg_trace_fn)(void *ctx, const char *name, int layer, uint32_t pos,
+                            const void *data, uint32_t n, int dtype);
+
+/* Validate the model file in buf (which must stay alive and unchanged while the model is used)
+ * and allocate working memory. On success *out is the model and TG_OK is returned. */
+int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **out, tg_error *err);
+void tg_free(tg_model *m);
+
+void tg_get_info(const tg_model *m, tg_info *info);
+uint32_t tg_pos(const tg_model *m);
+void tg_reset(tg_model *m);
+void tg_set_poll(tg_model *m, tg_poll_fn fn, void *ctx);
+void tg_set_trace(tg_model *m, tg_trace_fn fn, void *ctx);
+
+/* Process tokens at the next positions; afterwards tg_logits() holds the last position's logits.
+ * On any error nothing is added to the context. */
+int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err);
+int tg_step(tg_model *m, int32_t id, tg_error *err);
+const float *tg_logits(const tg_model *m); /* NULL until a token was processed */
+
+void tg_seed(tg_model *m, uint64_t seed);
+int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err);
+
+const uint8_t *tg_tokenizer(const tg_model *m, uint32_t *len);
+
+/* Validate a tokenizer section on its own (the loader calls it too). */
+int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_error *err);
+
+uint32_t tg_crc32(uint32_t crc, const uint8_t *p, size_t n);
+const char *tg_status_name(int code);
+
+#endif
