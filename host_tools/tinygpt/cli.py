@@ -1,0 +1,143 @@
+"""The `tinygpt` command: one entry point for the whole walk from corpus to board.
+
+    tinygpt ask "What is PSRAM?"              answer with the shipped default model
+    tinygpt convert HF_DIR -o model.bin       Hugging Face GPT-2 -> INT8 model file
+    tinygpt info model.bin                    what is inside a model file
+    tinygpt bench [--preset P | MODEL]        engine speed and memory
+
+Errors in what the user gave us (files, arguments, model files) end with one line
+"tinygpt: error: ..." and exit status 2; nothing half-written is left behind.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def _existing_file(path):
+    p = Path(path)
+    if not p.exists():
+        raise UserError("%s: no such file" % path)
+    if p.is_dir():
+        raise UserError("%s: is a directory, expected a model file" % path)
+    return p
+
+
+# -- convert -------------------------------------------------------------------------------
+def cmd_convert(args):
+    from . import convert
+
+    hf_dir = Path(args.hf_dir)
+    if not hf_dir.is_dir():
+        raise UserError("%s: not a directory (expected a Hugging Face model directory)" % hf_dir)
+    report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer, progress=not args.quiet)
+    if not args.quiet:
+        convert.print_report(report)
+    if args.no_check:
+        return
+    _print_agreement(hf_dir, Path(args.output), args.tokenizer, args.prompt)
+
+
+def _print_agreement(hf_dir, model_path, tokenizer_dir, prompt):
+    """Float vs INT8 logits on a sample prompt: the number that says the conversion worked."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    from . import compare
+    from .engine import Model
+
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else hf_dir
+    if (tok_dir / "tokenizer.json").exists():
+        tk = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    else:
+        tk = ByteLevelBPETokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    ids = tk.encode(prompt).ids
+    with Model(model_path) as m:
+        n_ctx = m.info()["n_ctx"]
+        ids = ids[:n_ctx] or [m.info()["eos_id"]]
+        r = compare.agreement(compare.hf_logits(hf_dir, ids), compare.engine_logits(m, ids))
+    print("float vs INT8 on %d prompt tokens: cosine min %.5f mean %.5f, top-1 agrees at %d/%d positions"
+          % (r["positions"], r["cosine_min"], r["cosine_mean"], r["top1_agree"], r["positions"]))
+
+
+# -- info ----------------------------------------------------------------------------------
+def cmd_info(args):
+    from .engine import Model
+
+    path = _existing_file(args.model)
+    with Model(path, n_ctx=args.n_ctx) as m:
+        info = m.info()
+    if args.json:
+        import json
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        print("%-20s %s" % (k, v))
+
+
+# -- bench ---------------------------------------------------------------------------------
+def cmd_bench(args):
+    from . import bench
+    from .presets import PRESETS
+
+    if args.model and args.preset:
+        raise UserError("give either --preset or a MODEL file, not both")
+    for p in args.preset or []:
+        if p not in PRESETS:
+            raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(PRESETS)))
+    model = _existing_file(args.model) if args.model else None
+    bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="tinygpt", description="A tiny INT8 GPT-2 for the ESP32-S3: host tools.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 directory to a tinygpt model file")
+    c.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin")
+    c.add_argument("-o", "--output", required=True, help="model file to write")
+    c.add_argument("--tokenizer", help="tokenizer directory (default: HF_DIR)")
+    c.add_argument("--prompt", default="Q: What is PSRAM?\nA:", help="sample prompt for the float vs INT8 check")
+    c.add_argument("--no-check", action="store_true", help="skip the float vs INT8 logit check")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="show a model file's hyperparameters and memory use")
+    i.add_argument("model")
+    i.add_argument("--n-ctx", type=int, default=None, help="KV cache length to size (default: n_positions)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="engine speed and memory on random models of every preset, or on MODEL")
+    b.add_argument("model", nargs="?", help="a model file (default: random models of the presets)")
+    b.add_argument("--preset", action="append", help="only this preset (repeatable)")
+    b.add_argument("--n-ctx", type=int, default=None)
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        parser.exit(2, "tinygpt: error: %s\n" % e)
+    except (ValueError, OSError, MemoryError) as e:
+        # Loader and converter errors carry messages that name the problem.
+        parser.exit(2, "tinygpt: error: %s\n" % e)
+    except KeyboardInterrupt:
+        parser.exit(130, "\ntinygpt: interrupted\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

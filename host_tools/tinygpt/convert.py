@@ -1,0 +1,505 @@
+"""Convert a Hugging Face GPT-2 checkpoint to a tinygpt model file (docs/model-format.md).
+
+``convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict`` reads ``config.json``,
+the weights (``model.safetensors`` or ``pytorch_model.bin``, also sharded with an
+``*.index.json``) and the tokenizer (``tokenizer`` argument, else ``hf_dir``: ``tokenizer.json``
+or ``vocab.json`` + ``merges.txt``), quantizes the matrices per output row (spec 4.6), and
+writes the file atomically. It returns a report (per-tensor quantization errors, sizes, ids);
+``print_report(report)`` prints it as a table.
+
+Input errors raise ``FileNotFoundError`` (missing directory / files) or ``ValueError`` (anything
+else), with the offending file, key or field named. Nothing is written unless everything
+checked out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from . import modelfile
+
+SUPPORTED_ACTIVATIONS = modelfile.ACTIVATION_CODES  # gelu_new / gelu_pytorch_tanh -> 0, gelu -> 1
+SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
+_IGNORED_KEY = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers
+
+
+# ----------------------------------------------------------------------------- config
+
+def read_hf_config(hf_dir) -> dict:
+    """Read and check ``config.json``; return the fields the converter uses."""
+    path = os.path.join(os.fspath(hf_dir), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {hf_dir}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if model_type is not None and model_type != "gpt2":
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (only 'gpt2')")
+    if archs and not (set(archs) & SUPPORTED_ARCHITECTURES):
+        raise ValueError(f"{path}: architectures {archs} not supported "
+                         f"(expected one of {sorted(SUPPORTED_ARCHITECTURES)})")
+    if model_type is None and not archs:
+        raise ValueError(f"{path}: neither model_type nor architectures says this is a GPT-2 model")
+
+    def get_int(key, *alts, required=True, default=None):
+        for k in (key,) + alts:
+            if cfg.get(k) is not None:
+                v = cfg[k]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{path}: {k!r} must be an integer, got {v!r}")
+                return v
+        if required:
+            raise ValueError(f"{path}: missing {key!r}")
+        return default
+
+    out = {
+        "vocab_size": get_int("vocab_size"),
+        "n_embd": get_int("n_embd"),
+        "n_head": get_int("n_head"),
+        "n_layer": get_int("n_layer"),
+        "n_positions": get_int("n_positions", "n_ctx"),
+    }
+    for k, v in out.items():
+        if v < 1:
+            raise ValueError(f"{path}: {k!r} must be >= 1, got {v}")
+    n_inner = get_int("n_inner", required=False)
+    out["n_inner"] = 4 * out["n_embd"] if n_inner is None else n_inner
+    if out["n_embd"] % out["n_head"]:
+        raise ValueError(f"{path}: n_embd {out['n_embd']} is not divisible by n_head {out['n_head']}")
+
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{path}: activation_function {act!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    out["activation_function"] = act
+    out["activation"] = SUPPORTED_ACTIVATIONS[act]
+
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{path}: layer_norm_epsilon must be a finite number > 0, got {eps!r}")
+    out["layer_norm_epsilon"] = float(eps)
+
+    # options that change the arithmetic the engine implements
+    if cfg.get("scale_attn_weights", True) is not True:
+        raise ValueError(f"{path}: scale_attn_weights=false is not supported (the engine always "
+                         "scales attention scores by 1/sqrt(head_dim))")
+    if cfg.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError(f"{path}: scale_attn_by_inverse_layer_idx=true is not supported")
+    if cfg.get("add_cross_attention", False):
+        raise ValueError(f"{path}: add_cross_attention=true is not supported")
+    out["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True) is not False
+    bos = cfg.get("bos_token_id")
+    out["bos_token_id"] = bos if isinstance(bos, int) and not isinstance(bos, bool) else None
+    out["path"] = path
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(tokenizer):
+    """Return a ``tokenizers.Tokenizer`` from a Tokenizer / HF fast tokenizer object, a
+    tokenizer.json path, or a directory holding tokenizer.json or vocab.json + merges.txt
+    (loading is ``tokenizer_section.load_hf_tokenizer``; missing paths raise FileNotFoundError)."""
+    from .tokenizer_section import load_hf_tokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        p = os.fspath(tokenizer)
+        if os.path.isdir(p):
+            has_json = os.path.isfile(os.path.join(p, "tokenizer.json"))
+            has_bpe = all(os.path.isfile(os.path.join(p, f)) for f in ("vocab.json", "merges.txt"))
+            if not (has_json or has_bpe):
+                raise FileNotFoundError(f"no tokenizer in {p}: expected tokenizer.json or vocab.json + merges.txt")
+        elif not os.path.isfile(p):
+            raise FileNotFoundError(f"tokenizer not found: {p}")
+    return load_hf_tokenizer(tokenizer)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _to_numpy(v, key, path):
+    if isinstance(v, np.ndarray):
+        return v
+    try:  # torch tensor
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            if v.dtype in (torch.bfloat16, torch.float16):
+                v = v.float()
+            return v.numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    raise ValueError(f"{path}: entry {key!r} is not a tensor ({type(v).__name__})")
+
+
+def _load_safetensors(path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                try:
+                    out[k] = f.get_tensor(k)
+                except (TypeError, ValueError):
+                    out[k] = None  # e.g. bfloat16, which numpy cannot hold: retry with torch
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if any(v is None for v in out.values()):
+        with safe_open(path, framework="pt") as f:
+            for k, v in out.items():
+                if v is None:
+                    out[k] = _to_numpy(f.get_tensor(k), k, path)
+    return out
+
+
+def _load_bin(path) -> dict:
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return {k: _to_numpy(v, k, path) for k, v in sd.items()}
+
+
+def _load_index(index_path, loader) -> dict:
+    try:
+        with open(index_path, "r", encoding="utf-8") as f:
+            wm = json.load(f)["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read {index_path}: {e}") from None
+    d = os.path.dirname(index_path)
+    out = {}
+    for shard in sorted(set(wm.values())):
+        sp = os.path.join(d, shard)
+        if not os.path.isfile(sp):
+            raise FileNotFoundError(f"{index_path} names shard {shard}, which is missing")
+        out.update(loader(sp))
+    return out
+
+
+def load_hf_weights(hf_dir) -> tuple[dict, str]:
+    """Raw state dict (numpy arrays, original key names) and the file it came from."""
+    d = os.fspath(hf_dir)
+    cands = [
+        ("model.safetensors", _load_safetensors, False),
+        ("model.safetensors.index.json", _load_safetensors, True),
+        ("pytorch_model.bin", _load_bin, False),
+        ("pytorch_model.bin.index.json", _load_bin, True),
+    ]
+    for fn, loader, is_index in cands:
+        p = os.path.join(d, fn)
+        if os.path.isfile(p):
+            return (_load_index(p, loader) if is_index else loader(p)), p
+    raise FileNotFoundError(f"no weights in {hf_dir}: expected model.safetensors or pytorch_model.bin")
+
+
+def hf_expected_shapes(cfg: dict) -> dict:
+    """HF GPT-2 key (without 'transformer.') -> shape (Conv1D weights are [n_in, n_out])."""
+    E, I, V, P = cfg["n_embd"], cfg["n_inner"], cfg["vocab_size"], cfg["n_positions"]
+    shapes = {"wte.weight": (V, E), "wpe.weight": (P, E), "ln_f.weight": (E,), "ln_f.bias": (E,)}
+    for l in range(cfg["n_layer"]):
+        p = f"h.{l}."
+        shapes.update({
+            p + "ln_1.weight": (E,), p + "ln_1.bias": (E,),
+            p + "attn.c_attn.weight": (E, 3 * E), p + "attn.c_attn.bias": (3 * E,),
+            p + "attn.c_proj.weight": (E, E), p + "attn.c_proj.bias": (E,),
+            p + "ln_2.weight": (E,), p + "ln_2.bias": (E,),
+            p + "mlp.c_fc.weight": (E, I), p + "mlp.c_fc.bias": (I,),
+            p + "mlp.c_proj.weight": (I, E), p + "mlp.c_proj.bias": (E,),
+        })
+    return shapes
+
+
+def normalize_state_dict(raw: dict, cfg: dict, source: str) -> dict:
+    """Strip the ``transformer.`` prefix, drop mask buffers, check the lm_head and every
+    expected tensor's presence, shape, dtype and finiteness. Returns key -> float32 array."""
+    expected = hf_expected_shapes(cfg)
+    sd = {}
+    lm_head = None
+    unexpected = []
+    for k, v in raw.items():
+        key = k[len("transformer."):] if k.startswith("transformer.") else k
+        if key == "lm_head.weight":
+            lm_head = v
+            continue
+        if _IGNORED_KEY.match(key):
+            continue
+        if key not in expected:
+            unexpected.append(k)
+            continue
+        if key in sd:
+            raise ValueError(f"{source}: tensor {key!r} appears both with and without the 'transformer.' prefix")
+        sd[key] = v
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(map(repr, unexpected[:5]))}{more}; "
+                         "does config.json match the weights?")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{source}: missing tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
+    out = {}
+    for key, shape in expected.items():
+        v = np.asarray(sd[key])
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(v.shape)}, config.json implies {shape} "
+                             f"(n_embd={cfg['n_embd']}, n_inner={cfg['n_inner']}, "
+                             f"vocab_size={cfg['vocab_size']}, n_positions={cfg['n_positions']})")
+        if not np.issubdtype(v.dtype, np.floating):
+            raise ValueError(f"{source}: tensor {key!r} has dtype {v.dtype}, expected floating point")
+        v32 = np.ascontiguousarray(v, dtype=np.float32)
+        if not np.all(np.isfinite(v32)):
+            raise ValueError(f"{source}: tensor {key!r} has non-finite values")
+        out[key] = v32
+    if lm_head is not None:
+        lm = np.asarray(lm_head)
+        if lm.shape != out["wte.weight"].shape or not np.array_equal(lm.astype(np.float32), out["wte.weight"]):
+            raise ValueError(f"{source}: untied lm_head not supported (lm_head.weight differs from wte.weight)")
+    elif not cfg["tie_word_embeddings"]:
+        raise ValueError(f"{source}: untied lm_head not supported (config.json has tie_word_embeddings=false "
+                         "and there is no lm_head.weight)")
+    return out
+
+
+# ----------------------------------------------------------------------------- convert
+
+def _err_stats(ref: np.ndarray, approx: np.ndarray) -> dict:
+    ref64 = ref.astype(np.float64)
+    err = approx.astype(np.float64) - ref64
+    rms_ref = math.sqrt(float(np.mean(ref64 * ref64))) if ref.size else 0.0
+    rms_err = math.sqrt(float(np.mean(err * err))) if ref.size else 0.0
+    return {"max_abs_err": float(np.max(np.abs(err))) if ref.size else 0.0,
+            "rel_rms_err": rms_err / rms_ref if rms_ref > 0 else 0.0,
+            "max_abs": float(np.max(np.abs(ref64))) if ref.size else 0.0}
+
+
+def _progress(total, enabled, desc):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+
+
+def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
+    """Convert the GPT-2 checkpoint in ``hf_dir`` to a tinygpt model file at ``out_path``.
+
+    Returns a report: ``out_path``, ``file_size``, ``crc32``, ``hparams`` (as written),
+    ``source`` (weights file), ``tokenizer`` (counts and section size), ``tensors``
+    (name -> shape, dtype, nbytes, max_abs_err, rel_rms_err, max_abs; errors are dequantized
+    INT8 vs the float32 weights, 0 for tensors kept in f32), ``quantized_rel_rms_err`` (over
+    all INT8 weights together) and ``worst`` (tensor with the largest rel_rms_err).
+    """
+    from .tokenizer_section import build_section, special_token_ids
+
+    hf_dir = os.fspath(hf_dir)
+    out_path = os.fspath(out_path)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"Hugging Face model directory not found: {hf_dir}")
+    if os.path.isdir(out_path):
+        raise ValueError(f"output path is a directory: {out_path}")
+    steps = 4
+    bar = _progress(steps, progress, "convert")
+
+    def step(msg):
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+    try:
+        cfg = read_hf_config(hf_dir)
+        V = cfg["vocab_size"]
+
+        tok = load_tokenizer(hf_dir if tokenizer is None else tokenizer)
+        tv = tok.get_vocab_size(with_added_tokens=True)
+        if tv != V:
+            raise ValueError(f"tokenizer has {tv} tokens but config.json vocab_size is {V}; they must be equal")
+        ids = special_token_ids(tok)
+
+        def id_or_none(key):
+            v = ids.get(key)
+            if v is None or v == modelfile.NO_TOKEN or v < 0:
+                return modelfile.NO_TOKEN
+            return int(v)
+
+        eos = id_or_none("eos_id")
+        if eos == modelfile.NO_TOKEN:
+            raise ValueError("tokenizer has no <|endoftext|> token (needed as eos_id)")
+        section = build_section(tok)  # checks the tokenizer fully before the weights are read
+        bos = cfg["bos_token_id"]
+        if bos is None or not 0 <= bos < V:
+            bos = eos
+        step("tokenizer")
+
+        raw, source = load_hf_weights(hf_dir)
+        sd = normalize_state_dict(raw, cfg, source)
+        del raw
+        step("weights loaded")
+
+        tensors: dict[str, np.ndarray] = {}
+        stats: dict[str, dict] = {}
+        sq_err = 0.0
+        sq_ref = 0.0
+
+        def put_q(qname, sname, w_out_in):
+            nonlocal sq_err, sq_ref
+            q, s = modelfile.quantize_rows(w_out_in)
+            deq = modelfile.dequantize_rows(q, s)
+            d = deq.astype(np.float64) - w_out_in
+            sq_err += float(np.sum(d * d))
+            sq_ref += float(np.sum(w_out_in.astype(np.float64) ** 2))
+            tensors[qname], tensors[sname] = q, s
+            stats[qname] = {**_err_stats(w_out_in, deq), "shape": tuple(q.shape), "dtype": "int8", "nbytes": q.nbytes}
+            stats[sname] = {"max_abs_err": 0.0, "rel_rms_err": 0.0, "max_abs": float(s.max()),
+                            "shape": tuple(s.shape), "dtype": "f32", "nbytes": s.nbytes}
+
+        def put_f(name, v):
+            tensors[name] = v
+            stats[name] = {"max_abs_err": 0.0, "rel_rms_err": 0.0,
+                           "max_abs": float(np.max(np.abs(v))) if v.size else 0.0,
+                           "shape": tuple(v.shape), "dtype": "f32", "nbytes": v.nbytes}
+
+        put_q("wte_q", "wte_s", sd["wte.weight"])
+        put_f("wpe", sd["wpe.weight"])
+        for l in range(cfg["n_layer"]):
+            p = o = f"h.{l}."
+            put_f(o + "ln1_g", sd[p + "ln_1.weight"])
+            put_f(o + "ln1_b", sd[p + "ln_1.bias"])
+            put_q(o + "attn_w", o + "attn_s", np.ascontiguousarray(sd[p + "attn.c_attn.weight"].T))
+            put_f(o + "attn_b", sd[p + "attn.c_attn.bias"])
+            put_q(o + "proj_w", o + "proj_s", np.ascontiguousarray(sd[p + "attn.c_proj.weight"].T))
+            put_f(o + "proj_b", sd[p + "attn.c_proj.bias"])
+            put_f(o + "ln2_g", sd[p + "ln_2.weight"])
+            put_f(o + "ln2_b", sd[p + "ln_2.bias"])
+            put_q(o + "fc_w", o + "fc_s", np.ascontiguousarray(sd[p + "mlp.c_fc.weight"].T))
+            put_f(o + "fc_b", sd[p + "mlp.c_fc.bias"])
+            put_q(o + "mproj_w", o + "mproj_s", np.ascontiguousarray(sd[p + "mlp.c_proj.weight"].T))
+            put_f(o + "mproj_b", sd[p + "mlp.c_proj.bias"])
+        put_f("lnf_g", sd["ln_f.weight"])
+        put_f("lnf_b", sd["ln_f.bias"])
+        del sd
+        step("quantized")
+
+        hparams = {
+            "n_vocab": V, "n_positions": cfg["n_positions"], "n_embd": cfg["n_embd"],
+            "n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "n_inner": cfg["n_inner"],
+            "activation": cfg["activation"], "layer_norm_epsilon": cfg["layer_norm_epsilon"],
+            "eos_id": eos, "bos_id": bos,
+            "q_id": id_or_none("q_id"), "a_id": id_or_none("a_id"), "do_id": id_or_none("do_id"),
+        }
+        buf, info = modelfile.build_model_bytes(hparams, tensors, section)
+        parent = os.path.dirname(os.path.abspath(out_path))
+        os.makedirs(parent, exist_ok=True)
+        modelfile.atomic_write_bytes(out_path, buf)
+        step("written")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    order = [row[0] for row in info["layout"] if row[0] != "tokenizer"]
+    qnames = [n for n in order if stats[n]["dtype"] == "int8"]
+    worst = max(qnames, key=lambda n: stats[n]["rel_rms_err"])
+    hp = dict(info["hparams"])
+    hp["activation_function"] = cfg["activation_function"]
+    return {
+        "out_path": out_path,
+        "source": source,
+        "file_size": info["file_size"],
+        "crc32": info["crc32"],
+        "hparams": hp,
+        "tokenizer": info["tokenizer"],
+        "tensors": {n: stats[n] for n in order},
+        "quantized_rel_rms_err": math.sqrt(sq_err / sq_ref) if sq_ref > 0 else 0.0,
+        "worst": {"name": worst, **{k: stats[worst][k] for k in ("max_abs_err", "rel_rms_err")}},
+        "kv_cache_bytes": hp["n_layer"] * hp["n_positions"] * (2 * hp["n_embd"] + 8 * hp["n_head"]),
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def print_report(report: dict, file=None, all_tensors: bool = False) -> None:
+    """Print a conversion report: the INT8 tensors' quantization errors (all tensors with
+    ``all_tensors``), then sizes, hyperparameters and token ids."""
+    file = sys.stdout if file is None else file
+    rows = [(n, t) for n, t in report["tensors"].items() if all_tensors or t["dtype"] == "int8"]
+    w = max([len("tensor")] + [len(n) for n, _ in rows])
+    print(f"{'tensor':<{w}}  {'dtype':<5}  {'shape':<12}  {'max|w|':>9}  {'max abs err':>11}  {'rel RMS err':>11}",
+          file=file)
+    print("-" * (w + 60), file=file)
+    for n, t in rows:
+        shape = "x".join(str(x) for x in t["shape"])
+        print(f"{n:<{w}}  {t['dtype']:<5}  {shape:<12}  {t['max_abs']:>9.4g}  {t['max_abs_err']:>11.3e}  "
+              f"{t['rel_rms_err']:>11.3e}", file=file)
+    print("-" * (w + 60), file=file)
+    hp = report["hparams"]
+    print(f"all INT8 weights: rel RMS err {report['quantized_rel_rms_err']:.3e}; worst "
+          f"{report['worst']['name']} ({report['worst']['rel_rms_err']:.3e})", file=file)
+    print(f"wrote {report['out_path']}: {report['file_size']} bytes ({_fmt_bytes(report['file_size'])}), "
+          f"crc32 0x{report['crc32']:08x}, from {report['source']}", file=file)
+    print(f"n_vocab {hp['n_vocab']}  n_positions {hp['n_positions']}  n_embd {hp['n_embd']}  "
+          f"n_layer {hp['n_layer']}  n_head {hp['n_head']}  n_inner {hp['n_inner']}  "
+          f"activation {hp['activation_function']}  eps {hp['layer_norm_epsilon']:g}", file=file)
+
+    def tid(v):
+        return "none" if v == modelfile.NO_TOKEN else str(v)
+
+    tk = report["tokenizer"]
+    print(f"eos {hp['eos_id']}  bos {hp['bos_id']}  Q: {tid(hp['q_id'])}  A: {tid(hp['a_id'])}  "
+          f"Do: {tid(hp['do_id'])}  tokenizer section {tk['nbytes']} bytes ({tk['n_merges']} merges, "
+          f"{tk['n_special']} special)  KV cache at n_ctx={hp['n_positions']}: "
+          f"{_fmt_bytes(report['kv_cache_bytes'])}", file=file)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tinygpt.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("hf_dir", help="Hugging Face GPT-2 directory (config.json + weights)")
+    ap.add_argument("out", help="output model file")
+    ap.add_argument("--tokenizer", help="tokenizer.json or a directory (default: hf_dir)")
+    ap.add_argument("--all", action="store_true", help="list every tensor in the report")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
+    a = ap.parse_args(argv)
+    try:
+        rep = convert(a.hf_dir, a.out, tokenizer=a.tokenizer, progress=not a.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not a.quiet:
+        print_report(rep, all_tensors=a.all)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

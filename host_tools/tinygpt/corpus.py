@@ -1,0 +1,356 @@
+"""The training corpus: parse it, check it, count it, and turn it into training texts.
+
+Corpus format (UTF-8 text; entries are separated by blank lines)::
+
+    Q: What is PSRAM?
+    A: External RAM on the ESP32-S3 module, 8 MB on this board.
+
+    Q: How do I list the files?
+    Do: ls
+
+    A paragraph of free prose, one or more lines
+    without a prefix.
+
+* a ``Q: <question>`` line followed by one ``A: <answer>`` line -> a ``qa`` entry;
+* a ``Q: <question>`` line followed by one ``Do: <command>`` line -> a ``do`` entry (the model
+  answers with a command suggestion);
+* a paragraph of lines without a prefix -> a ``prose`` entry (the lines are kept, joined by
+  ``\\n``).
+
+Several Q/answer pairs may follow each other without a blank line; each pair is an entry.
+
+Training serialization (what the model sees; ``training_texts``)::
+
+    qa     ->  "Q: {question}\\nA: {answer}<|endoftext|>"
+    do     ->  "Q: {question}\\nA: Do: {command}<|endoftext|>"
+    prose  ->  "{text}<|endoftext|>"
+
+At inference the prompt is ``"Q: {question}\\nA:"`` (``prompt(question)``) and the answer is
+what the model generates after it, up to ``<|endoftext|>`` (or a ``Q:`` token, a blank line
+``"\\n\\n"``, the token limit or a full context). An answer starting with ``Do:`` is a command
+suggestion. Exact match: the generated answer with surrounding whitespace stripped equals the
+expected answer, which is ``Entry.target``: the answer, or ``"Do: {command}"`` for ``do``
+entries.
+
+API
+    parse(path) -> list[Entry]                       (ValueError on undecodable UTF-8)
+    check(path, tokenizer=None, n_ctx=128) -> list[Problem]   (never raises for bad content)
+    stats(path, tokenizer=None) -> dict
+    training_texts(entries) -> list[str]
+    load_questions(path) -> list[(question, expected_answer)]
+    prompt(question) -> str
+
+``python -m tinygpt.corpus check|stats CORPUS [--tokenizer DIR] [--n-ctx N]`` runs the checker
+(exit status 1 if it found problems) or prints the statistics.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+EOS = "<|endoftext|>"
+Q_PREFIX, A_PREFIX, DO_PREFIX = "Q:", "A:", "Do:"
+
+# A line that looks like "Word: ..." at its start. Such a line is reported as an unknown prefix
+# when the word is short (1-2 letters: "B:", "QA:"), is a known Q/A-ish label in any case
+# ("Question:", "answer:", "q:", "DO:"), or stands inside a Q/A entry. Other "Note: ..." lines
+# in prose paragraphs are prose.
+_PREFIX_RE = re.compile(r"^([A-Za-z][A-Za-z_-]{0,15}):(\s|$)")
+_QA_LABELS = {"q", "a", "do", "question", "answer", "command", "cmd", "response", "reply", "user",
+              "assistant", "bot", "human", "ai", "prompt", "input", "output", "instruction", "query",
+              "ans", "quest"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One corpus entry. ``kind`` is 'qa', 'do' or 'prose'; ``line`` is the 1-based line of its
+    first line. For 'qa' ``answer`` is the answer text, for 'do' the command (without "Do:");
+    for 'prose' question and answer are None and ``text`` holds the paragraph."""
+    kind: str
+    question: str | None
+    answer: str | None
+    line: int
+    text: str | None = None
+
+    @property
+    def target(self) -> str | None:
+        """What the model should generate after the prompt (stripped): the answer, or
+        "Do: {command}"; None for prose."""
+        if self.kind == "qa":
+            return self.answer
+        if self.kind == "do":
+            return f"{DO_PREFIX} {self.answer}"
+        return None
+
+    def training_text(self) -> str:
+        if self.kind == "prose":
+            return f"{self.text}{EOS}"
+        return f"{Q_PREFIX} {self.question}\n{A_PREFIX} {self.target}{EOS}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    message: str
+
+    def __str__(self):
+        return f"line {self.line}: {self.message}"
+
+
+def prompt(question: str) -> str:
+    """The inference prompt for a question."""
+    return f"{Q_PREFIX} {question}\n{A_PREFIX}"
+
+
+def training_texts(entries) -> list[str]:
+    """The serialized training text of each entry (see the module docstring)."""
+    return [e.training_text() for e in entries]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _utf8_errors(data: bytes) -> list[tuple[int, int, str]]:
+    """(byte offset, line, reason) of every undecodable UTF-8 sequence in data."""
+    out = []
+    pos = 0
+    while True:
+        try:
+            data[pos:].decode("utf-8")
+            return out
+        except UnicodeDecodeError as e:
+            off = pos + e.start
+            out.append((off, data.count(b"\n", 0, off) + 1, e.reason))
+            pos = pos + max(e.end, e.start + 1)
+
+
+def _read(path) -> tuple[str, list[Problem]]:
+    """The text of the corpus (bad bytes replaced by U+FFFD) and one Problem per bad sequence."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"corpus not found: {p}")
+    with open(p, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    problems = [Problem(line, f"undecodable UTF-8 at byte offset {off} ({reason})")
+                for off, line, reason in _utf8_errors(data)]
+    return data.decode("utf-8", errors="replace"), problems
+
+
+def _split_prefix(line: str):
+    """(prefix, rest) for the known prefixes Q:/A:/Do:, else (None, line)."""
+    for pre in (Q_PREFIX, A_PREFIX, DO_PREFIX):
+        if line.startswith(pre):
+            return pre, line[len(pre):].strip()
+    return None, line
+
+
+def _unknown_prefix(line: str) -> str | None:
+    m = _PREFIX_RE.match(line)
+    return m.group(1) + ":" if m else None
+
+
+def _suspicious(label: str) -> bool:
+    word = label[:-1]
+    return len(word) <= 2 or word.lower() in _QA_LABELS
+
+
+def _blocks(text: str):
+    """Yield (first line number, [(line number, line)]) for each blank-line separated block."""
+    block: list[tuple[int, str]] = []
+    for no, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r").rstrip()
+        if not line.strip():
+            if block:
+                yield block
+            block = []
+        else:
+            block.append((no, line.lstrip()))
+    if block:
+        yield block
+
+
+def _parse_text(text: str) -> tuple[list[Entry], list[Problem]]:
+    """The entries of a corpus text and the structural problems (everything but lengths,
+    duplicates and encoding)."""
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    for block in _blocks(text):
+        has_prefix = any(_split_prefix(line)[0] for _, line in block)
+        if not has_prefix:  # prose paragraph
+            for no, line in block:
+                label = _unknown_prefix(line)
+                if label and _suspicious(label):
+                    problems.append(Problem(no, f"unknown prefix {label!r} (expected Q:, A: or Do:)"))
+            entries.append(Entry("prose", None, None, block[0][0], "\n".join(line for _, line in block)))
+            continue
+        q = None  # [line, question, answered?]
+        for no, line in block:
+            pre, rest = _split_prefix(line)
+            if pre == Q_PREFIX:
+                if q is not None and not q[2]:
+                    problems.append(Problem(q[0], "Q without an answer (expected an A: or Do: line after it)"))
+                if not rest:
+                    problems.append(Problem(no, "empty question"))
+                q = [no, rest, False]
+            elif pre in (A_PREFIX, DO_PREFIX):
+                what = "answer" if pre == A_PREFIX else "command"
+                if q is None:
+                    problems.append(Problem(no, f"{pre} {what} without a Q: line before it"))
+                elif q[2]:
+                    problems.append(Problem(no, f"second answer for the Q: on line {q[0]} "
+                                                f"(one A: or Do: line per question)"))
+                elif not rest:
+                    problems.append(Problem(no, f"empty {what}"))
+                    q[2] = True
+                else:
+                    q[2] = True
+                    if q[1]:
+                        entries.append(Entry("qa" if pre == A_PREFIX else "do", q[1], rest, q[0]))
+            else:
+                label = _unknown_prefix(line)
+                if label:
+                    problems.append(Problem(no, f"unknown prefix {label!r} (expected Q:, A: or Do:)"))
+                else:
+                    problems.append(Problem(no, "line without a prefix inside a Q/A entry (answers are one "
+                                                "line; separate prose from Q/A entries with a blank line)"))
+        if q is not None and not q[2]:
+            problems.append(Problem(q[0], "Q without an answer (expected an A: or Do: line after it)"))
+    return entries, problems
+
+
+def parse(path) -> list[Entry]:
+    """The entries of a corpus file, in file order. Broken Q/A pairs (see ``check``) are left
+    out; undecodable UTF-8 raises ValueError naming the byte offset and line."""
+    text, enc = _read(path)
+    if enc:
+        raise ValueError(f"{os.fspath(path)}: {enc[0]}" + (f" (and {len(enc) - 1} more)" if len(enc) > 1 else ""))
+    return _parse_text(text)[0]
+
+
+# ----------------------------------------------------------------------------- checking
+
+def _load_tokenizer(tokenizer):
+    """A tokenizers.Tokenizer from an object, a tokenizer.json path or a directory holding one."""
+    if tokenizer is None:
+        return None
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "backend_tokenizer"):
+        return tokenizer.backend_tokenizer
+    p = os.fspath(tokenizer)
+    if os.path.isdir(p):
+        p = os.path.join(p, "tokenizer.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"tokenizer not found: {p}")
+    return Tokenizer.from_file(p)
+
+
+def _norm(s: str) -> str:
+    """Question key for duplicate detection: case- and whitespace-insensitive."""
+    return "".join(s.split()).casefold()
+
+
+def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
+    """Problems of a corpus file, sorted by line: undecodable UTF-8 (byte offset and line),
+    unknown prefixes, a Q without an answer, an answer without a Q, empty questions/answers,
+    two answers for one Q, duplicate questions (case/whitespace-insensitive) with different
+    answers, and, when a tokenizer is given, entries whose serialized text is longer than
+    n_ctx tokens. An empty list means the corpus is fine. A missing file raises
+    FileNotFoundError."""
+    text, problems = _read(path)
+    entries, structural = _parse_text(text)
+    problems += structural
+    first: dict[str, Entry] = {}
+    for e in entries:
+        if e.kind == "prose":
+            continue
+        key = _norm(e.question)
+        prev = first.get(key)
+        if prev is None:
+            first[key] = e
+        elif " ".join(prev.target.split()) != " ".join(e.target.split()):
+            problems.append(Problem(e.line, f"question {e.question!r} is also on line {prev.line} "
+                                            f"with a different answer ({prev.target!r} vs {e.target!r})"))
+    tok = _load_tokenizer(tokenizer)
+    if tok is not None:
+        for e, n in zip(entries, _token_counts(tok, entries)):
+            if n > n_ctx:
+                problems.append(Problem(e.line, f"{e.kind} entry is {n} tokens once serialized, longer "
+                                                f"than the context of {n_ctx}"))
+    if not entries and not problems:
+        problems.append(Problem(1, "no entries"))
+    return sorted(problems, key=lambda p: p.line)
+
+
+def _token_counts(tok, entries) -> list[int]:
+    return [len(enc.ids) for enc in tok.encode_batch(training_texts(entries), add_special_tokens=False)]
+
+
+def stats(path, tokenizer=None) -> dict:
+    """Counts for a corpus: entries, qa, do, prose, distinct_answers (distinct targets of qa/do
+    entries), questions_per_answer {min, mean, max}; with a tokenizer also tokens_total and
+    max_entry_tokens (serialized entries) and tokens_mean."""
+    entries = parse(path)
+    kinds = {k: sum(e.kind == k for e in entries) for k in ("qa", "do", "prose")}
+    per_answer: dict[str, int] = {}
+    for e in entries:
+        if e.kind != "prose":
+            per_answer[e.target] = per_answer.get(e.target, 0) + 1
+    counts = list(per_answer.values())
+    out = {
+        "entries": len(entries), **kinds,
+        "distinct_answers": len(per_answer),
+        "questions_per_answer": {
+            "min": min(counts) if counts else 0,
+            "mean": (sum(counts) / len(counts)) if counts else 0.0,
+            "max": max(counts) if counts else 0,
+        },
+    }
+    tok = _load_tokenizer(tokenizer)
+    if tok is not None:
+        n = _token_counts(tok, entries)
+        out["tokens_total"] = sum(n)
+        out["max_entry_tokens"] = max(n) if n else 0
+        out["tokens_mean"] = (sum(n) / len(n)) if n else 0.0
+    return out
+
+
+def load_questions(path) -> list[tuple[str, str]]:
+    """(question, expected answer) for every qa and do entry, in file order; the expected
+    answer of a do entry is "Do: {command}"."""
+    return [(e.question, e.target) for e in parse(path) if e.kind != "prose"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m tinygpt.corpus", description="Check a tinygpt corpus.")
+    ap.add_argument("command", choices=("check", "stats"))
+    ap.add_argument("corpus")
+    ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (enables token counts)")
+    ap.add_argument("--n-ctx", type=int, default=128, help="context length for the length check (default 128)")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "check":
+            problems = check(args.corpus, args.tokenizer, args.n_ctx)
+            for p in problems:
+                print(f"{args.corpus}:{p.line}: {p.message}")
+            print(f"{len(problems)} problem(s)" if problems else "ok", file=sys.stderr)
+            return 1 if problems else 0
+        print(json.dumps(stats(args.corpus, args.tokenizer), indent=2))
+        return 0
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

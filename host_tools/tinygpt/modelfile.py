@@ -1,0 +1,415 @@
+"""Writer for the tinygpt model file, format version 1 (docs/model-format.md).
+
+Public API:
+
+* ``write_model_file(path, hparams, tensors, tokenizer_section) -> dict``
+  writes header, directory (canonical order), 16-aligned tensors and the CRC, after
+  validating every input against the spec; the output appears atomically (temp file in the
+  same directory, then ``os.replace``) or not at all.
+* ``quantize_rows(w) -> (q int8 [n_out, n_in], s float32 [n_out])`` (spec 4.6).
+* ``tensor_specs(hparams)`` / ``plan_layout(hparams, tokenizer_nbytes)``: the canonical tensor
+  list and the exact byte layout (used by ``presets.estimate_bytes`` too).
+* ``check_tokenizer_section(section, n_vocab)``: the rules of spec section 6.
+
+``hparams`` keys (all ints unless noted): ``n_vocab`` (alias ``vocab_size``), ``n_positions``,
+``n_embd``, ``n_layer``, ``n_head``, ``n_inner`` (None -> 4*n_embd), ``activation`` (0/1 or
+'gelu_new'/'gelu_pytorch_tanh'/'gelu'), ``layer_norm_epsilon`` (float), ``eos_id``,
+``bos_id`` (default eos_id), ``q_id``/``a_id``/``do_id`` (default/None -> 0xFFFFFFFF).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+
+MAGIC = b"TGPT"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+QUANT_SCHEME = 1
+NO_TOKEN = 0xFFFFFFFF
+ALIGN = 16
+
+DTYPE_INT8 = 1
+DTYPE_F32 = 2
+DTYPE_RAW = 3
+DTYPE_NAMES = {DTYPE_INT8: "int8", DTYPE_F32: "f32", DTYPE_RAW: "raw"}
+
+ACT_GELU_NEW = 0  # tanh form
+ACT_GELU = 1  # erf form
+ACTIVATION_CODES = {"gelu_new": ACT_GELU_NEW, "gelu_pytorch_tanh": ACT_GELU_NEW, "gelu": ACT_GELU}
+
+TOKENIZER_MAGIC = b"TTOK"
+TOKENIZER_KIND = 6
+
+# header layout (spec section 2): "<4s5I" at 0 (magic .. quant_scheme), "<7I" at 24
+# (n_vocab .. activation), "<f" at 52 (layer_norm_epsilon), "<9I" at 56 (eos_id .. flags,
+# plus the first reserved word), zeros to 128.
+DIR_ENTRY = struct.Struct("<4I")
+
+# (kind, suffix, dtype, shape(E, I, V, P) ) for global tensors before the layers
+_GLOBAL_PRE = [
+    (1, "wte_q", DTYPE_INT8, lambda E, I, V, P: (V, E)),
+    (2, "wte_s", DTYPE_F32, lambda E, I, V, P: (V,)),
+    (3, "wpe", DTYPE_F32, lambda E, I, V, P: (P, E)),
+]
+_LAYER = [
+    (16, "ln1_g", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (17, "ln1_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (18, "attn_w", DTYPE_INT8, lambda E, I, V, P: (3 * E, E)),
+    (19, "attn_s", DTYPE_F32, lambda E, I, V, P: (3 * E,)),
+    (20, "attn_b", DTYPE_F32, lambda E, I, V, P: (3 * E,)),
+    (21, "proj_w", DTYPE_INT8, lambda E, I, V, P: (E, E)),
+    (22, "proj_s", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (23, "proj_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (24, "ln2_g", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (25, "ln2_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (26, "fc_w", DTYPE_INT8, lambda E, I, V, P: (I, E)),
+    (27, "fc_s", DTYPE_F32, lambda E, I, V, P: (I,)),
+    (28, "fc_b", DTYPE_F32, lambda E, I, V, P: (I,)),
+    (29, "mproj_w", DTYPE_INT8, lambda E, I, V, P: (E, I)),
+    (30, "mproj_s", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (31, "mproj_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+]
+_GLOBAL_POST = [
+    (4, "lnf_g", DTYPE_F32, lambda E, I, V, P: (E,)),
+    (5, "lnf_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+]
+
+
+class TensorSpec(NamedTuple):
+    order: int
+    name: str  # 'wte_q', 'h.3.fc_w', 'tokenizer', ...
+    kind: int
+    layer: int
+    tensor_id: int  # kind + 256 * layer
+    dtype: int  # DTYPE_*
+    shape: tuple | None  # None for the raw tokenizer section
+
+    @property
+    def is_scale(self) -> bool:
+        return self.name.endswith("_s")
+
+
+def pad16(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def pad4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _as_int(hp: dict, key: str, lo: int, hi: int) -> int:
+    v = hp.get(key)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"hparams[{key!r}] must be an integer, got {v!r}")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"hparams[{key!r}] = {v} is outside {lo} .. {hi}")
+    return v
+
+
+def normalize_hparams(hparams: dict) -> dict:
+    """Validate ``hparams`` against the header rules; return a dict of plain ints/floats."""
+    if not isinstance(hparams, dict):
+        raise ValueError(f"hparams must be a dict, got {type(hparams).__name__}")
+    hp = dict(hparams)
+    if "n_vocab" not in hp and "vocab_size" in hp:
+        hp["n_vocab"] = hp["vocab_size"]
+    for key in ("n_vocab", "n_positions", "n_embd", "n_layer", "n_head"):
+        if key not in hp:
+            raise ValueError(f"hparams is missing {key!r}")
+    out = {}
+    out["n_vocab"] = _as_int(hp, "n_vocab", 1, 65536)
+    out["n_positions"] = _as_int(hp, "n_positions", 1, 65536)
+    out["n_embd"] = _as_int(hp, "n_embd", 1, 65536)
+    out["n_layer"] = _as_int(hp, "n_layer", 1, 1024)
+    out["n_head"] = _as_int(hp, "n_head", 1, out["n_embd"])
+    if out["n_embd"] % out["n_head"]:
+        raise ValueError(f"n_embd {out['n_embd']} is not divisible by n_head {out['n_head']}")
+    if hp.get("n_inner") is None:
+        hp["n_inner"] = 4 * out["n_embd"]
+    out["n_inner"] = _as_int(hp, "n_inner", 1, 65536)
+
+    act = hp.get("activation", ACT_GELU_NEW)
+    if isinstance(act, str):
+        if act not in ACTIVATION_CODES:
+            raise ValueError(
+                f"unsupported activation {act!r} (supported: {', '.join(sorted(ACTIVATION_CODES))})")
+        act = ACTIVATION_CODES[act]
+    elif isinstance(act, (bool, np.bool_)) or not isinstance(act, (int, np.integer)) or int(act) not in (0, 1):
+        raise ValueError(f"hparams['activation'] must be 0 (gelu_new), 1 (gelu) or a name, got {act!r}")
+    out["activation"] = int(act)
+
+    eps = hp.get("layer_norm_epsilon", 1e-5)
+    try:
+        eps32 = float(np.float32(eps))
+    except (TypeError, ValueError):
+        raise ValueError(f"hparams['layer_norm_epsilon'] must be a number, got {eps!r}") from None
+    if not (math.isfinite(eps32) and eps32 > 0):
+        raise ValueError(f"layer_norm_epsilon must be finite and > 0 as f32, got {eps!r}")
+    out["layer_norm_epsilon"] = eps32
+
+    V = out["n_vocab"]
+    if hp.get("eos_id") is None:
+        raise ValueError("hparams is missing 'eos_id'")
+    out["eos_id"] = _as_int(hp, "eos_id", 0, V - 1)
+    if hp.get("bos_id") is None:
+        hp["bos_id"] = out["eos_id"]
+    out["bos_id"] = _as_int(hp, "bos_id", 0, V - 1)
+    for key in ("q_id", "a_id", "do_id"):
+        v = hp.get(key)
+        if v is None or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and int(v) in (NO_TOKEN, -1)):
+            out[key] = NO_TOKEN
+        else:
+            out[key] = _as_int(hp, key, 0, V - 1)
+    out["n_tensors"] = 6 + 16 * out["n_layer"]
+    return out
+
+
+def tensor_specs(hparams: dict) -> list[TensorSpec]:
+    """The canonical directory order (spec section 3)."""
+    hp = normalize_hparams(hparams) if "n_tensors" not in hparams else hparams
+    E, I, V, P, L = hp["n_embd"], hp["n_inner"], hp["n_vocab"], hp["n_positions"], hp["n_layer"]
+    specs: list[TensorSpec] = []
+
+    def add(kind, name, dtype, shape, layer=0):
+        specs.append(TensorSpec(len(specs), name, kind, layer, kind + 256 * layer, dtype, shape))
+
+    for kind, name, dt, shp in _GLOBAL_PRE:
+        add(kind, name, dt, shp(E, I, V, P))
+    for layer in range(L):
+        for kind, name, dt, shp in _LAYER:
+            add(kind, f"h.{layer}.{name}", dt, shp(E, I, V, P), layer)
+    for kind, name, dt, shp in _GLOBAL_POST:
+        add(kind, name, dt, shp(E, I, V, P))
+    add(TOKENIZER_KIND, "tokenizer", DTYPE_RAW, None)
+    assert len(specs) == hp["n_tensors"]
+    return specs
+
+
+def spec_nbytes(spec: TensorSpec, tokenizer_nbytes: int | None = None) -> int:
+    if spec.dtype == DTYPE_RAW:
+        if tokenizer_nbytes is None:
+            raise ValueError("tokenizer section size needed")
+        return int(tokenizer_nbytes)
+    n = int(np.prod(spec.shape))
+    return n * (1 if spec.dtype == DTYPE_INT8 else 4)
+
+
+def plan_layout(hparams: dict, tokenizer_nbytes: int) -> dict:
+    """Exact byte layout of a v1 file: ``{'dir_offset', 'entries': [(spec, offset, nbytes)],
+    'file_size'}``. Tensors are packed in directory order, each at the next 16-aligned offset."""
+    hp = normalize_hparams(hparams) if "n_tensors" not in hparams else hparams
+    specs = tensor_specs(hp)
+    dir_offset = HEADER_SIZE
+    pos = dir_offset + DIR_ENTRY.size * len(specs)
+    entries = []
+    for spec in specs:
+        pos = pad16(pos)
+        nb = spec_nbytes(spec, tokenizer_nbytes)
+        entries.append((spec, pos, nb))
+        pos += nb
+    return {"dir_offset": dir_offset, "entries": entries, "file_size": pos}
+
+
+def quantize_rows(w) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric INT8 quantization (spec 4.6).
+
+    For each row o: ``amax = max|w[o]|``, ``s_o = amax / 127`` (f32; 0 if amax is 0),
+    ``q[o, i] = round_half_even(w[o, i] / s_o)`` (f32 division) clamped to [-127, 127].
+    A row whose scale underflows to 0 quantizes to all zeros.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_rows expects a 2-D matrix, got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"quantize_rows expects a floating-point matrix, got {w.dtype}")
+    w = w.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("quantize_rows: matrix has non-finite values")
+    if w.shape[1] == 0:
+        return np.zeros(w.shape, np.int8), np.zeros(w.shape[0], np.float32)
+    amax = np.max(np.abs(w), axis=1)
+    s = (amax / np.float32(127.0)).astype(np.float32)
+    nz = s > 0
+    div = np.where(nz, s, np.float32(1.0)).astype(np.float32)
+    t = w / div[:, None]
+    q = np.clip(np.rint(t), -127, 127)
+    q[~nz, :] = 0
+    return q.astype(np.int8), s
+
+
+def dequantize_rows(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * s.astype(np.float32)[:, None]
+
+
+def check_tokenizer_section(section: bytes, n_vocab: int) -> dict:
+    """Check a tokenizer section against every rule of spec section 6; return its counts.
+    Raises ValueError naming the broken rule."""
+    if not isinstance(section, (bytes, bytearray, memoryview)):
+        raise ValueError(f"tokenizer_section must be bytes, got {type(section).__name__}")
+    sec = bytes(section)
+    if len(sec) < 32:
+        raise ValueError(f"tokenizer section is {len(sec)} bytes, shorter than its 32-byte header")
+    magic, version, nv, n_merges, n_special, pretok, bytes_size, reserved = struct.unpack_from("<4s7I", sec, 0)
+    if magic != TOKENIZER_MAGIC:
+        raise ValueError(f"tokenizer section magic is {magic!r}, expected {TOKENIZER_MAGIC!r}")
+    if version != 1:
+        raise ValueError(f"tokenizer section version is {version}, expected 1")
+    if nv != n_vocab:
+        raise ValueError(f"tokenizer section n_vocab is {nv}, but the model's n_vocab is {n_vocab}")
+    if pretok != 1:
+        raise ValueError(f"tokenizer section pretokenizer is {pretok}, expected 1")
+    if reserved != 0:
+        raise ValueError("tokenizer section reserved field is not 0")
+    expect = 32 + 4 * (nv + 1) + pad4(bytes_size) + 12 * n_merges + 4 * n_special
+    if len(sec) != expect:
+        raise ValueError(f"tokenizer section is {len(sec)} bytes, its header implies {expect}")
+    off = 32
+    tok_off = np.frombuffer(sec, "<u4", nv + 1, off).astype(np.int64)
+    off += 4 * (nv + 1)
+    blob = sec[off:off + bytes_size]
+    off += pad4(bytes_size)
+    merges = np.frombuffer(sec, "<u4", 3 * n_merges, off).reshape(n_merges, 3).astype(np.int64)
+    off += 12 * n_merges
+    specials = np.frombuffer(sec, "<u4", n_special, off).astype(np.int64)
+    if tok_off[0] != 0 or tok_off[-1] != bytes_size or np.any(np.diff(tok_off) < 0):
+        raise ValueError("tokenizer section tok_off must start at 0, never decrease and end at bytes_size")
+    if n_merges and merges.max() >= nv:
+        raise ValueError("tokenizer section has a merge id >= n_vocab")
+    if n_special and specials.max() >= nv:
+        raise ValueError("tokenizer section has a special id >= n_vocab")
+    if len(set(specials.tolist())) != n_special:
+        raise ValueError("tokenizer section special ids are not distinct")
+    toks = [blob[tok_off[t]:tok_off[t + 1]] for t in range(nv)]
+    for sid in specials.tolist():
+        if not toks[sid]:
+            raise ValueError(f"tokenizer section special token {sid} has empty bytes")
+    for k, (l, r, res) in enumerate(merges.tolist()):
+        if toks[res] != toks[l] + toks[r]:
+            raise ValueError(f"tokenizer section merge {k}: bytes({res}) != bytes({l}) + bytes({r})")
+    singles = [0] * 256
+    for t in toks:
+        if len(t) == 1:
+            singles[t[0]] += 1
+    bad = [b for b in range(256) if singles[b] != 1]
+    if bad:
+        raise ValueError(f"tokenizer section: byte {bad[0]:#04x} is the whole text of "
+                         f"{singles[bad[0]]} tokens, expected exactly 1 ({len(bad)} bytes wrong)")
+    return {"n_vocab": nv, "n_merges": n_merges, "n_special": n_special, "bytes_size": bytes_size,
+            "nbytes": len(sec)}
+
+
+def _check_tensor(spec: TensorSpec, arr) -> np.ndarray:
+    name = spec.name
+    if not isinstance(arr, np.ndarray):
+        try:
+            arr = np.asarray(arr)
+        except Exception:  # pragma: no cover - defensive
+            raise ValueError(f"tensor {name!r} is not an array") from None
+    shape = tuple(int(x) for x in arr.shape)
+    if shape != spec.shape:
+        raise ValueError(f"tensor {name!r} has shape {shape}, expected {spec.shape}")
+    if spec.dtype == DTYPE_INT8:
+        if arr.dtype != np.int8:
+            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected int8")
+        if arr.size and int(arr.min()) < -127:
+            raise ValueError(f"tensor {name!r} contains -128; quantized weights must be in [-127, 127]")
+        return np.ascontiguousarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected float32")
+    with np.errstate(over="ignore"):
+        a32 = np.ascontiguousarray(arr, dtype="<f4")
+    if not np.all(np.isfinite(a32)):
+        bad = int(np.count_nonzero(~np.isfinite(a32)))
+        raise ValueError(f"tensor {name!r} has {bad} non-finite value(s) (as float32)")
+    if spec.is_scale and a32.size and float(a32.min()) < 0:
+        raise ValueError(f"tensor {name!r} has a negative scale ({float(a32.min())})")
+    return a32
+
+
+def atomic_write_bytes(path, data) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+    On any failure the temp file is removed and ``path`` is left untouched."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"output directory does not exist: {d}")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes) -> tuple[bytearray, dict]:
+    """Validate everything and return ``(file bytes, info)`` without touching the disk."""
+    hp = normalize_hparams(hparams)
+    if not isinstance(tensors, dict):
+        raise ValueError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
+    tok_info = check_tokenizer_section(tokenizer_section, hp["n_vocab"])
+    layout = plan_layout(hp, tok_info["nbytes"])
+    specs = [e[0] for e in layout["entries"]]
+    expected = {s.name for s in specs if s.dtype != DTYPE_RAW}
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ValueError(f"unknown tensor name(s): {', '.join(map(repr, unknown[:5]))}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    missing = [s.name for s in specs if s.dtype != DTYPE_RAW and s.name not in tensors]
+    if missing:
+        raise ValueError(f"missing tensor(s): {', '.join(map(repr, missing[:5]))}"
+                         + (" ..." if len(missing) > 5 else ""))
+    file_size = layout["file_size"]
+    if file_size > 0xFFFFFFFF:
+        raise ValueError(f"model file would be {file_size} bytes, more than a u32 file_size allows")
+
+    buf = bytearray(file_size)
+    for spec, offset, nbytes in layout["entries"]:
+        if spec.dtype == DTYPE_RAW:
+            data = bytes(tokenizer_section)
+        else:
+            data = _check_tensor(spec, tensors[spec.name]).tobytes()
+        assert len(data) == nbytes, (spec.name, len(data), nbytes)
+        buf[offset:offset + nbytes] = data
+        DIR_ENTRY.pack_into(buf, layout["dir_offset"] + DIR_ENTRY.size * spec.order,
+                            spec.tensor_id, spec.dtype, offset, nbytes)
+
+    struct.pack_into("<4s5I", buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, file_size, 0, QUANT_SCHEME)
+    struct.pack_into("<7I", buf, 24, hp["n_vocab"], hp["n_positions"], hp["n_embd"], hp["n_layer"],
+                     hp["n_head"], hp["n_inner"], hp["activation"])
+    struct.pack_into("<f", buf, 52, hp["layer_norm_epsilon"])
+    struct.pack_into("<9I", buf, 56, hp["eos_id"], hp["bos_id"], hp["q_id"], hp["a_id"], hp["do_id"],
+                     hp["n_tensors"], layout["dir_offset"], 0, 0)
+    # bytes 88..127 (reserved) stay zero
+    crc = zlib.crc32(memoryview(buf)[20:]) & 0xFFFFFFFF
+    struct.pack_into("<I", buf, 16, crc)
+    info = {"hparams": hp, "file_size": file_size, "crc32": crc, "tokenizer": tok_info,
+            "layout": [(s.name, s.tensor_id, DTYPE_NAMES[s.dtype], off, nb)
+                       for s, off, nb in layout["entries"]]}
+    return buf, info
+
+
+def write_model_file(path, hparams: dict, tensors: dict, tokenizer_section: bytes) -> dict:
+    """Validate and write a v1 model file atomically. Returns info (hparams as written,
+    file_size, crc32, tokenizer counts, layout rows (name, id, dtype, offset, nbytes))."""
+    buf, info = build_model_bytes(hparams, tensors, tokenizer_section)
+    atomic_write_bytes(path, buf)
+    info["path"] = os.fspath(path)
+    return info
