@@ -26,3 +26,16 @@ void *tg_port_alloc(size_t nbytes) {
 void tg_port_free(void *p) {
     free(p);
 }
+
+/* A PC has no flash partitions: model files are read or memory-mapped by the caller. */
+int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **handle) {
+    (void)name;
+    (void)data;
+    (void)len;
+    (void)handle;
+    return -1;
+}
+
+void tg_port_unmap(void *handle) {
+    (void)handle;
+}
