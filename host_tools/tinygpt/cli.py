@@ -30,6 +30,57 @@ def _existing_file(path):
     return p
 
 
+# -- ask / chat: the same py/ scripts the board runs ---------------------------------------
+PY_DIR = REPO / "py"
+
+
+def _device_chat(model_path, n_ctx):
+    """Import py/chat.py (the on-device loop) and load the model into it."""
+    if str(PY_DIR) not in sys.path:
+        sys.path.insert(0, str(PY_DIR))
+    import chat
+
+    path = _existing_file(model_path)
+    chat.load(str(path), n_ctx)
+    return chat
+
+
+def _settings(args):
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                timing=args.timing)
+
+
+def cmd_ask(args):
+    chat = _device_chat(args.model, args.n_ctx)
+    settings = _settings(args)
+    for q in args.question:
+        if len(args.question) > 1:
+            print("Q: " + q)
+        try:
+            chat.ask(q, **settings)
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e))
+
+
+def cmd_chat(args):
+    _device_chat(args.model, args.n_ctx).chat(**_settings(args))
+
+
+def _add_generation_args(p):
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model file (default: the shipped model)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timing", action="store_true", help="print tokens and tok/s after each answer")
+
+
 # -- convert -------------------------------------------------------------------------------
 def cmd_convert(args):
     from . import convert
@@ -99,6 +150,15 @@ def build_parser():
     p = argparse.ArgumentParser(prog="tinygpt", description="A tiny INT8 GPT-2 for the ESP32-S3: host tools.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    a = sub.add_parser("ask", help="answer questions with the model, through the on-device scripts (py/)")
+    a.add_argument("question", nargs="+")
+    _add_generation_args(a)
+    a.set_defaults(func=cmd_ask)
+
+    ch = sub.add_parser("chat", help="interactive questions and answers on the PC")
+    _add_generation_args(ch)
+    ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 directory to a tinygpt model file")
     c.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin")
