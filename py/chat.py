@@ -16,6 +16,9 @@ from bpe import Decoder, Tokenizer
 MAX_NEW_TOKENS = 80
 MIN_ANSWER_ROOM = 16  # context positions kept free for the answer when a question is cut
 DO_PREFIX = "Do:"
+# What strip() removes, spelled out: MicroPython's str.strip() knows only ASCII whitespace,
+# CPython's also U+00A0, U+3000, ...; the board and the PC must see the same prompt and answer.
+_WS = " \t\n\r\x0b\x0c"
 # Where the model is looked for when load() gets no path: the flash partition labelled
 # "model" (ESP32 firmware), then files.
 DEFAULT_PATHS = ("model", "/model.bin", "model.bin", "models/default/model.bin")
@@ -58,8 +61,8 @@ def _clean(question):
     out = []
     for ch in question:
         o = ord(ch)
-        out.append(" " if o < 32 or o == 127 else ch)
-    q = "".join(out).strip()
+        out.append(" " if o < 32 or 127 <= o < 160 else ch)  # C0, DEL and C1 controls
+    q = "".join(out).strip(_WS)
     if not q:
         raise ValueError("empty question: type a question, e.g. chat.ask('What is PSRAM?')")
     return q
@@ -75,7 +78,7 @@ def prompt_ids(question, n_ctx):
         budget = n_ctx - 1
     if len(ids) <= budget:
         return ids, 0
-    head = _tok.encode("Q: ")
+    head = _tok.encode("Q:")  # not "Q: ": the space belongs to the question's first token
     tail = _tok.encode("\nA:")
     body = ids[len(head):len(ids) - len(tail)]
     keep = budget - len(head) - len(tail)
@@ -88,6 +91,19 @@ def _out(s):
     sys.stdout.write(s)
     if hasattr(sys.stdout, "flush"):
         sys.stdout.flush()
+
+
+def _show(text, printed):
+    """Stream the answer: text is everything decoded so far, printed how much of it is on the
+    console. Whitespace at either end is held back (the answer is returned stripped), so the
+    console shows exactly the returned text. Returns the new count."""
+    shown = text.strip(_WS)
+    if printed == 0 and shown.startswith(DO_PREFIX):
+        _out("[suggested command, not run] ")
+    if len(shown) > printed:
+        _out(shown[printed:])
+        printed = len(shown)
+    return printed
 
 
 def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
@@ -112,6 +128,8 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     n_new = 0
     t0 = time.ticks_ms() if hasattr(time, "ticks_ms") else None
     t_start = time.time()
+    stop = -1
+    interrupted = False
     m.reset()
     try:
         m.prefill(ids)
@@ -122,26 +140,25 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
             if tok == eos or tok == q_id:
                 break
             n_new += 1
-            piece = dec.feed(tok)
-            text += piece
+            text += dec.feed(tok)
             stop = text.find("\n\n")
             if stop >= 0:
                 text = text[:stop]
             if stream:
-                shown = text.lstrip()
-                if printed == 0 and shown.startswith(DO_PREFIX):
-                    _out("[suggested command, not run] ")
-                if len(shown) > printed:
-                    _out(shown[printed:])
-                    printed = len(shown)
-            if stop >= 0 or m.pos >= n_ctx:
+                printed = _show(text, printed)
+            # no step for the last token: its logits would never be used
+            if stop >= 0 or n_new >= max_new_tokens or m.pos >= n_ctx:
                 break
             m.step(tok)
     except KeyboardInterrupt:
-        if stream:
-            _out(" [interrupted]")
-    text = (text + dec.flush()).strip()
+        interrupted = True
+    if stop < 0:
+        text += dec.flush()  # an unfinished UTF-8 character at the end becomes U+FFFD
+    text = text.strip(_WS)
     if stream:
+        _show(text, printed)
+        if interrupted:
+            _out(" [interrupted]")
         _out("\n")
         if timing:
             if t0 is not None:
@@ -171,7 +188,7 @@ def chat(**settings):
         except KeyboardInterrupt:
             print()
             break
-        if not q.strip():
+        if not q.strip(_WS):
             break
         _out("A: ")
         try:

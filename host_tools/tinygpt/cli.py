@@ -146,6 +146,56 @@ def cmd_bench(args):
     bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx)
 
 
+# -- corpus, tokenizer, train, eval: from a Q&A text file to a model ------------------------
+def cmd_corpus(args):
+    from . import corpus
+
+    path = _existing_file(args.corpus)
+    if args.action == "check":
+        problems = corpus.check(path, args.tokenizer, args.n_ctx)
+        for pr in problems:
+            print("%s:%d: %s" % (path, pr.line, pr.message))
+        print("%s: %s" % (path, "%d problem(s)" % len(problems) if problems else "ok"), file=sys.stderr)
+        if problems:
+            sys.exit(1)
+        return
+    st = corpus.stats(path, args.tokenizer)
+    if args.json:
+        import json
+        print(json.dumps(st, indent=2))
+    else:
+        for k, v in st.items():
+            print("%-28s %s" % (k, v))
+
+
+def cmd_tokenizer_train(args):
+    from .tokenizer_train import train_tokenizer
+
+    corpus = _existing_file(args.corpus)
+    out = train_tokenizer(corpus, args.output, vocab_size=args.vocab_size,
+                          special_tokens_file=args.special_tokens, min_frequency=args.min_frequency)
+    from tokenizers import Tokenizer
+    n = Tokenizer.from_file(str(out)).get_vocab_size()
+    print("wrote %s (%d tokens)" % (out, n))
+
+
+def cmd_train(args):
+    from . import train
+
+    train.train(args.corpus, args.tokenizer, args.output, preset=args.preset, epochs=args.epochs, lr=args.lr,
+                batch_size=args.batch_size, seed=args.seed, resume=args.resume,
+                checkpoint_every=args.checkpoint_every, dropout=args.dropout, max_steps=args.max_steps,
+                threads=args.threads)
+
+
+def cmd_eval(args):
+    from . import evaluate
+
+    evaluate.evaluate(args.model, args.questions, tokenizer=args.tokenizer,
+                      int8_model=False if args.no_int8 else args.int8, plot=args.plot,
+                      max_new_tokens=args.max_new_tokens)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinygpt", description="A tiny INT8 GPT-2 for the ESP32-S3: host tools.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -168,6 +218,52 @@ def build_parser():
     c.add_argument("--no-check", action="store_true", help="skip the float vs INT8 logit check")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
+
+    co = sub.add_parser("corpus", help="check a Q&A corpus or count what is in it")
+    co.add_argument("action", choices=("check", "stats"))
+    co.add_argument("corpus")
+    co.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json: enables token counts and the length check")
+    co.add_argument("--n-ctx", type=int, default=128, help="context length for the length check (default 128)")
+    co.add_argument("--json", action="store_true", help="stats as JSON")
+    co.set_defaults(func=cmd_corpus)
+
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    tk_sub = tk.add_subparsers(dest="action", metavar="ACTION")
+    tk_sub.required = True
+    tt = tk_sub.add_parser("train", help="train a tokenizer (Hugging Face tokenizers, byte-level BPE)")
+    tt.add_argument("corpus")
+    tt.add_argument("-o", "--output", required=True, help="directory for tokenizer.json, vocab.json, merges.txt")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--special-tokens", help="file of domain words that must stay one token (one per line, # comments)")
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    from .train import DEFAULTS
+    tr = sub.add_parser("train", help="train a GPT-2 of a preset on a corpus (CPU)")
+    tr.add_argument("corpus")
+    tr.add_argument("--tokenizer", required=True, help="tokenizer directory (from `tinygpt tokenizer train`)")
+    tr.add_argument("-o", "--output", required=True, help="run directory (Hugging Face save_pretrained layout)")
+    tr.add_argument("--preset", default="hw1")
+    tr.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    tr.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    tr.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    tr.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
+    tr.add_argument("--seed", type=int, default=1337)
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"])
+    tr.add_argument("--threads", type=int, help="torch threads (default: all cores); a resumed run needs the same")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="exact-match accuracy of float and INT8 answers on a questions file")
+    ev.add_argument("model", help="training run directory (float + INT8) or a model file (INT8 only)")
+    ev.add_argument("--questions", required=True, help="questions in the corpus format, e.g. data/heldout.txt")
+    ev.add_argument("--tokenizer")
+    ev.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
+    ev.add_argument("--no-int8", action="store_true", help="float model only")
+    ev.add_argument("--plot", help="write a bar chart PNG here")
+    ev.add_argument("--max-new-tokens", type=int, default=80)
+    ev.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="show a model file's hyperparameters and memory use")
     i.add_argument("model")
