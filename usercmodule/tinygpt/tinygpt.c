@@ -124,6 +124,10 @@ static float pow2i(int n) { /* 2^n for n in [-126, 127] */
 }
 
 static float exp32(float x) {
+    if (x != x) {
+        return x; /* NaN (from inf - inf when extreme scales overflow): the steps below give NaN
+                   * too, but would first convert NaN to int, which is undefined behaviour */
+    }
     if (x < -87.0f) {
         return 0.0f;
     }
@@ -446,6 +450,10 @@ int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_er
         uint32_t a = rd32(off + 4 * (size_t)t), b = rd32(off + 4 * (size_t)t + 4);
         if (b < a) {
             return fail(err, TG_E_TOKENIZER, "token %u: offsets decrease", (unsigned)t);
+        }
+        if (b > bytes_size) {
+            return fail(err, TG_E_TOKENIZER, "token %u: offset %u is past the %u-byte table",
+                        (unsigned)t, (unsigned)b, (unsigned)bytes_size);
         }
         if (b - a == 1 && byte_token[blob[a]] < 2) {
             byte_token[blob[a]]++;

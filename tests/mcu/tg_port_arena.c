@@ -1,0 +1,128 @@
+/*
+ * Port layer for a bare microcontroller without malloc: one static arena (tg_port.h).
+ *
+ * Blocks are carved from the arena in order, each behind a 16-byte header, so every block is
+ * 16-byte aligned. Freeing marks a block free; free blocks at the top are given back at once,
+ * so the engine's pattern (everything at load, everything freed in reverse in tg_free) leaves
+ * the arena empty again. A free block below a live one waits until the blocks above it go.
+ *
+ * Memory regions (a model file linked into flash, say) are registered by name with
+ * tg_port_arena_add_region and handed out by tg_port_map, as the ESP32 port hands out a
+ * flash partition.
+ *
+ * TG_ARENA_SIZE (bytes, default 2 MiB) sizes the arena; TG_ARENA_SECTION names the linker
+ * section it goes to (default ".noinit": not zeroed at startup, the engine needs no zeroes).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "tg_port.h"
+#include "tg_port_arena.h"
+
+#ifndef TG_ARENA_SIZE
+#define TG_ARENA_SIZE (2u * 1024u * 1024u)
+#endif
+#ifndef TG_ARENA_SECTION
+#define TG_ARENA_SECTION ".noinit"
+#endif
+
+typedef struct {
+    uint32_t size;  /* payload bytes, a multiple of 16 */
+    uint32_t prev;  /* offset of the previous block's header, or UINT32_MAX for the first */
+    uint32_t used;  /* 1 while allocated */
+    uint32_t magic; /* HDR_MAGIC: catches a free of a pointer the arena never gave out */
+} hdr_t;
+
+#define HDR_MAGIC 0x7A6E4172u
+
+static uint8_t arena[TG_ARENA_SIZE] __attribute__((aligned(16), section(TG_ARENA_SECTION)));
+static uint32_t top;                    /* first free byte */
+static uint32_t last = UINT32_MAX;      /* header offset of the topmost block */
+static uint32_t peak, live_blocks, bad_frees;
+
+void *tg_port_alloc(size_t nbytes) {
+    size_t need = (nbytes + 15u) & ~(size_t)15u;
+    if (nbytes > TG_ARENA_SIZE || need + sizeof(hdr_t) > (size_t)TG_ARENA_SIZE - top) {
+        return NULL;
+    }
+    hdr_t *h = (hdr_t *)(void *)(arena + top);
+    h->size = (uint32_t)need;
+    h->prev = last;
+    h->used = 1;
+    h->magic = HDR_MAGIC;
+    last = top;
+    top += (uint32_t)(sizeof(hdr_t) + need);
+    if (top > peak) {
+        peak = top;
+    }
+    live_blocks++;
+    return h + 1;
+}
+
+void tg_port_free(void *p) {
+    if (!p) {
+        return;
+    }
+    uint8_t *b = (uint8_t *)p;
+    hdr_t *h = (hdr_t *)(void *)b - 1;
+    if (b < arena + sizeof(hdr_t) || b > arena + top || ((uintptr_t)b & 15u) != 0 ||
+        h->magic != HDR_MAGIC || !h->used) {
+        bad_frees++;
+        return;
+    }
+    h->used = 0;
+    live_blocks--;
+    while (last != UINT32_MAX) {
+        hdr_t *t = (hdr_t *)(void *)(arena + last);
+        if (t->used) {
+            break;
+        }
+        t->magic = 0;
+        top = last;
+        last = t->prev;
+    }
+}
+
+#define MAX_REGIONS 4
+
+static struct {
+    const char *name;
+    const uint8_t *data;
+    size_t len;
+} regions[MAX_REGIONS];
+
+int tg_port_arena_add_region(const char *name, const uint8_t *data, size_t len) {
+    for (int i = 0; i < MAX_REGIONS; i++) {
+        if (!regions[i].name) {
+            regions[i].name = name;
+            regions[i].data = data;
+            regions[i].len = len;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **handle) {
+    for (int i = 0; i < MAX_REGIONS; i++) {
+        if (regions[i].name && name && strcmp(regions[i].name, name) == 0) {
+            *data = regions[i].data;
+            *len = regions[i].len;
+            *handle = (void *)&regions[i]; /* nothing to undo: the region stays mapped */
+            return 0;
+        }
+    }
+    return -1;
+}
+
+void tg_port_unmap(void *handle) {
+    (void)handle;
+}
+
+void tg_port_arena_stats(tg_arena_stats *s) {
+    s->size = TG_ARENA_SIZE;
+    s->used = top;
+    s->peak = peak;
+    s->live_blocks = live_blocks;
+    s->bad_frees = bad_frees;
+}
