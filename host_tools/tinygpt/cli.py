@@ -66,6 +66,8 @@ def cmd_ask(args):
 
 
 def cmd_chat(args):
+    if getattr(args, "port", None):
+        return _board_chat(args)
     _device_chat(args.model, args.n_ctx).chat(**_settings(args))
 
 
@@ -196,6 +198,91 @@ def cmd_eval(args):
                       max_new_tokens=args.max_new_tokens)
 
 
+# -- the board: budget, deploy, flash, firmware, chat --port --------------------------------
+def _board_errors(fn):
+    """Board tools raise board.BoardError subclasses with one-line messages: report as ours."""
+    def wrapped(args):
+        from .board import BoardError
+
+        try:
+            return fn(args)
+        except BoardError as e:
+            raise UserError(str(e))
+    return wrapped
+
+
+@_board_errors
+def _board_chat(args):
+    from . import serial_chat
+
+    if args.model != str(DEFAULT_MODEL):
+        raise UserError("--model names a file on this PC; with --port the board answers with its own model "
+                        "(put one there with `tinygpt deploy` or `tinygpt flash --model`)")
+    settings = _settings(args)
+    serial_chat.interactive(args.port, settings, timeout=args.timeout, n_ctx=args.n_ctx)
+
+
+@_board_errors
+def cmd_budget(args):
+    from . import board
+
+    r = board.budget(args.model, board=args.board, n_ctx=args.n_ctx, placement=args.placement)
+    if args.json:
+        import json
+        print(json.dumps(r, indent=2))
+    else:
+        print(board.format_budget(r))
+    if not r["fits"]:
+        sys.exit(1)
+
+
+@_board_errors
+def cmd_deploy(args):
+    from . import deploy
+
+    deploy.run_cli(args)
+
+
+@_board_errors
+def cmd_flash(args):
+    from . import flash
+
+    flash.run_cli(args)
+
+
+@_board_errors
+def cmd_firmware(args):
+    from . import firmware
+
+    firmware.run_cli(args)
+
+
+def _add_board_parsers(sub):
+    from . import board, deploy, firmware, flash
+
+    bu = sub.add_parser("budget", help="will a model or preset fit a board: flash, PSRAM, largest n_ctx")
+    bu.add_argument("model", metavar="MODEL_or_PRESET", help="a model file or a preset name")
+    bu.add_argument("--board", default="N16R8", help="board: %s (default N16R8)" % ", ".join(board.BOARDS))
+    bu.add_argument("--n-ctx", type=int, default=None, help="context length (default: the model's n_positions)")
+    bu.add_argument("--placement", choices=("partition", "file"), default=None,
+                    help="model in the 'model' flash partition (memory-mapped; default when the board has one) "
+                         "or a file on the filesystem (read into PSRAM)")
+    bu.add_argument("--json", action="store_true", help="print JSON")
+    bu.set_defaults(func=cmd_budget)
+
+    de = sub.add_parser("deploy", help="copy the model and py/ scripts to a MicroPython board, verified by SHA-256")
+    deploy.add_arguments(de, DEFAULT_MODEL)
+    de.set_defaults(func=cmd_deploy)
+
+    fl = sub.add_parser("flash", help="write the tinygpt firmware and/or a model into the board's flash (esptool)")
+    flash.add_arguments(fl)
+    fl.set_defaults(func=cmd_flash)
+
+    fw = sub.add_parser("firmware", help="build the ESP32-S3 firmware (MicroPython + tinygpt) with ESP-IDF")
+    firmware.add_arguments(fw)
+    fw.set_defaults(func=cmd_firmware)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="tinygpt", description="A tiny INT8 GPT-2 for the ESP32-S3: host tools.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -206,8 +293,11 @@ def build_parser():
     _add_generation_args(a)
     a.set_defaults(func=cmd_ask)
 
-    ch = sub.add_parser("chat", help="interactive questions and answers on the PC")
+    ch = sub.add_parser("chat", help="interactive questions and answers on the PC, or on a board with --port")
     _add_generation_args(ch)
+    ch.add_argument("--port", help="chat with the board on this serial port instead (its model, its chat.py)")
+    ch.add_argument("--timeout", type=float, default=120.0,
+                    help="with --port: seconds without output from the board before giving up (default 120)")
     ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 directory to a tinygpt model file")
@@ -277,6 +367,8 @@ def build_parser():
     b.add_argument("--n-ctx", type=int, default=None)
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=cmd_bench)
+
+    _add_board_parsers(sub)
     return p
 
 
