@@ -250,60 +250,13 @@ def dequantize_rows(q: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def check_tokenizer_section(section: bytes, n_vocab: int) -> dict:
-    """Check a tokenizer section against every rule of spec section 6; return its counts.
-    Raises ValueError naming the broken rule."""
-    if not isinstance(section, (bytes, bytearray, memoryview)):
-        raise ValueError(f"tokenizer_section must be bytes, got {type(section).__name__}")
-    sec = bytes(section)
-    if len(sec) < 32:
-        raise ValueError(f"tokenizer section is {len(sec)} bytes, shorter than its 32-byte header")
-    magic, version, nv, n_merges, n_special, pretok, bytes_size, reserved = struct.unpack_from("<4s7I", sec, 0)
-    if magic != TOKENIZER_MAGIC:
-        raise ValueError(f"tokenizer section magic is {magic!r}, expected {TOKENIZER_MAGIC!r}")
-    if version != 1:
-        raise ValueError(f"tokenizer section version is {version}, expected 1")
-    if nv != n_vocab:
-        raise ValueError(f"tokenizer section n_vocab is {nv}, but the model's n_vocab is {n_vocab}")
-    if pretok != 1:
-        raise ValueError(f"tokenizer section pretokenizer is {pretok}, expected 1")
-    if reserved != 0:
-        raise ValueError("tokenizer section reserved field is not 0")
-    expect = 32 + 4 * (nv + 1) + pad4(bytes_size) + 12 * n_merges + 4 * n_special
-    if len(sec) != expect:
-        raise ValueError(f"tokenizer section is {len(sec)} bytes, its header implies {expect}")
-    off = 32
-    tok_off = np.frombuffer(sec, "<u4", nv + 1, off).astype(np.int64)
-    off += 4 * (nv + 1)
-    blob = sec[off:off + bytes_size]
-    off += pad4(bytes_size)
-    merges = np.frombuffer(sec, "<u4", 3 * n_merges, off).reshape(n_merges, 3).astype(np.int64)
-    off += 12 * n_merges
-    specials = np.frombuffer(sec, "<u4", n_special, off).astype(np.int64)
-    if tok_off[0] != 0 or tok_off[-1] != bytes_size or np.any(np.diff(tok_off) < 0):
-        raise ValueError("tokenizer section tok_off must start at 0, never decrease and end at bytes_size")
-    if n_merges and merges.max() >= nv:
-        raise ValueError("tokenizer section has a merge id >= n_vocab")
-    if n_special and specials.max() >= nv:
-        raise ValueError("tokenizer section has a special id >= n_vocab")
-    if len(set(specials.tolist())) != n_special:
-        raise ValueError("tokenizer section special ids are not distinct")
-    toks = [blob[tok_off[t]:tok_off[t + 1]] for t in range(nv)]
-    for sid in specials.tolist():
-        if not toks[sid]:
-            raise ValueError(f"tokenizer section special token {sid} has empty bytes")
-    for k, (l, r, res) in enumerate(merges.tolist()):
-        if toks[res] != toks[l] + toks[r]:
-            raise ValueError(f"tokenizer section merge {k}: bytes({res}) != bytes({l}) + bytes({r})")
-    singles = [0] * 256
-    for t in toks:
-        if len(t) == 1:
-            singles[t[0]] += 1
-    bad = [b for b in range(256) if singles[b] != 1]
-    if bad:
-        raise ValueError(f"tokenizer section: byte {bad[0]:#04x} is the whole text of "
-                         f"{singles[bad[0]]} tokens, expected exactly 1 ({len(bad)} bytes wrong)")
-    return {"n_vocab": nv, "n_merges": n_merges, "n_special": n_special, "bytes_size": bytes_size,
-            "nbytes": len(sec)}
+    """Check a tokenizer section against every rule of spec section 6 (the checks live in
+    tokenizer_section.parse_section); return its counts. Raises ValueError naming the rule."""
+    from .tokenizer_section import parse_section
+
+    vocab, merges, specials = parse_section(section, n_vocab)
+    return {"n_vocab": len(vocab), "n_merges": len(merges), "n_special": len(specials),
+            "bytes_size": sum(map(len, vocab)), "nbytes": len(section)}
 
 
 def _check_tensor(spec: TensorSpec, arr) -> np.ndarray:
