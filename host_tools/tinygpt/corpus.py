@@ -139,12 +139,31 @@ def _read(path) -> tuple[str, list[Problem]]:
     return data.decode("utf-8", errors="replace"), problems
 
 
+# Misspelled prefixes are reported, then treated as the prefix they stand for, so that one
+# "Question:" line gives one problem and not a cascade of "answer without a Q".
+_STANDS_FOR = {"q": Q_PREFIX, "question": Q_PREFIX, "query": Q_PREFIX, "quest": Q_PREFIX,
+               "a": A_PREFIX, "answer": A_PREFIX, "ans": A_PREFIX, "response": A_PREFIX, "reply": A_PREFIX,
+               "do": DO_PREFIX, "command": DO_PREFIX, "cmd": DO_PREFIX}
+
+
 def _split_prefix(line: str):
     """(prefix, rest) for the known prefixes Q:/A:/Do:, else (None, line)."""
     for pre in (Q_PREFIX, A_PREFIX, DO_PREFIX):
         if line.startswith(pre):
             return pre, line[len(pre):].strip()
     return None, line
+
+
+def _role(line: str):
+    """(prefix, rest, unknown label or None): like _split_prefix, but a misspelled Q/A/Do label
+    ("Question:", "a:", "DO:") takes the role of the prefix it stands for."""
+    pre, rest = _split_prefix(line)
+    if pre:
+        return pre, rest, None
+    label = _unknown_prefix(line)
+    if label and label[:-1].lower() in _STANDS_FOR:
+        return _STANDS_FOR[label[:-1].lower()], line[len(label):].strip(), label
+    return None, line, label
 
 
 def _unknown_prefix(line: str) -> str | None:
@@ -178,7 +197,7 @@ def _parse_text(text: str) -> tuple[list[Entry], list[Problem]]:
     entries: list[Entry] = []
     problems: list[Problem] = []
     for block in _blocks(text):
-        has_prefix = any(_split_prefix(line)[0] for _, line in block)
+        has_prefix = any(_role(line)[0] for _, line in block)
         if not has_prefix:  # prose paragraph
             for no, line in block:
                 label = _unknown_prefix(line)
@@ -186,15 +205,17 @@ def _parse_text(text: str) -> tuple[list[Entry], list[Problem]]:
                     problems.append(Problem(no, f"unknown prefix {label!r} (expected Q:, A: or Do:)"))
             entries.append(Entry("prose", None, None, block[0][0], "\n".join(line for _, line in block)))
             continue
-        q = None  # [line, question, answered?]
+        q = None  # [line, question, answered?, misspelled prefix?]
         for no, line in block:
-            pre, rest = _split_prefix(line)
+            pre, rest, label = _role(line)
+            if label:
+                problems.append(Problem(no, f"unknown prefix {label!r} (expected Q:, A: or Do:)"))
             if pre == Q_PREFIX:
                 if q is not None and not q[2]:
                     problems.append(Problem(q[0], "Q without an answer (expected an A: or Do: line after it)"))
                 if not rest:
                     problems.append(Problem(no, "empty question"))
-                q = [no, rest, False]
+                q = [no, rest, False, bool(label)]
             elif pre in (A_PREFIX, DO_PREFIX):
                 what = "answer" if pre == A_PREFIX else "command"
                 if q is None:
@@ -207,15 +228,11 @@ def _parse_text(text: str) -> tuple[list[Entry], list[Problem]]:
                     q[2] = True
                 else:
                     q[2] = True
-                    if q[1]:
+                    if q[1] and not q[3] and not label:  # broken pairs stay out of the entries
                         entries.append(Entry("qa" if pre == A_PREFIX else "do", q[1], rest, q[0]))
-            else:
-                label = _unknown_prefix(line)
-                if label:
-                    problems.append(Problem(no, f"unknown prefix {label!r} (expected Q:, A: or Do:)"))
-                else:
-                    problems.append(Problem(no, "line without a prefix inside a Q/A entry (answers are one "
-                                                "line; separate prose from Q/A entries with a blank line)"))
+            elif not label:
+                problems.append(Problem(no, "line without a prefix inside a Q/A entry (answers are one "
+                                            "line; separate prose from Q/A entries with a blank line)"))
         if q is not None and not q[2]:
             problems.append(Problem(q[0], "Q without an answer (expected an A: or Do: line after it)"))
     return entries, problems

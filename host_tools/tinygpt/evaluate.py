@@ -1,0 +1,387 @@
+"""Exact-match evaluation of a trained model: the float Hugging Face model and the INT8 engine.
+
+    evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
+             max_new_tokens=80, log=print) -> dict
+
+``run_dir_or_model`` is a training run directory (Hugging Face GPT-2: config.json, weights,
+tokenizer.json) or a tinygpt model file. ``questions_file`` is in the corpus format; every
+Q/A and Q/Do entry is a question with its expected answer (tinygpt.corpus.load_questions).
+
+For each question the prompt ``"Q: {question}\\nA:"`` is tokenized with the Hugging Face
+tokenizer (``tokenizer``, else tokenizer.json of the run directory; for a model file alone,
+tokenizer.json next to it, else the tokenizer inside the model file via py/bpe.py) and the
+answer is generated greedily
+
+* with the float model (run directory only): ``GPT2LMHeadModel`` with eager attention,
+  KV-cached (``past_key_values``), one token per step;
+* with the INT8 C engine (``tinygpt.engine.Model``) on ``int8_model`` if given, else on a
+  temporary file converted from the run directory by ``tinygpt.convert.convert``
+  (``int8_model=False`` skips INT8).
+
+Both use the same loop and stop rules: stop before an ``<|endoftext|>`` or ``Q:`` token, at a
+blank line ("\\n\\n", the text from it on is dropped), after ``max_new_tokens`` tokens, or when
+the context is full. The answer is the decoded text (special tokens kept, so a ``Do:``
+command suggestion reads "Do: ...") with surrounding whitespace stripped; it is an exact match
+when it equals the expected answer.
+
+The result dict has ``n``, ``exact_match_float`` (None without a float model),
+``exact_match_int8`` (None without INT8), ``int8_equals_float`` (share of questions where the
+two answers are identical; None unless both ran), the matching counts (``*_count``),
+``results`` (one dict per question: question, expected, float, int8, ok_float, ok_int8),
+``mismatches`` (the results where anything differs), ``hf_dir``, ``model_file``, ``plot`` and
+``seconds``. A table is printed through ``log`` (mismatches, first 20, at the end) and with
+``plot=PATH`` a bar chart of the three numbers is saved as PNG.
+
+``python -m tinygpt.evaluate RUN_DIR_OR_MODEL QUESTIONS [--int8 MODEL] [--plot PNG]`` runs it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import corpus as corpus_mod
+
+REPO = Path(__file__).resolve().parents[2]
+SHOW_MISMATCHES = 20
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class _SectionTokenizer:
+    """The tokenizer inside a model file, through the device tokenizer (py/bpe.py)."""
+
+    def __init__(self, model):
+        path = REPO / "py" / "bpe.py"
+        if not path.is_file():
+            raise ValueError("no tokenizer given and none found next to the model file; pass tokenizer=")
+        spec = importlib.util.spec_from_file_location("_tinygpt_device_bpe", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        self._tok = mod.Tokenizer(model.tokenizer_blob())
+        info = model.info()
+        self.eos_id, self.q_id = info["eos_id"], info["q_id"]
+
+    def encode(self, text):
+        return list(self._tok.encode(text))
+
+    def decode(self, ids):
+        return bytes(self._tok.decode(ids)).decode("utf-8", "replace")
+
+
+class _HFTokenizer:
+    def __init__(self, tok):
+        self._tok = tok
+        self.eos_id = tok.token_to_id(corpus_mod.EOS)
+        self.q_id = tok.token_to_id(corpus_mod.Q_PREFIX)
+
+    def encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _load_hf_tokenizer(tokenizer):
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "backend_tokenizer"):
+        return tokenizer.backend_tokenizer
+    p = Path(tokenizer)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"tokenizer not found: {p}")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:
+        raise ValueError(f"cannot read tokenizer {p}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- generation
+
+class _FloatRunner:
+    """Greedy KV-cached decoding with the Hugging Face model (eager attention)."""
+
+    def __init__(self, hf_dir):
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        self.torch = torch
+        from .train import quiet_hf
+
+        with quiet_hf():
+            self.model = GPT2LMHeadModel.from_pretrained(str(hf_dir), attn_implementation="eager",
+                                                         dtype=torch.float32)
+        self.model.eval()
+        self.n_ctx = self.model.config.n_positions
+        self.pos = 0
+        self._past = None
+        self._logits = None
+
+    def prefill(self, ids):
+        self._past = None
+        self.pos = 0
+        self._feed(ids)
+
+    def step(self, t):
+        self._feed([t])
+
+    def _feed(self, ids):
+        with self.torch.no_grad():
+            out = self.model(input_ids=self.torch.tensor([list(ids)], dtype=self.torch.long),
+                             past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        self._logits = out.logits[0, -1]
+        self.pos += len(ids)
+
+    def argmax(self):
+        return int(self.torch.argmax(self._logits))
+
+
+class _Int8Runner:
+    def __init__(self, model):
+        self.m = model
+        self.n_ctx = model.info()["n_ctx"]
+
+    @property
+    def pos(self):
+        return self.m.pos
+
+    def prefill(self, ids):
+        self.m.reset()
+        self.m.prefill(ids)
+
+    def step(self, t):
+        self.m.step(t)
+
+    def argmax(self):
+        return self.m.sample(temperature=0.0)
+
+
+def generate(runner, tok, prompt_ids, max_new_tokens=80) -> str:
+    """Greedy answer text for prompt_ids with the stop rules of the module docstring."""
+    if not prompt_ids or len(prompt_ids) > runner.n_ctx:
+        return ""
+    runner.prefill(prompt_ids)
+    stop = {t for t in (tok.eos_id, tok.q_id) if t is not None}
+    gen: list[int] = []
+    text = ""
+    while len(gen) < max_new_tokens:
+        t = runner.argmax()
+        if t in stop:
+            break
+        gen.append(t)
+        text = tok.decode(gen)
+        if "\n\n" in text:
+            text = text[:text.index("\n\n")]
+            break
+        if runner.pos >= runner.n_ctx:  # context full: t cannot be fed
+            break
+        runner.step(t)
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
+             max_new_tokens=80, log=print, progress=True) -> dict:
+    """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
+    often the two answer alike. See the module docstring."""
+    log = log or (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    src = Path(run_dir_or_model)
+    if not src.exists():
+        raise ValueError(f"model not found: {src}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    hf_dir = src if src.is_dir() else None
+    if hf_dir is not None and not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    if hf_dir is None:
+        if int8_model not in (None, False) and Path(int8_model) != src:
+            raise ValueError("int8_model is only used with a run directory")
+        int8_model = src
+    qfile = Path(questions_file)
+    if not qfile.is_file():
+        raise ValueError(f"questions file not found: {qfile}")
+    questions = corpus_mod.load_questions(qfile)
+    if not questions:
+        raise ValueError(f"{qfile} has no Q/A or Q/Do entries")
+
+    hf_tok = None
+    if tokenizer is not None:
+        hf_tok = _load_hf_tokenizer(tokenizer)
+    elif hf_dir is not None:
+        hf_tok = _load_hf_tokenizer(hf_dir)
+    elif (src.parent / "tokenizer.json").is_file():
+        hf_tok = _load_hf_tokenizer(src.parent)
+
+    with tempfile.TemporaryDirectory(prefix="tinygpt-eval-") as tmp:
+        model_file = None
+        if int8_model is None and hf_dir is not None:
+            from .convert import convert
+
+            model_file = Path(tmp) / "model.bin"
+            log(f"converting {hf_dir} to INT8 ({model_file.name} in a temporary directory)")
+            convert(hf_dir, model_file, tokenizer=hf_tok if tokenizer is not None else None, progress=False)
+        elif int8_model not in (None, False):
+            model_file = Path(int8_model)
+            if not model_file.is_file():
+                raise ValueError(f"INT8 model file not found: {model_file}")
+
+        int8 = None
+        if model_file is not None:
+            from .engine import Model
+            int8 = Model(model_file)
+        try:
+            tok = _HFTokenizer(hf_tok) if hf_tok is not None else _SectionTokenizer(int8)
+            runners = {}
+            if hf_dir is not None:
+                runners["float"] = _FloatRunner(hf_dir)
+            if int8 is not None:
+                runners["int8"] = _Int8Runner(int8)
+            results = []
+            it = questions
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(questions), desc="eval", unit="q", file=sys.stderr, dynamic_ncols=True)
+            for q, expected in it:
+                ids = tok.encode(corpus_mod.prompt(q))
+                r = {"question": q, "expected": expected, "prompt_tokens": len(ids)}
+                for name, runner in runners.items():
+                    ans = generate(runner, tok, ids, max_new_tokens)
+                    r[name] = ans
+                    r["ok_" + name] = ans == expected.strip()
+                results.append(r)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{sum(x['ok_' + k] for x in results) / len(results):.3f}" for k in runners})
+            if bar is not None:
+                bar.close()
+        finally:
+            if int8 is not None:
+                int8.close()
+
+    n = len(results)
+    model_label = None
+    if model_file is not None:
+        model_label = str(model_file) if int8_model not in (None, False) else "converted from the run directory"
+
+    def share(key):
+        if not results or key not in results[0]:
+            return None, None
+        c = sum(bool(r[key]) for r in results)
+        return c / n, c
+
+    em_f, c_f = share("ok_float")
+    em_i, c_i = share("ok_int8")
+    agree = None
+    c_a = None
+    if "float" in runners and "int8" in runners:
+        for r in results:
+            r["int8_equals_float"] = r["int8"] == r["float"]
+        agree, c_a = share("int8_equals_float")
+    mismatches = [r for r in results if not r.get("ok_float", True) or not r.get("ok_int8", True)
+                  or not r.get("int8_equals_float", True)]
+    out = {
+        "n": n, "questions_file": str(qfile),
+        "exact_match_float": em_f, "exact_match_int8": em_i, "int8_equals_float": agree,
+        "exact_match_float_count": c_f, "exact_match_int8_count": c_i, "int8_equals_float_count": c_a,
+        "hf_dir": str(hf_dir) if hf_dir is not None else None,
+        "model_file": model_label,
+        "results": results, "mismatches": mismatches, "plot": None,
+    }
+    _print_table(out, log)
+    if plot:
+        plot_metrics(out, plot)
+        out["plot"] = str(plot)
+        log(f"plot: {plot}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _short(s, n=70):
+    s = "" if s is None else s.replace("\n", "\\n")
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _print_table(res, log):
+    n = res["n"]
+    log(f"{n} questions from {res['questions_file']}"
+        + (f"; float: {res['hf_dir']}" if res["hf_dir"] else "")
+        + (f"; INT8: {res['model_file']}" if res["model_file"] else ""))
+    log(f"{'metric':<32} {'value':>7} {'count':>11}")
+    log("-" * 52)
+    for label, key in (("exact match, float", "exact_match_float"), ("exact match, INT8", "exact_match_int8"),
+                       ("INT8 answer == float answer", "int8_equals_float")):
+        v, c = res[key], res[key + "_count"]
+        log(f"{label:<32} {'-' if v is None else f'{v:.3f}':>7} {'-' if c is None else f'{c}/{n}':>11}")
+    mm = res["mismatches"]
+    if mm:
+        log(f"\nmismatches ({min(len(mm), SHOW_MISMATCHES)} of {len(mm)} shown):")
+        for i, r in enumerate(mm[:SHOW_MISMATCHES], 1):
+            log(f"{i:3d}. Q: {_short(r['question'])}")
+            log(f"     expected: {_short(r['expected'])}")
+            if "float" in r:
+                log(f"     float{' ok' if r['ok_float'] else '   '}: {_short(r['float'])}")
+            if "int8" in r:
+                log(f"     INT8{' ok ' if r['ok_int8'] else '    '}: {_short(r['int8'])}")
+
+
+def plot_metrics(res, path):
+    """Bar chart PNG of the three numbers (those that exist)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    items = [(lbl, res[k]) for lbl, k in (("exact match\nfloat", "exact_match_float"),
+                                           ("exact match\nINT8", "exact_match_int8"),
+                                           ("INT8 == float", "int8_equals_float")) if res[k] is not None]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar([lbl for lbl, _ in items], [v for _, v in items], color=["#4c72b0", "#dd8452", "#55a868"][:len(items)])
+    for b, (_, v) in zip(bars, items):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", va="bottom")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of questions")
+    ax.set_title(f"{res['n']} questions: {Path(res['questions_file']).name}")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tinygpt.evaluate", description="Exact-match evaluation.")
+    ap.add_argument("model", help="training run directory or model file")
+    ap.add_argument("questions", help="questions in the corpus format (e.g. data/heldout.txt)")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
+    ap.add_argument("--no-int8", action="store_true", help="float model only")
+    ap.add_argument("--plot", help="bar chart PNG")
+    ap.add_argument("--max-new-tokens", type=int, default=80)
+    args = ap.parse_args(argv)
+    try:
+        evaluate(args.model, args.questions, tokenizer=args.tokenizer,
+                 int8_model=False if args.no_int8 else args.int8, plot=args.plot,
+                 max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
