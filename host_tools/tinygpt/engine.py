@@ -143,6 +143,7 @@ class Model:
             if self._info[key] == NO_TOKEN:
                 self._info[key] = None
         self._info["activation"] = ("gelu_new", "gelu")[info.activation]
+        self._info["mapped"] = self._mm is not None  # the file is memory-mapped, not copied
         self._n_vocab = info.n_vocab
         self._logits = (ctypes.c_float * info.n_vocab)()
         self._poll = None
