@@ -9,7 +9,6 @@ Errors in what the user gave us (files, arguments, model files) end with one lin
 "tinygpt: error: ..." and exit status 2; nothing half-written is left behind.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 

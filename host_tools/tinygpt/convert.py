@@ -479,27 +479,3 @@ def print_report(report: dict, file=None, all_tensors: bool = False) -> None:
           f"Do: {tid(hp['do_id'])}  tokenizer section {tk['nbytes']} bytes ({tk['n_merges']} merges, "
           f"{tk['n_special']} special)  KV cache at n_ctx={hp['n_positions']}: "
           f"{_fmt_bytes(report['kv_cache_bytes'])}", file=file)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tinygpt.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("hf_dir", help="Hugging Face GPT-2 directory (config.json + weights)")
-    ap.add_argument("out", help="output model file")
-    ap.add_argument("--tokenizer", help="tokenizer.json or a directory (default: hf_dir)")
-    ap.add_argument("--all", action="store_true", help="list every tensor in the report")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no report")
-    a = ap.parse_args(argv)
-    try:
-        rep = convert(a.hf_dir, a.out, tokenizer=a.tokenizer, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not a.quiet:
-        print_report(rep, all_tensors=a.all)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

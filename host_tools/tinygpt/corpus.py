@@ -40,14 +40,13 @@ API
     load_questions(path) -> list[(question, expected_answer)]
     prompt(question) -> str
 
-``python -m tinygpt.corpus check|stats CORPUS [--tokenizer DIR] [--n-ctx N]`` runs the checker
+``tinygpt corpus check|stats CORPUS [--tokenizer DIR] [--n-ctx N]`` runs the checker
 (exit status 1 if it found problems) or prints the statistics.
 """
 from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 EOS = "<|endoftext|>"
@@ -341,33 +340,3 @@ def load_questions(path) -> list[tuple[str, str]]:
     """(question, expected answer) for every qa and do entry, in file order; the expected
     answer of a do entry is "Do: {command}"."""
     return [(e.question, e.target) for e in parse(path) if e.kind != "prose"]
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None) -> int:
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m tinygpt.corpus", description="Check a tinygpt corpus.")
-    ap.add_argument("command", choices=("check", "stats"))
-    ap.add_argument("corpus")
-    ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (enables token counts)")
-    ap.add_argument("--n-ctx", type=int, default=128, help="context length for the length check (default 128)")
-    args = ap.parse_args(argv)
-    try:
-        if args.command == "check":
-            problems = check(args.corpus, args.tokenizer, args.n_ctx)
-            for p in problems:
-                print(f"{args.corpus}:{p.line}: {p.message}")
-            print(f"{len(problems)} problem(s)" if problems else "ok", file=sys.stderr)
-            return 1 if problems else 0
-        print(json.dumps(stats(args.corpus, args.tokenizer), indent=2))
-        return 0
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,6 @@ import ctypes
 import importlib.util
 import mmap
 import os
-import array
 
 # Status codes of tinygpt.h, mapped to the Python exception a user expects.
 TG_E_ARG, TG_E_NOMEM, TG_E_TOKEN, TG_E_CONTEXT, TG_E_INTERRUPTED, TG_E_NO_LOGITS = 1, 12, 13, 14, 15, 16

@@ -32,7 +32,7 @@ two answers are identical; None unless both ran), the matching counts (``*_count
 ``seconds``. A table is printed through ``log`` (mismatches, first 20, at the end) and with
 ``plot=PATH`` a bar chart of the three numbers is saved as PNG.
 
-``python -m tinygpt.evaluate RUN_DIR_OR_MODEL QUESTIONS [--int8 MODEL] [--plot PNG]`` runs it.
+``tinygpt eval RUN_DIR_OR_MODEL --questions FILE [--int8 MODEL] [--plot PNG]`` runs it.
 """
 from __future__ import annotations
 
@@ -357,31 +357,3 @@ def plot_metrics(res, path):
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tinygpt.evaluate", description="Exact-match evaluation.")
-    ap.add_argument("model", help="training run directory or model file")
-    ap.add_argument("questions", help="questions in the corpus format (e.g. data/heldout.txt)")
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
-    ap.add_argument("--no-int8", action="store_true", help="float model only")
-    ap.add_argument("--plot", help="bar chart PNG")
-    ap.add_argument("--max-new-tokens", type=int, default=80)
-    args = ap.parse_args(argv)
-    try:
-        evaluate(args.model, args.questions, tokenizer=args.tokenizer,
-                 int8_model=False if args.no_int8 else args.int8, plot=args.plot,
-                 max_new_tokens=args.max_new_tokens)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

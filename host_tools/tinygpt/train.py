@@ -4,7 +4,7 @@ function, read top to bottom.
     train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=..., lr=..., batch_size=16,
           seed=1337, resume=False, checkpoint_every=100, dropout=..., log=print, max_steps=None)
 
-``python -m tinygpt.train CORPUS TOKENIZER_DIR OUT_DIR [--preset hw1] [--epochs N] ...`` runs it.
+``tinygpt train CORPUS --tokenizer DIR -o RUN_DIR [--preset hw1] [--epochs N] ...`` runs it.
 
 Data. The corpus (see tinygpt.corpus) is serialized per entry::
 
@@ -356,7 +356,7 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
         shown = "\n".join(f"  {corpus}:{p.line}: {p.message}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(f"corpus {corpus} has {len(problems)} problem(s); fix them first "
-                         f"(python -m tinygpt.corpus check {corpus}):\n{shown}{more}")
+                         f"(tinygpt corpus check {corpus}):\n{shown}{more}")
     entries = corpus_mod.parse(corpus)
 
     # -- tokenizer --------------------------------------------------------------------------
@@ -584,38 +584,3 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
         return {"out_dir": str(out_dir), "stopped": False, **info}
     finally:
         torch.set_num_threads(prev_threads)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tinygpt.train", description="Train a tinygpt model on the CPU.")
-    ap.add_argument("corpus")
-    ap.add_argument("tokenizer_dir", help="directory with tokenizer.json (or the file itself)")
-    ap.add_argument("out_dir")
-    ap.add_argument("--preset", default="hw1")
-    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    ap.add_argument("--dropout", type=float, default=DEFAULTS["dropout"])
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"])
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        train(args.corpus, args.tokenizer_dir, args.out_dir, preset=args.preset, epochs=args.epochs, lr=args.lr,
-              batch_size=args.batch_size, seed=args.seed, resume=args.resume,
-              checkpoint_every=args.checkpoint_every, dropout=args.dropout, max_steps=args.max_steps,
-              threads=args.threads)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
