@@ -1,11 +1,10 @@
-# Frozen modules of the tinygpt firmware (boards/TINYGPT_S3_N16R8/mpconfigboard.cmake sets
-# MICROPY_FROZEN_MANIFEST to this file). Usable for any port/board as
-#   make ... FROZEN_MANIFEST=<repo>/micropython_mod/manifest.py
+# The tinygpt scripts to freeze into a firmware, for any port and board. A board's manifest
+# includes this after the port's defaults, e.g. boards/TINYGPT_S3_N16R8/manifest.py:
+#   include("$(PORT_DIR)/boards/manifest.py")   # what the port freezes by default
+#   include("$(BOARD_DIR)/../../micropython_mod")
+# It includes no port manifest itself: not every port has $(PORT_DIR)/boards/manifest.py
+# (unix and qemu have none), and a board may want none of the port's defaults.
 #
-# Everything the port freezes by default (_boot.py, inisetup.py, asyncio, the networking bundle,
-# ...): $(PORT_DIR) is the port being built.
-include("$(PORT_DIR)/boards/manifest.py")
-
 # The on-device scripts, compiled to bytecode that runs from flash (no RAM for the code, no parse
 # at import): `import chat` works with an empty filesystem. A chat.py or bpe.py copied to the
 # filesystem (`tinygpt deploy`) comes first on sys.path and overrides these.

@@ -87,6 +87,21 @@ def prompt_ids(question, n_ctx):
     return head + body[:keep] + tail, len(body) - keep
 
 
+def ticks_us():
+    """A microsecond counter for timing: time.ticks_us on MicroPython (where time.time() may
+    not exist, e.g. the qemu port), time.perf_counter on CPython."""
+    if hasattr(time, "ticks_us"):
+        return time.ticks_us()
+    return int(time.perf_counter() * 1000000)
+
+
+def us_since(t0):
+    """Microseconds since ticks_us() returned t0 (ticks_diff handles the counter's wrap)."""
+    if hasattr(time, "ticks_diff"):
+        return time.ticks_diff(time.ticks_us(), t0)
+    return ticks_us() - t0
+
+
 def _out(s):
     sys.stdout.write(s)
     if hasattr(sys.stdout, "flush"):
@@ -126,8 +141,7 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     text = ""
     printed = 0
     n_new = 0
-    t0 = time.ticks_ms() if hasattr(time, "ticks_ms") else None
-    t_start = time.time()
+    t0 = ticks_us()
     stop = -1
     interrupted = False
     m.reset()
@@ -161,10 +175,7 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
             _out(" [interrupted]")
         _out("\n")
         if timing:
-            if t0 is not None:
-                dt = time.ticks_diff(time.ticks_ms(), t0) / 1000
-            else:
-                dt = time.time() - t_start
+            dt = us_since(t0) / 1e6
             _out("(%d prompt + %d answer tokens, %.1f tok/s)\n" % (len(ids), n_new, n_new / dt if dt > 0 else 0))
     return text
 

@@ -389,7 +389,7 @@ def test_board_directory():
         assert frag in cm
     assert 'CONFIG_PARTITION_TABLE_CUSTOM_FILENAME=\\"${MICROPY_BOARD_DIR}/partitions-tinygpt.csv\\"' in cm
     manifest = re.search(r"set\(MICROPY_FROZEN_MANIFEST \$\{MICROPY_BOARD_DIR\}/(\S+)\)", cm).group(1)
-    assert (BOARD_DIR / manifest).resolve() == REPO / "micropython_mod" / "manifest.py"
+    assert (BOARD_DIR / manifest).resolve() == BOARD_DIR / "manifest.py"
     umod = re.search(r"set\(USER_C_MODULES \$\{MICROPY_BOARD_DIR\}/(\S+)\)", cm).group(1)
     assert (BOARD_DIR / umod).resolve() == REPO / "usercmodule" / "micropython.cmake"
 
@@ -413,32 +413,48 @@ def test_board_directory():
         assert sum(v == "y" for k, v in s.items() if k.startswith(prefix)) == 1, prefix
 
 
-def test_manifest_freezes_the_device_scripts():
-    """Evaluate micropython_mod/manifest.py as tools/manifestfile.py does (its functions called
-    with the manifest's directory as the current directory, relative paths resolved there)."""
+DEVICE_SCRIPTS = ["bpe.py", "chat.py"]
+
+
+def run_manifest(path):
+    """Evaluate a manifest as tools/manifestfile.py does (its functions called with the
+    manifest's directory as the current directory, relative paths resolved there). Returns the
+    calls, freeze paths made absolute."""
     calls = []
-    mdir = REPO / "micropython_mod"
 
     def freeze(path, script=None, opt=None):
-        calls.append(("freeze", path, script))
+        calls.append(("freeze", os.path.abspath(path), script))
 
     g = {"include": lambda p, **kw: calls.append(("include", p)), "freeze": freeze,
          "require": lambda *a, **k: calls.append(("require",) + a), "metadata": lambda **kw: None,
          "module": lambda *a, **k: calls.append(("module",) + a), "package": lambda *a, **k: calls.append(("package",) + a),
          "options": None}
     cwd = os.getcwd()
-    os.chdir(mdir)
+    os.chdir(path.parent)
     try:
-        exec(compile((mdir / "manifest.py").read_text(), str(mdir / "manifest.py"), "exec"), g)
-        frozen = [(os.path.abspath(c[1]), c[2]) for c in calls if c[0] == "freeze"]
+        exec(compile(path.read_text(), str(path), "exec"), g)
     finally:
         os.chdir(cwd)
-    assert ("include", "$(PORT_DIR)/boards/manifest.py") in calls
-    assert len(frozen) == 1
-    base, scripts = frozen[0]
-    assert Path(base) == REPO / "py" and sorted(scripts) == ["bpe.py", "chat.py"]
+    return calls
+
+
+def test_manifest_freezes_the_device_scripts():
+    """micropython_mod/manifest.py freezes the py/ scripts and nothing of any port (the unix and
+    qemu ports have no boards/manifest.py to include)."""
+    calls = run_manifest(REPO / "micropython_mod" / "manifest.py")
+    assert [c[0] for c in calls] == ["freeze"], calls
+    _, base, scripts = calls[0]
+    assert Path(base) == REPO / "py" and sorted(scripts) == DEVICE_SCRIPTS
     for s in scripts:
         assert (Path(base) / s).is_file()
+
+
+def test_esp32_board_manifest():
+    """The ESP32 board freezes the port's defaults (_boot.py, inisetup.py, ...) and ours."""
+    calls = run_manifest(BOARD_DIR / "manifest.py")
+    assert calls[0] == ("include", "$(PORT_DIR)/boards/manifest.py")
+    assert [c[0] for c in calls[1:]] == ["include"]
+    assert (BOARD_DIR / calls[1][1]).resolve() == REPO / "micropython_mod" / "manifest.py"
 
 
 def test_device_scripts_compile_for_the_esp32s3(tmp_path):
@@ -530,7 +546,7 @@ def test_board_cmake_in_the_esp32_port(tmp_path, version):
         assert combined["CONFIG_ESPTOOLPY_FLASHSIZE_8MB"] == ""
     vars_ = dict(line.split("=", 1) for line in (tmp_path / "build" / "vars.txt").read_text().splitlines())
     assert vars_["IDF_TARGET"] == "esp32s3"
-    assert Path(vars_["MANIFEST"]).resolve() == REPO / "micropython_mod" / "manifest.py"
+    assert Path(vars_["MANIFEST"]).resolve() == BOARD_DIR / "manifest.py"
     assert Path(vars_["USER_C_MODULES"]).resolve() == REPO / "usercmodule" / "micropython.cmake"
 
 

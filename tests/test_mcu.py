@@ -121,7 +121,7 @@ def arm_objects(tmp_path_factory):
     d = tmp_path_factory.mktemp("arm")
     objs = {}
     for src in (ENGINE / "tinygpt.c", MCU / "startup.c", MCU / "mini_printf.c", MCU / "main.c",
-                MCU / "tg_port_arena.c", MCU / "misaligned.c"):
+                ENGINE / "tg_port_arena.c", MCU / "misaligned.c"):
         o = d / (src.stem + ".o")
         run([cc] + ARM_CFLAGS + ["-I", ENGINE, "-I", MCU, "-c", src, "-o", o], hint="libnewlib-arm-none-eabi")
         objs[src.stem] = o

@@ -26,8 +26,8 @@ list(APPEND SDKCONFIG_DEFAULTS
     ${TINYGPT_PARTITION_FRAGMENT}
 )
 
-# Freeze py/chat.py and py/bpe.py on top of the port's default modules.
-set(MICROPY_FROZEN_MANIFEST ${MICROPY_BOARD_DIR}/../../micropython_mod/manifest.py)
+# Freeze the port's default modules and the tinygpt scripts (py/).
+set(MICROPY_FROZEN_MANIFEST ${MICROPY_BOARD_DIR}/manifest.py)
 
 # The tinygpt C module. Normally given on the make command line (USER_C_MODULES=...); this
 # default makes `make BOARD_DIR=<repo>/boards/TINYGPT_S3_N16R8` alone build the same firmware.

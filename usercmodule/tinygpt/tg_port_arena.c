@@ -1,17 +1,22 @@
 /*
  * Port layer for a bare microcontroller without malloc: one static arena (tg_port.h).
+ * MicroPython boards select it with TINYGPT_PORT = arena in their mpconfigboard.mk.
  *
  * Blocks are carved from the arena in order, each behind a 16-byte header, so every block is
  * 16-byte aligned. Freeing marks a block free; free blocks at the top are given back at once,
  * so the engine's pattern (everything at load, everything freed in reverse in tg_free) leaves
  * the arena empty again. A free block below a live one waits until the blocks above it go.
  *
- * Memory regions (a model file linked into flash, say) are registered by name with
- * tg_port_arena_add_region and handed out by tg_port_map, as the ESP32 port hands out a
- * flash partition.
+ * Memory regions (a model file linked into flash, or a RAM region a debugger or emulator
+ * loads it into) are registered by name with tg_port_arena_add_region and handed out by
+ * tg_port_map, as the ESP32 port hands out a flash partition. As there, only the model file
+ * is mapped, its length read from its header; a region without a model file maps its first
+ * 128 bytes, which fail tg_load's checks with a message.
  *
- * TG_ARENA_SIZE (bytes, default 2 MiB) sizes the arena; TG_ARENA_SECTION names the linker
- * section it goes to (default ".noinit": not zeroed at startup, the engine needs no zeroes).
+ * TG_ARENA_SIZE (bytes, default 2 MiB) sizes the arena. It is a static array in the linker
+ * section TG_ARENA_SECTION (default ".noinit": not zeroed at startup, the engine needs no
+ * zeroes), or, when TG_ARENA_ADDR is defined, the memory at that address (external RAM that
+ * the linker script does not know about, like the ESP32-S3's PSRAM).
  */
 #include <stdint.h>
 #include <string.h>
@@ -35,7 +40,11 @@ typedef struct {
 
 #define HDR_MAGIC 0x7A6E4172u
 
+#ifdef TG_ARENA_ADDR
+#define arena ((uint8_t *)(uintptr_t)(TG_ARENA_ADDR))
+#else
 static uint8_t arena[TG_ARENA_SIZE] __attribute__((aligned(16), section(TG_ARENA_SECTION)));
+#endif
 static uint32_t top;                    /* first free byte */
 static uint32_t last = UINT32_MAX;      /* header offset of the topmost block */
 static uint32_t peak, live_blocks, bad_frees;
@@ -92,8 +101,8 @@ static struct {
 } regions[MAX_REGIONS];
 
 int tg_port_arena_add_region(const char *name, const uint8_t *data, size_t len) {
-    for (int i = 0; i < MAX_REGIONS; i++) {
-        if (!regions[i].name) {
+    for (int i = 0; i < MAX_REGIONS; i++) { /* a name registered again (soft reboot) is replaced */
+        if (!regions[i].name || strcmp(regions[i].name, name) == 0) {
             regions[i].name = name;
             regions[i].data = data;
             regions[i].len = len;
@@ -106,8 +115,15 @@ int tg_port_arena_add_region(const char *name, const uint8_t *data, size_t len) 
 int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **handle) {
     for (int i = 0; i < MAX_REGIONS; i++) {
         if (regions[i].name && name && strcmp(regions[i].name, name) == 0) {
-            *data = regions[i].data;
-            *len = regions[i].len;
+            /* The file's size is in its header (bytes 12..15, little-endian). */
+            const uint8_t *d = regions[i].data;
+            size_t file_size = regions[i].len < 16 ? 0 :
+                (size_t)d[12] | (size_t)d[13] << 8 | (size_t)d[14] << 16 | (size_t)d[15] << 24;
+            if (file_size < 128 || file_size > regions[i].len || memcmp(d, "TGPT", 4) != 0) {
+                file_size = regions[i].len < 128 ? regions[i].len : 128;
+            }
+            *data = d;
+            *len = file_size;
             *handle = (void *)&regions[i]; /* nothing to undo: the region stays mapped */
             return 0;
         }
