@@ -14,6 +14,8 @@ API
     tok.decode(ids) -> bytes            (concatenated token bytes; ValueError on a bad id)
     tok.token_bytes(id) -> bytes
     tok.vocab_size, tok.n_merges, tok.special_ids (tuple, section order)
+    tok.max_token_bytes: the longest token's length, so a text of B bytes encodes to at least
+        B / max_token_bytes ids (chat.py cuts a long question before encoding it with this)
     d = Decoder(tok)  (or tok.decoder()):  d.feed(id) -> str, d.flush() -> str
         Streaming UTF-8: a character split across tokens is held back until complete; invalid
         bytes become U+FFFD exactly like CPython's bytes.decode('utf-8', 'replace') (maximal
@@ -43,8 +45,14 @@ Encoding (spec 6)
     strictly increase with rank and every result id is larger than both its parts" (true for
     every trained tokenizer), pair ranks and result ids order alike and a pair never created
     before the current rank can outrank it, so all occurrences of the best pair are merged in one
-    left-to-right pass (same result, fewer passes); otherwise one merge at a time.
-    A piece's result is cached (cache_size entries, then the cache is cleared).
+    left-to-right pass (same result, fewer passes); otherwise one merge at a time. That costs
+    O(n) per pass and up to n passes, so only pieces up to SHORT_PIECE bytes (nearly every word)
+    go that way; a longer piece (a 100,000-letter "word", a base64 blob) is merged as HF does,
+    with a heap of candidate pairs ordered by (rank, position): O(n log n) whatever the merge
+    order (measured on CPython, default 4096-token tokenizer, a 100,000-letter word: 15.7 s
+    before, 0.44 s with the heap; with two merges swapped 0.49 s).
+    A piece's result is cached (cache_size entries, then the cache is cleared; pieces longer
+    than CACHE_MAX_PIECE bytes are not cached).
 
 Known divergences from HF
   * None for str input (tested: thousands of generated strings and every code point class).
@@ -67,10 +75,17 @@ itself about 15 KB when imported from source (_UTAB lives in flash when frozen).
 
 import struct
 
+try:
+    from heapq import heapify, heappop, heappush
+except ImportError:  # MicroPython before 1.20
+    from uheapq import heapify, heappop, heappush
+
 _O = 0  # other:   [^\s\p{L}\p{N}]
 _L = 1  # letter:  \p{L}
 _N = 2  # number:  \p{N}
 _S = 3  # space:   \s
+SHORT_PIECE = 24  # pieces up to this many bytes are merged by passes, longer ones with a heap
+CACHE_MAX_PIECE = 64  # longer pieces are not cached (HF caches words up to 256 characters)
 
 
 def _mk_ascii():
@@ -545,6 +560,7 @@ class Tokenizer:
         # tok_off: starts at 0, never decreases, ends at bytes_size; single-byte tokens
         b2id = [-1] * 256
         prev = 0
+        longest = 0
         t = 0
         while t <= nv:
             cnt = nv + 1 - t
@@ -564,6 +580,8 @@ class Tokenizer:
                         raise ValueError('tokenizer section: byte 0x%02x is the whole text of '
                                          'tokens %d and %d' % (c, b2id[c], t - 1))
                     b2id[c] = t - 1
+                if o - prev > longest:
+                    longest = o - prev
                 prev = o
                 t += 1
         if prev != bsize:
@@ -577,6 +595,7 @@ class Tokenizer:
         self._b2id = b2id
         self.vocab_size = nv
         self.n_merges = nm
+        self.max_token_bytes = longest
         # merges: ids in range, bytes(res) == bytes(l) + bytes(r); is the fast property there?
         # The dict maps left * n_vocab + right to the result id (first occurrence wins); if the
         # property fails it is rebuilt to map to the rank instead.
@@ -706,10 +725,26 @@ class Tokenizer:
             out.extend(hit)
             return
         ids = [b2id[c] for c in piece]
-        m = self._m
+        ids = self._merge_short(ids) if j - i <= SHORT_PIECE else self._merge(ids)
+        if self._cache_size > 0 and j - i <= CACHE_MAX_PIECE:
+            if len(cache) >= self._cache_size:
+                cache.clear()
+            cache[piece] = ids
+        out.extend(ids)
+
+    def _result(self, rank):
+        """The result id of the merge of this rank."""
+        return struct.unpack_from('<I', self._mv, self._moff + 12 * rank + 8)[0]
+
+    def _merge_short(self, ids):
+        """The same as _merge, for short pieces (most words), by whole passes: find the pair
+        of lowest rank, merge it (with the 'result ids grow with rank' property: every
+        occurrence of it, left to right; otherwise the leftmost), repeat. A pass costs O(n),
+        and there are at most n - 1, so this is only for pieces up to SHORT_PIECE bytes, where it
+        is faster than the heap (about 1.5x on MicroPython)."""
         nv = self._nv
         mono = self._mono
-        get = m.get
+        get = self._m.get
         while True:
             nids = len(ids)
             if nids < 2:
@@ -744,13 +779,62 @@ class Tokenizer:
                     w += 1
                 del ids[w:]
             else:
-                ids[bpos] = struct.unpack_from('<I', self._mv, self._moff + 12 * best + 8)[0]
+                ids[bpos] = self._result(best)
                 del ids[bpos + 1]
-        if self._cache_size > 0:
-            if len(cache) >= self._cache_size:
-                cache.clear()
-            cache[piece] = ids
-        out.extend(ids)
+        return ids
+
+    def _merge(self, ids):
+        """HF's BPE on one piece (tokenizers, bpe/word.rs merge_all): merge the adjacent pair
+        of lowest rank, the leftmost first, until no pair has a merge. The candidate pairs wait
+        in a heap of rank * n + position, so a piece of n bytes takes O(n log n), whatever its
+        length and whatever the merge order. A popped pair that no longer exists (a neighbour
+        was merged since) is skipped; like HF, a different pair there with the same result id
+        is merged instead."""
+        n = len(ids)
+        get = self._m.get
+        nv = self._nv
+        mono = self._mono
+        heap = []
+        a = ids[0]
+        for p in range(1, n):
+            b = ids[p]
+            v = get(a * nv + b)
+            if v is not None:
+                heap.append(v * n + p - 1)
+            a = b
+        if not heap:
+            return ids
+        heapify(heap)
+        nxt = list(range(1, n + 1))  # the next live symbol after each one (n: none)
+        prv = list(range(-1, n - 1))  # the previous live symbol (-1: none)
+        while heap:
+            key = heappop(heap)
+            v = key // n
+            p = key - v * n
+            left = ids[p]
+            q = nxt[p]
+            if left < 0 or q >= n:  # merged away, or now the last symbol
+                continue
+            cur = get(left * nv + ids[q])
+            if cur != v:
+                if cur is None or mono or self._result(cur) != self._result(v):
+                    continue
+            new = v if mono else self._result(v)
+            ids[p] = new
+            ids[q] = -1
+            q = nxt[q]
+            nxt[p] = q
+            o = prv[p]
+            if o >= 0:
+                w = get(ids[o] * nv + new)
+                if w is not None:
+                    heappush(heap, w * n + o)
+            if q < n:
+                prv[q] = p
+                w = get(new * nv + ids[q])
+                if w is not None:
+                    heappush(heap, w * n + p)
+        return [t for t in ids if t >= 0]
 
 
 class Decoder:

@@ -309,9 +309,9 @@ def test_train_errors(tmp_path):
     words.write_text("Q:\nQ:\n", encoding="utf-8")
     with pytest.raises(ValueError, match="duplicate"):
         read_special_tokens_file(words)
-    words.write_text("%\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="single byte"):
-        read_special_tokens_file(words)
+    words.write_text("%\nheat pump\n", encoding="utf-8")  # a one-character token is skipped, with a warning
+    with pytest.warns(UserWarning, match=r"w.txt:1: skipped special token '%': a single character"):
+        assert read_special_tokens_file(words) == ["heat pump"]
     with pytest.raises(ValueError, match="special tokens file not found"):
         train_tokenizer(corpus, tmp_path / "o", special_tokens_file=tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
@@ -576,6 +576,101 @@ def test_merge_paths_agree(trained):
     strings = gen_strings(500, seed=9)
     for s in strings:
         assert [r(i) for i in t2.encode(s)] == t1.encode(s)
+
+
+# ----------------------------------------------------------------------------- long pieces (issue 9, D8)
+
+def _long_words(seed=11):
+    """Pre-tokens far longer than bpe.SHORT_PIECE (merged with the heap): random letters, a
+    repeated syllable, digits, punctuation runs, 2-byte letters, spaces; 25 to 2000 characters."""
+    rng = random.Random(seed)
+    out = []
+    for n in (25, 64, 300, 2000):
+        out.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
+        out.append(" " + "".join(rng.choice("etaoinshr") for _ in range(n)))
+        out.append("".join(rng.choice("0123456789") for _ in range(n)))
+        out.append("".join(rng.choice("+/=-_.,!?") for _ in range(n)))
+        out.append("".join(rng.choice("\u00e9\u00e8\u00e0\u00fc\u00f6\u00df") for _ in range(n // 2)))
+        out.append("the" * (n // 3) + " " + "ab" * n)
+        out.append(" " * n + "x")
+    return out
+
+
+def _swap_competing_merges(hf):
+    """HF's tokenizer with two competing merges swapped: (x, y) at rank i and (y, z) at rank j > i
+    change places, so "xyz" merges the other way (x, y, z ASCII letters). The section of it breaks the 'result ids grow
+    with rank' property. Returns (swapped HF tokenizer, "xyz")."""
+    d = json.loads(hf.to_str())
+    merges = [m.split(" ") if isinstance(m, str) else m for m in d["model"]["merges"]]
+    for i, (x, y) in enumerate(merges[:50]):
+        for j in range(i + 1, len(merges)):
+            y2, z = merges[j]
+            if y2 == y and all(len(c) == 1 and c.isascii() and c.isalpha() for c in (x, y, z)):
+                merges[i], merges[j] = merges[j], merges[i]
+                d["model"]["merges"] = merges
+                return _edit_json(hf, lambda dd: dd.update(model=d["model"])), x + y + z
+    raise AssertionError("no competing merges in the first 50")
+
+
+class _CountingDict(dict):
+    """The merge table, counting lookups: the work BPE does, without timing anything."""
+    gets = 0
+
+    def get(self, key, default=None):
+        self.gets += 1
+        return dict.get(self, key, default)
+
+
+def test_long_pieces_match_hf(trained, tok, workdir):
+    """Issue 9 D8: long pieces take the heap path; its ids are HF's (CPython and MicroPython),
+    and the pass-by-pass path gives the same on every piece."""
+    hf = trained[0]
+    strings = _long_words()
+    want = hf_ids(hf, strings)
+    got = [tok.encode(s) for s in strings]
+    assert got == want, _first_mismatch(strings, got, want)
+    flags, mp = micropython_encode(workdir, workdir / "section.bin", strings, name="long")
+    assert mp == want, _first_mismatch(strings, mp, want)
+    assert set(flags) == {"ok"}
+    b2id = tok._b2id
+    for s in strings + gen_strings(300, seed=12):
+        for piece in bpe.pretokenize(s):
+            ids = [b2id[c] for c in piece]
+            assert tok._merge(list(ids)) == tok._merge_short(list(ids)), piece
+
+
+def test_swapped_merges_are_handled(trained, workdir):
+    """Issue 9 D8: a section whose merge order breaks the 'result ids grow with rank' property
+    (two merges swapped; the C validator accepts it) tokenizes as HF tokenizes it, short and
+    long pieces, CPython and MicroPython."""
+    swapped, xyz = _swap_competing_merges(trained[0])
+    assert swapped.encode(xyz).ids != trained[0].encode(xyz).ids  # the swap matters
+    sec = build_section(swapped)
+    t = bpe.Tokenizer(sec)
+    assert not t._mono
+    strings = [xyz, xyz * 50, " " + xyz * 700] + _long_words(seed=13) + gen_strings(1000, seed=14)
+    want = hf_ids(swapped, strings)
+    got = [t.encode(s) for s in strings]
+    assert got == want, _first_mismatch(strings, got, want)
+    (workdir / "swapped.bin").write_bytes(sec)
+    flags, mp = micropython_encode(workdir, workdir / "swapped.bin", strings, name="swapped")
+    assert mp == want, _first_mismatch(strings, mp, want)
+
+
+def test_long_word_work_is_near_linear(trained):
+    """Issue 9 D8: a 20,000-letter word costs O(n log n) merge-table lookups, with the trained
+    tokenizer and with two merges swapped (before: one whole pass per merge applied, hundreds of
+    millions of lookups, 15.7 s for 100,000 letters)."""
+    rng = random.Random(3)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20000))
+    swapped, _ = _swap_competing_merges(trained[0])
+    for sec, hf in ((trained[1], trained[0]), (build_section(swapped), swapped)):
+        t = bpe.Tokenizer(sec)
+        t._m = _CountingDict(t._m)
+        ids = t.encode(word)
+        assert ids == hf.encode(word).ids
+        # n - 1 pairs at the start, then at most 2 new pairs per merge: < 3n
+        assert t._m.gets < 3 * len(word), t._m.gets
 
 
 def _make_section(toks, merges, specials):
