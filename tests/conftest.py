@@ -13,6 +13,19 @@ except ImportError:  # running from a checkout without installing
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def resolve_env_paths(environ, start):
+    """Make the build paths the tests read from the environment (MICROPY_BIN, TINYGPT_QEMU_FIRMWARE,
+    any *_BIN or *_FIRMWARE) absolute, against `start`: the directory the user ran the tests from.
+    The tests run their tools in temporary directories, where a relative path finds nothing."""
+    for name, value in list(environ.items()):
+        if (name.endswith("_BIN") or name.endswith("_FIRMWARE")) and value and not os.path.isabs(value):
+            environ[name] = os.path.normpath(os.path.join(start, os.path.expanduser(value)))
+
+
+# scripts/test changes into the repository; it passes the user's directory on in TINYGPT_USER_CWD.
+resolve_env_paths(os.environ, os.environ.get("TINYGPT_USER_CWD") or os.getcwd())
+
 # The shapes the engine must handle (issue 2): n_inner != 4*n_embd, head_dim 16 and 32, both GELU
 # kinds, a vocab that is not a multiple of 16, a non-default epsilon.
 SHAPES = {
@@ -43,3 +56,10 @@ def converted(tmp_path_factory):
             cache[name] = (d / "hf", out)
         return cache[name]
     return get
+
+
+def pytest_configure(config):
+    # Board tests carry @pytest.mark.timeout (pytest-timeout, the `test` extra); without the
+    # plugin the mark is only a label.
+    if not config.pluginmanager.hasplugin("timeout"):
+        config.addinivalue_line("markers", "timeout(seconds): time limit (needs pytest-timeout)")

@@ -31,6 +31,9 @@ BOARD_DIR = REPO / "boards" / "TINYGPT_S3_N16R8"
 CSV = BOARD_DIR / "partitions-tinygpt.csv"
 DOUBLE = REPO / "tests" / "board_double" / "tinygpt.py"
 REAL_MODULE = bool(os.environ.get("MICROPY_BIN"))
+# Every test that talks to a (virtual) board ends within this, whatever the board does
+# (pytest-timeout, the `test` extra; the tools' own timeouts are shorter).
+BOARD_TIMEOUT = pytest.mark.timeout(300)
 
 # A small model (40,532 bytes): quick to copy over the virtual serial link, complete in format.
 SMALL = dict(n_vocab=300, n_positions=128, n_embd=32, n_head=2, n_layer=1, n_inner=64, eos_id=0)
@@ -674,6 +677,58 @@ def test_flash_cli_dry_run(tmp_path, capsys):
     assert out[-2:] == ["0x300000", str(model)]
 
 
+def test_flash_port_alone_writes_built_firmware_and_shipped_model(tmp_path, capsys, monkeypatch):
+    """README step 5: `tinygpt flash --port P` is "firmware + model"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flash, "REPO", tmp_path / "repo")  # no firmware in this checkout either
+    with pytest.raises(SystemExit) as e:
+        cli.main(["flash", "--port", "/dev/ttyUSB7", "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no firmware to flash: %s" % (tmp_path / flash.BUILT_FIRMWARE) in err
+    assert "tinygpt firmware build --micropython micropython" in err and "--model FILE" in err
+    # a merged image where README step 4 builds it
+    image = bytearray(fake_image(0x10000 + 4096))
+    image[0x8000:0x8C00] = board.to_binary(board.load_csv(CSV))
+    image[0x10000] = 0xE9
+    fw = tmp_path / flash.BUILT_FIRMWARE
+    fw.parent.mkdir(parents=True)
+    fw.write_bytes(bytes(image))
+    assert cli.main(["flash", "--port", "/dev/ttyUSB7", "--dry-run"]) == 0
+    cmd = capsys.readouterr().out.splitlines()[-1].split()
+    assert cmd[-4:] == ["0x0", str(fw), "0x300000", str(flash.DEFAULT_MODEL)]
+    # without --dry-run a port that is not there is refused before esptool runs
+    with pytest.raises(SystemExit):
+        cli.main(["flash", "--port", str(tmp_path / "ttyNONE")])
+    assert "ttyNONE does not exist: is the board plugged in?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["deploy"], ["chat"], ["ask", "Hello?"]])
+def test_a_port_that_does_not_exist_is_named(tmp_path, capsys, command):
+    port = str(tmp_path / "ttyACM9")
+    with pytest.raises(SystemExit) as e:
+        cli.main(command + ["--port", port])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinygpt: error: %s does not exist: is the board plugged in? (serial ports here: " % port)
+    assert "may be in use" not in err
+
+
+def test_deploy_has_a_default_timeout(tmp_path, monkeypatch):
+    """A board that never answers: mpremote is stopped after QUERY_TIMEOUT, not waited on forever."""
+    monkeypatch.setattr(deploy, "QUERY_TIMEOUT", 1.0)
+    model = make_model(tmp_path / "m.bin", seed=1)
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(deploy.DeployError, match="cannot talk to the board on /dev/null: mpremote timed out after 1 s"):
+        deploy.deploy("/dev/null", model, mpremote=hang, log=lambda s: None)
+    # and a copy's limit grows with the file
+    calls = []
+    b = deploy.Board("/dev/null", mpremote=hang)
+    monkeypatch.setattr(b, "run", lambda *a, **k: calls.append(k["timeout"]))
+    b.copy(model, "model.bin")
+    assert calls == [deploy.COPY_TIMEOUT_BASE + model.stat().st_size / deploy.COPY_BYTES_PER_S]
+
+
 # ---------------------------------------------------------------------------------------------
 # The virtual board: deploy and chat over a serial link
 # ---------------------------------------------------------------------------------------------
@@ -705,6 +760,7 @@ def vboard(tmp_path_factory, models):
         b.stop()
 
 
+@BOARD_TIMEOUT
 def test_deploy_copies_and_verifies(vboard, models, capsys):
     model, _ = models
     assert cli.main(["deploy", "--port", vboard.port, "--model", str(model)]) == 0
@@ -721,6 +777,7 @@ def test_deploy_copies_and_verifies(vboard, models, capsys):
     assert "copying" not in out and out.count("up to date on the board") == 3
 
 
+@BOARD_TIMEOUT
 def test_deploy_redoes_a_truncated_file(vboard, models):
     model, _ = models
     deploy.deploy(vboard.port, model, log=lambda s: None)
@@ -734,6 +791,7 @@ def test_deploy_redoes_a_truncated_file(vboard, models):
     assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(model)
 
 
+@BOARD_TIMEOUT
 def test_deploy_recovers_from_a_link_cut_mid_copy(vboard, models, monkeypatch):
     a, b = models
     deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
@@ -763,6 +821,7 @@ def test_deploy_recovers_from_a_link_cut_mid_copy(vboard, models, monkeypatch):
     assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(a)
 
 
+@BOARD_TIMEOUT
 def test_deploy_refuses_what_does_not_fit(tmp_path, models, capsys):
     _need_micropython()
     model, _ = models
@@ -797,6 +856,7 @@ def expected_answer(model, question, max_new_tokens=80):
     return r.stdout.strip()
 
 
+@BOARD_TIMEOUT
 def test_ask_board_question_in_answer_out(vboard, models):
     deploy.deploy(vboard.port, models[0], log=lambda s: None)
     q = "What is PSRAM? \u00e9t\u00e9"
@@ -812,6 +872,7 @@ def test_ask_board_question_in_answer_out(vboard, models):
         assert b.ask("Still there?") == expected_answer(models[0], "Still there?")
 
 
+@BOARD_TIMEOUT
 @pytest.mark.skipif(REAL_MODULE, reason="the double's slow answer is what gets interrupted")
 def test_ctrl_c_stops_the_answer_on_the_board(vboard, models):
     deploy.deploy(vboard.port, models[0], log=lambda s: None)
@@ -828,6 +889,7 @@ def test_ctrl_c_stops_the_answer_on_the_board(vboard, models):
         assert b.ask("And now?") == "echo: And now?"  # the board's REPL is fine
 
 
+@BOARD_TIMEOUT
 def test_chat_port_cli(vboard, models):
     deploy.deploy(vboard.port, models[0], log=lambda s: None)
     r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "chat", "--port", vboard.port, "--max-new-tokens", "60"],
@@ -840,4 +902,24 @@ def test_chat_port_cli(vboard, models):
     assert r.returncode == 2 and "with --port the board answers with its own model" in r.stderr
     r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "chat", "--port", "/nonexistent/tty"],
                        input="", capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "cannot open /nonexistent/tty" in r.stderr
+    assert r.returncode == 2 and "/nonexistent/tty does not exist" in r.stderr
+
+
+@BOARD_TIMEOUT
+def test_ask_port_cli(vboard, models):
+    """`tinygpt ask --port P "question"`: the board's answer, printed as `tinygpt ask` prints the PC's."""
+    deploy.deploy(vboard.port, models[0], log=lambda s: None)
+    r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "ask", "--port", vboard.port, "--max-new-tokens", "60",
+                        "Hello board"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == expected_answer(models[0], "Hello board", 60)
+    r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "ask", "--port", vboard.port, "One?", "Two?"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "Q: One?" and lines[2] == "Q: Two?"
+    assert lines[1].strip() == expected_answer(models[0], "One?") and lines[3].strip() == expected_answer(models[0], "Two?")
+    # the board's refusal of a setting is one line, as on the PC
+    r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "ask", "--port", vboard.port, "--max-new-tokens", "0", "x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --max-new-tokens must be >= 1"

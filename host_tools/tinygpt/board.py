@@ -56,6 +56,30 @@ class BoardError(Exception):
     """A problem with a board, partition table, port or firmware, as one readable line."""
 
 
+def serial_ports() -> list[str]:
+    """The serial ports this machine has now (pyserial's list; empty without pyserial)."""
+    try:
+        from serial.tools import list_ports
+    except ImportError:
+        return []
+    return sorted(p.device for p in list_ports.comports())
+
+
+def check_port(port: str) -> str:
+    """Refuse a serial port path that does not exist, naming the ports that do (mpremote and
+    pyserial would only say "may be in use by another program" or "could not open port").
+    Names that are not paths (COM3, rfc2217://..., socket://...) are left to the tool."""
+    if not port or not port.strip():
+        raise BoardError("empty --port: give the board's serial port, e.g. /dev/ttyACM0")
+    if "://" in port or os.sep not in port:
+        return port
+    if not os.path.exists(port):
+        found = serial_ports()
+        raise BoardError("%s does not exist: is the board plugged in? (serial ports here: %s)"
+                         % (port, ", ".join(found) if found else "none found"))
+    return port
+
+
 # ---------------------------------------------------------------------------------------------
 # Boards
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def _settings(args):
 
 
 def cmd_ask(args):
+    if args.port:
+        return _board_ask(args)
     chat = _device_chat(args.model, args.n_ctx)
     settings = _settings(args)
     for q in args.question:
@@ -80,6 +82,12 @@ def _add_generation_args(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timing", action="store_true", help="print tokens and tok/s after each answer")
+
+
+def _add_port_args(p, port_help):
+    p.add_argument("--port", help=port_help)
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="with --port: seconds without output from the board before giving up (default 120)")
 
 
 # -- convert -------------------------------------------------------------------------------
@@ -210,15 +218,33 @@ def _board_errors(fn):
     return wrapped
 
 
+def _board_settings(args):
+    if args.model != str(DEFAULT_MODEL):
+        raise UserError("--model names a file on this PC; with --port the board answers with its own model "
+                        "(put one there with `tinygpt deploy` or `tinygpt flash --model`)")
+    if not args.timeout > 0:
+        raise UserError("--timeout must be > 0 seconds")
+    return _settings(args)
+
+
 @_board_errors
 def _board_chat(args):
     from . import serial_chat
 
-    if args.model != str(DEFAULT_MODEL):
-        raise UserError("--model names a file on this PC; with --port the board answers with its own model "
-                        "(put one there with `tinygpt deploy` or `tinygpt flash --model`)")
-    settings = _settings(args)
-    serial_chat.interactive(args.port, settings, timeout=args.timeout, n_ctx=args.n_ctx)
+    serial_chat.interactive(args.port, _board_settings(args), timeout=args.timeout, n_ctx=args.n_ctx)
+
+
+@_board_errors
+def _board_ask(args):
+    from . import serial_chat
+
+    settings = _board_settings(args)
+    try:
+        serial_chat.ask_questions(args.port, args.question, settings, timeout=args.timeout, n_ctx=args.n_ctx)
+    except serial_chat.SerialChatError as e:
+        if str(e).startswith("the board says: ValueError: "):  # as `tinygpt ask` reports chat.ask's ValueError
+            raise UserError(str(e)[len("the board says: ValueError: "):])
+        raise
 
 
 @_board_errors
@@ -290,13 +316,12 @@ def build_parser():
     a = sub.add_parser("ask", help="answer questions with the model, through the on-device scripts (py/)")
     a.add_argument("question", nargs="+")
     _add_generation_args(a)
+    _add_port_args(a, "ask the board on this serial port instead (its model, its chat.py)")
     a.set_defaults(func=cmd_ask)
 
     ch = sub.add_parser("chat", help="interactive questions and answers on the PC, or on a board with --port")
     _add_generation_args(ch)
-    ch.add_argument("--port", help="chat with the board on this serial port instead (its model, its chat.py)")
-    ch.add_argument("--timeout", type=float, default=120.0,
-                    help="with --port: seconds without output from the board before giving up (default 120)")
+    _add_port_args(ch, "chat with the board on this serial port instead (its model, its chat.py)")
     ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 directory to a tinygpt model file")

@@ -30,13 +30,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .board import BoardError
+from .board import BoardError, check_port
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
 SCRIPTS = ("chat.py", "bpe.py")
 MODEL_NAME = "model.bin"
 FS_BLOCK_SLACK = 2  # filesystem blocks per file for littlefs metadata, beyond its data blocks
+# Default time limits per mpremote call: a board that stops answering must not hang the tool.
+# Hashing the files on the board: an ESP32-S3 hashes a 6.6 MB model from flash in seconds.
+QUERY_TIMEOUT = 60.0
+# A copy goes through the raw REPL in base64 chunks; USB-serial boards copy 20-100 KB/s, so
+# 60 s plus 10 KB/s leaves room for the slowest (6.6 MB: 11 minutes).
+COPY_TIMEOUT_BASE = 60.0
+COPY_BYTES_PER_S = 10_000
 
 # Run on the board: free space and the size + SHA-256 of each file. One JSON line after a marker.
 _QUERY = r"""
@@ -100,13 +107,15 @@ class Board:
         self.progress = progress
 
     def run(self, *args: str, timeout: float | None = None, show: bool = False) -> subprocess.CompletedProcess:
-        """mpremote connect PORT ARGS...; show=True lets its stdout (progress bars) through."""
-        cmd = self.mpremote + ["connect", resolve_port(self.port)] + list(args)
+        """mpremote connect PORT ARGS...; show=True lets its stdout (progress bars) through.
+        Time limit: the Board's own timeout if given, else `timeout`, else QUERY_TIMEOUT."""
+        limit = self.timeout or timeout or QUERY_TIMEOUT
+        cmd = self.mpremote + ["connect", check_port(resolve_port(self.port))] + list(args)
         try:
             return subprocess.run(cmd, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, timeout=timeout or self.timeout)
+                                  text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(cmd, 124, "", "mpremote timed out after %ss" % (timeout or self.timeout))
+            return subprocess.CompletedProcess(cmd, 124, "", "mpremote timed out after %.0f s" % limit)
         except FileNotFoundError:
             raise DeployError("cannot run %s: is mpremote installed? (pip install mpremote)" % self.mpremote[0])
 
@@ -119,7 +128,8 @@ class Board:
 
     def copy(self, local: Path, remote: str) -> subprocess.CompletedProcess:
         rm = "import os\ntry:\n    os.remove(%r)\nexcept OSError:\n    pass\n" % remote
-        return self.run("exec", rm, "+", "cp", "-f", str(local), ":" + remote, show=self.progress)
+        limit = COPY_TIMEOUT_BASE + local.stat().st_size / COPY_BYTES_PER_S
+        return self.run("exec", rm, "+", "cp", "-f", str(local), ":" + remote, timeout=limit, show=self.progress)
 
 
 def _why(r: subprocess.CompletedProcess) -> str:
@@ -240,12 +250,16 @@ def add_arguments(p, default_model) -> None:
     g.add_argument("--frozen", action="store_true",
                    help="the firmware has chat.py and bpe.py frozen in (tinygpt firmware): copy only the model")
     p.add_argument("--retries", type=int, default=3, help="copies of a file that fails to verify (default 3)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per mpremote call (default: no limit)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds allowed per mpremote call (default: %.0f s to query the board, %.0f s + 1 s per "
+                        "%d KB to copy a file)" % (QUERY_TIMEOUT, COPY_TIMEOUT_BASE, COPY_BYTES_PER_S // 1000))
 
 
 def run_cli(args) -> None:
     if args.retries < 0:
         raise DeployError("--retries must be >= 0")
+    if args.timeout is not None and not args.timeout > 0:
+        raise DeployError("--timeout must be > 0 seconds")
     scripts = not (args.no_scripts or args.frozen)
     hashes = deploy(args.port, args.model, scripts=scripts, retries=args.retries, timeout=args.timeout,
                     progress=sys.stdout.isatty())

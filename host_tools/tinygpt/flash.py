@@ -1,5 +1,6 @@
 """`tinygpt flash`: write the tinygpt firmware and/or a model into an ESP32-S3's flash (esptool).
 
+    tinygpt flash --port /dev/ttyACM0          # the built firmware + the shipped model (README step 5)
     tinygpt flash --port /dev/ttyACM0 --firmware build-TINYGPT_S3_N16R8/firmware.bin --model m.bin
     tinygpt flash --port /dev/ttyACM0 --model m.bin          # only the model (firmware unchanged)
     tinygpt flash --port /dev/ttyACM0 --firmware build-TINYGPT_S3_N16R8   # a build directory
@@ -19,6 +20,9 @@ Where things go (decided here, from the partition table, never guessed):
   * --model FILE: at the offset of the `model` partition of the partition table
     (--partitions CSV, default boards/TINYGPT_S3_N16R8/partitions-tinygpt.csv), where
     py/chat.py finds it (chat.load() tries the partition "model" first) and the engine maps it.
+With neither --firmware nor --model, both are flashed: the firmware that `tinygpt firmware
+build` / README step 4 writes (micropython/ports/esp32/build-TINYGPT_S3_N16R8/firmware.bin, under
+the current directory or this repository) and the shipped model (models/default/model.bin).
 Refused before anything is written: a model bigger than the `model` partition or not a tinygpt
 model file (or truncated), a firmware whose own partition table differs from the CSV (the
 model would land somewhere the firmware does not look), an app bigger than its partition.
@@ -33,12 +37,17 @@ import sys
 from pathlib import Path
 
 from . import board as boardmod
-from .board import BoardError
+from .board import BoardError, check_port
 
 CHIP = "esp32s3"
 BOOTLOADER_OFFSET = 0x0    # ESP32-S3 (0x1000 on the original ESP32)
 IMAGE_MAGIC = 0xE9
 DEFAULT_BAUD = 921600
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
+# Where README step 4 (`make -C micropython/ports/esp32 BOARD_DIR=...`, run in the repository) and
+# `tinygpt firmware build --micropython micropython` write the merged image.
+BUILT_FIRMWARE = Path("micropython") / "ports" / "esp32" / "build-TINYGPT_S3_N16R8" / "firmware.bin"
 
 
 class FlashError(BoardError):
@@ -193,14 +202,37 @@ def plan(port: str, firmware=None, model=None, partitions=None, baud: int = DEFA
 
 def add_arguments(p) -> None:
     p.add_argument("--port", required=True, help="serial port of the board (e.g. /dev/ttyACM0)")
-    p.add_argument("--firmware", help="merged firmware.bin (at 0x0), an app image, or an ESP-IDF build directory")
-    p.add_argument("--model", help="model file, written into the 'model' partition")
+    p.add_argument("--firmware", help="merged firmware.bin (at 0x0), an app image, or an ESP-IDF build directory "
+                                      "(default, when --model is not given either: %s)" % BUILT_FIRMWARE)
+    p.add_argument("--model", help="model file, written into the 'model' partition (default, when --firmware is "
+                                   "not given either: the shipped model)")
     p.add_argument("--partitions", help="partition table CSV (default: boards/TINYGPT_S3_N16R8/partitions-tinygpt.csv)")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUD, help="baud rate (default %d)" % DEFAULT_BAUD)
     p.add_argument("--dry-run", action="store_true", help="print the esptool command, do not run it")
 
 
+def default_firmware(cwd=None) -> Path:
+    """The firmware at the documented build location, under the current directory or this
+    repository; FlashError naming where it looked and how to build it."""
+    places = []
+    for root in (Path.cwd() if cwd is None else Path(cwd), REPO):
+        p = root / BUILT_FIRMWARE
+        if p not in places:
+            places.append(p)
+    for p in places:
+        if p.is_file():
+            return p
+    raise FlashError("no firmware to flash: %s does not exist. Build it (README step 4: `tinygpt firmware build "
+                     "--micropython micropython`, needs ESP-IDF), or give --firmware FILE; to flash only the "
+                     "model, give --model FILE" % " or ".join(str(p) for p in places))
+
+
 def run_cli(args) -> None:
+    if args.firmware is None and args.model is None:  # the README's "firmware + model" line
+        args.firmware, args.model = default_firmware(), DEFAULT_MODEL
+        print("flashing %s and the shipped model %s" % (args.firmware, args.model))
+    if not args.dry_run:
+        check_port(args.port)
     cmd = plan(args.port, args.firmware, args.model, args.partitions, args.baud)
     print(" ".join(cmd))
     if args.dry_run:

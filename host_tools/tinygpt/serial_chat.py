@@ -1,6 +1,7 @@
 """`tinygpt chat --port P`: ask the board questions over its serial REPL.
 
     tinygpt chat --port /dev/ttyACM0          # interactive; empty line or Ctrl-D leaves
+    tinygpt ask --port /dev/ttyACM0 "What is PSRAM?"   # one question (or several), its answer
     ask_board("/dev/ttyACM0", "What is PSRAM?", timeout=60) -> answer text   (for scripts, tests)
 
 The board runs py/chat.py (frozen into the tinygpt firmware, or copied by `tinygpt deploy`), so
@@ -20,7 +21,7 @@ import codecs
 import sys
 import time
 
-from .board import BoardError
+from .board import BoardError, check_port
 from .deploy import resolve_port
 
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n>"
@@ -42,7 +43,7 @@ class BoardChat:
         self.port = port
         self.timeout = timeout
         try:
-            self.ser = serial.serial_for_url(resolve_port(port), baudrate=baudrate, timeout=0.05)
+            self.ser = serial.serial_for_url(check_port(resolve_port(port)), baudrate=baudrate, timeout=0.05)
         except (serial.SerialException, OSError) as e:
             raise SerialChatError("cannot open %s: %s" % (port, e))
         self._serial_errors = (serial.SerialException, OSError)
@@ -212,6 +213,19 @@ def ask_board(port: str, question: str, timeout: float = 60.0, settings: dict | 
 def _out(s: str) -> None:
     sys.stdout.write(s)
     sys.stdout.flush()
+
+
+def ask_questions(port: str, questions, settings: dict | None = None, timeout: float = 60.0,
+                  n_ctx: int | None = None, on_text=_out) -> list[str]:
+    """`tinygpt ask --port`: each question to the board in one session, its answer streamed to
+    on_text as the board prints it (what `tinygpt ask` prints on the PC). Returns the answers."""
+    answers = []
+    with BoardChat(port, timeout=timeout, n_ctx=n_ctx) as b:
+        for q in questions:
+            if len(questions) > 1:
+                on_text("Q: %s\n" % q)
+            answers.append(b.ask(q, settings, on_text))
+    return answers
 
 
 def interactive(port: str, settings: dict | None = None, timeout: float = 60.0, n_ctx: int | None = None,

@@ -134,6 +134,7 @@ class VirtualBoard:
         self._raw = False          # the board is in the raw REPL (decides how a reset comes back)
         self._fail_after = None
         self._tail = b""
+        self.error = None          # why the relay stopped, if it failed
 
     # -- lifecycle -----------------------------------------------------------------------
     def _boot_code(self):
@@ -282,6 +283,26 @@ class VirtualBoard:
         self._to_host(data)
 
     def _relay(self):
+        """The relay thread. If it fails (the board does not come back from a reset), the port is
+        closed so the tools on it fail at once instead of waiting for a board that is gone."""
+        try:
+            self._relay_loop()
+        except Exception as e:
+            self.error = e
+            with self._lock:
+                for fd in (self._h_master, self._h_slave):
+                    try:
+                        os.close(fd)
+                    except (OSError, TypeError):
+                        pass
+                self._h_master = self._h_slave = None
+            try:
+                os.unlink(self.port)
+            except OSError:
+                pass
+            raise
+
+    def _relay_loop(self):
         while not self._stop.is_set():
             with self._lock:
                 fds = [self._h_master, self._c_master]
