@@ -42,8 +42,9 @@ from .tokenizer_section import CORE_SPECIALS, build_section
 def read_special_tokens_file(path) -> list[str]:
     """Domain words of a special-tokens file: one per line; surrounding whitespace stripped;
     blank lines and lines starting with '#' ignored; the four core specials may be listed (they
-    are skipped: they are always there, first). A word listed twice, or a one-byte word (a
-    byte-level BPE needs each byte as exactly one token), raises ValueError."""
+    are skipped: they are always there, first). A one-byte word ("X") is skipped with a
+    UserWarning: a byte-level BPE has every byte as a token already (and needs it as exactly
+    one). A word listed twice raises ValueError."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"special tokens file not found: {p}")
@@ -62,9 +63,10 @@ def read_special_tokens_file(path) -> list[str]:
         where[w] = no
         if w in CORE_SPECIALS:
             continue
-        if len(w.encode("utf-8")) < 2:
-            raise ValueError(f"{p}:{no}: special token {w!r} is a single byte; every byte must stay "
-                             f"a token of its own in a byte-level BPE")
+        if len(w.encode("utf-8")) < 2:  # already a token: the byte-level BPE has every byte
+            warnings.warn(f"{p}:{no}: skipped special token {w!r}: a single character is already one token",
+                          UserWarning, stacklevel=3)
+            continue
         words.append(w)
     return words
 

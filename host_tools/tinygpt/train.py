@@ -1,10 +1,14 @@
-"""Train a tinygpt model (a Hugging Face GPT-2) on the corpus, on the CPU. nanoGPT style: one
-function, read top to bottom.
+"""Train a tinygpt model (a Hugging Face GPT-2) on the corpus, on the CPU (or a GPU). nanoGPT
+style: one function, read top to bottom.
 
     train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=..., lr=..., batch_size=16,
-          seed=1337, resume=False, checkpoint_every=100, dropout=..., log=print, max_steps=None)
+          seed=1337, resume=False, checkpoint_every=100, dropout=..., log=print, max_steps=None,
+          *, max_minutes=None, loss="all", label_smoothing=0.0, weight_decay=0.01,
+          val_split=None, val_file=None, val_every=None, early_stop=None, augment=0,
+          device="auto", threads=1, ...)
 
-``tinygpt train CORPUS --tokenizer DIR -o RUN_DIR [--preset hw1] [--epochs N] ...`` runs it.
+``tinygpt train CORPUS --tokenizer DIR -o RUN_DIR [--preset hw1] [--epochs N] ...`` runs it;
+``tinygpt train --help`` lists every option with its default.
 
 Data. The corpus (see tinygpt.corpus) is serialized per entry::
 
@@ -20,9 +24,9 @@ error naming its corpus line); the rest of a block is padding (``<|endoftext|>``
 masked out of the loss. Each entry in a block is trained exactly as if it were alone, which is
 how it is used at inference (the prompt ``Q: ...\\nA:`` starts at position 0 with an empty
 KV cache): its position ids restart at 0 and a block-diagonal causal attention mask stops it
-from seeing the entries before it. The loss is the next-token cross entropy over every token
-of every entry after its first (the padding and the step from one entry into the next are
-ignored).
+from seeing the entries before it. The loss (default ``loss="all"``) is the next-token cross
+entropy over every token of every entry after its first (the padding and the step from one
+entry into the next are ignored).
 
 Model and optimizer. ``transformers.GPT2LMHeadModel(make_config(preset, vocab_size=<tokenizer
 size>, bos/eos=<|endoftext|>, resid/embd/attn_pdrop=dropout))``, AdamW (betas 0.9/0.95; weight
@@ -30,18 +34,52 @@ decay on matrices and embeddings only), linear warmup then cosine (or linear) de
 ``min_lr_ratio * lr``, gradient clipping at 1.0, torch/numpy/python seeded with ``seed``,
 ``torch.set_num_threads(threads or os.cpu_count())`` (restored on return).
 
-Checkpoints. Every ``checkpoint_every`` steps, at the end, and when stopped by ``stop_after``,
+Checkpoints. Every ``checkpoint_every`` steps, at the end, and whenever the run stops,
 ``out_dir/checkpoint/checkpoint.pt`` is written atomically (temporary file, fsync, rename):
 model, optimizer, scheduler, the torch/numpy/python RNG states, step, epoch, position in the
 epoch, loss history and elapsed time. ``resume=True`` continues from it bit for bit (same
 thread count assumed): a resumed run ends with exactly the weights of an uninterrupted one.
 The run's settings (corpus and tokenizer hashes, preset, lr, epochs, ...) are stored with the
-checkpoint, and resuming with different ones is refused.
+checkpoint, and resuming with different ones is refused (but see Continuing).
+
+Loss. ``loss="all"``: every token of every entry after its first (the question too);
+``loss="answer"``: only the answer tokens and the closing <|endoftext|> (the question is context,
+not something to predict; prose entries are left out). ``label_smoothing`` is passed to the
+cross entropy; ``weight_decay`` applies to matrices and embeddings.
+
+Validation. ``val_split=F`` holds out, for every answer with k >= 2 phrasings (grouped by answer
+text), min(k - 1, max(1, round(k * F))) of its questions (seeded); answers with one phrasing and
+prose stay in training (``split_validation``). ``val_file=PATH`` validates on the questions of
+another file instead. Every ``val_every`` steps (default: once per epoch) and at the end the
+validation loss (cross entropy per answer token) and the exact-answer accuracy are measured
+with the float model: a question is exact when the argmax at every answer position, fed the
+answer so far, is the answer's token - exactly when greedy decoding of "Q: ...\nA:" generates
+the answer and then <|endoftext|> (``tinygpt eval``'s exact match, which compares text, can
+only count more). The best evaluation (most exact, then lowest loss) is saved in
+``out_dir/best`` (convertible like the run itself); ``early_stop=N`` ends the run after N
+evaluations without a better one. ``augment=N`` adds N programmatic variants of every training
+question (tinygpt.augment) after the split, so no variant of a held-out question is trained on.
+
+Time. After the first step of a session, ESTIMATE_STEPS steps are timed and the remaining and
+total time printed (and kept in the progress bar, which shows only on a terminal; otherwise a
+line every 5 % of the steps). ``max_minutes=M`` stops after M minutes of this session's
+training; SIGINT (Ctrl-C) and SIGTERM stop after the current step. Every such stop writes the
+checkpoint and a usable model (config, weights, tokenizer, log, plots) of where the run is.
+
+Continuing. ``resume=True`` picks up the checkpoint: with the same arguments it finishes the
+planned run bit for bit; with a larger ``epochs`` (or ``max_steps``) it continues a finished or
+stopped run for more steps - the learning-rate schedule is then the new run's (cosine over the
+new total, so the rate rises from where the old schedule had taken it; that is the price of
+not knowing the length in advance).
+
+Device. ``device="auto"`` trains on a CUDA (or Apple MPS) GPU when torch sees one, else the CPU.
+``threads``: torch's CPU threads (see DEFAULTS for why 1).
 
 Outputs in out_dir: ``model.safetensors`` + ``config.json`` (``save_pretrained``),
 ``tokenizer.json`` (copied, so ``tinygpt convert out_dir`` works directly), ``loss.png``
-(loss per step and smoothed) and ``train_log.json`` (args, steps, final loss, wall time,
-tokens/s, versions, loss per step).
+(loss per step and smoothed), ``val.png`` (validation accuracy and loss, with a validation
+set), ``best/`` (with a validation set) and ``train_log.json`` (args, steps, why it stopped,
+final loss, validation history and best, wall time, tokens/s, versions, loss per step).
 
 Defaults (hw1 preset, the project's corpus of 1000 entries: ~40 tokens per entry, ~380 blocks
 of 128 tokens per epoch, 24 steps per epoch at batch 16, ~1.3 s per step on 2 CPU cores):
@@ -78,16 +116,32 @@ from . import corpus as corpus_mod
 #    4.88 (51-60), 3.11 (141-150), i.e. the same per-step progress as the proxy (3.15); no
 #    instability at lr 2e-3 with 22 layers.
 DEFAULTS = dict(
+    preset="hw1",
     epochs=50,
     lr=2e-3,
     dropout=0.1,
     batch_size=16,
+    seed=1337,
     warmup_steps=None,      # None: 5% of the steps, at most 100
     min_lr_ratio=0.1,
     weight_decay=0.01,
     schedule="cosine",
     checkpoint_every=100,   # a hw1 checkpoint is 75 MB (weights + AdamW moments)
+    loss="all",
+    label_smoothing=0.0,
+    device="auto",
+    # One thread. Measured on this 2-core machine while other work shared it (4 layers x 128 wide,
+    # vocab 4096, 16 x 128 tokens per step, forward + backward + AdamW, 4 interleaved rounds of 5
+    # steps, nice 15): 1 thread 2.03 / 2.27 / 1.14 / 0.85 s/step, 2 threads 5.79 / 6.52 / 0.63 /
+    # 2.19 s/step: 2 threads won one round by 1.8x (when the other cores' load paused) and lost
+    # three by 2.6-2.9x. A thread that waits for a busy core stalls every step, so 1 is the safe
+    # default; on idle cores --threads N is faster.
+    threads=1,
 )
+LOSSES = ("all", "answer")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ESTIMATE_STEPS = 3   # steps timed (after the first) for the time estimate
+BEST_DIR = "best"    # the model of the best validation, save_pretrained layout
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -95,7 +149,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_MARKERS = ("train_log.json", "config.json", "model.safetensors", CHECKPOINT_DIR)
 # Settings that must be equal to resume a run (everything that changes the numbers).
 IDENTITY_KEYS = ("corpus_sha256", "tokenizer_sha256", "preset", "config", "epochs", "lr", "batch_size",
-                 "seed", "dropout", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "schedule")
+                 "seed", "dropout", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "schedule",
+                 "loss", "label_smoothing", "val_split", "val_file_sha256", "augment")
 
 
 def _sha256(path) -> str:
@@ -114,12 +169,15 @@ def tokenizer_path(tokenizer_dir) -> Path:
 
 # ----------------------------------------------------------------------------- packing
 
-def pack(token_lists, order, n_positions: int, eos_id: int):
+def pack(token_lists, order, n_positions: int, eos_id: int, answer_starts=None):
     """Greedily pack whole entries (token id lists, taken in ``order``) into blocks of
-    n_positions tokens. Returns numpy int64 arrays [n_blocks, n_positions]: input_ids (padding
+    n_positions tokens. Returns numpy arrays [n_blocks, n_positions]: input_ids (int64, padding
     = eos_id), targets (next token inside the same entry, else -100), position_ids (restart at
-    0 for each entry and for the padding) and segment ids (entry number in the block; padding
-    gets its own), plus ``real`` (bool: not padding)."""
+    0 for each entry and for the padding), segments (entry number in the block; padding gets its
+    own), ``real`` (bool: not padding), ``entry`` (the entry's index into token_lists, -1 for
+    padding) and ``answer`` (bool: the target is an answer token or the entry's final
+    <|endoftext|>; ``answer_starts[i]`` is the position in entry i whose target is the first
+    answer token, i.e. prompt length - 1, or None for an entry without an answer)."""
     blocks: list[list[int]] = []
     cur: list[int] = []
     for i in order:
@@ -138,6 +196,8 @@ def pack(token_lists, order, n_positions: int, eos_id: int):
     pos = np.zeros((B, n_positions), dtype=np.int64)
     seg = np.zeros((B, n_positions), dtype=np.int64)
     real = np.zeros((B, n_positions), dtype=bool)
+    entry = np.full((B, n_positions), -1, dtype=np.int64)
+    answer = np.zeros((B, n_positions), dtype=bool)
     for b, members in enumerate(blocks):
         at = 0
         for s, i in enumerate(members):
@@ -148,10 +208,14 @@ def pack(token_lists, order, n_positions: int, eos_id: int):
             pos[b, at:at + n] = np.arange(n)
             seg[b, at:at + n] = s
             real[b, at:at + n] = True
+            entry[b, at:at + n] = i
+            if answer_starts is not None and answer_starts[i] is not None:
+                answer[b, at + answer_starts[i]:at + n - 1] = True
             at += n
         pos[b, at:] = np.arange(n_positions - at)
         seg[b, at:] = len(members)
-    return {"input_ids": ids, "targets": tgt, "position_ids": pos, "segments": seg, "real": real}
+    return {"input_ids": ids, "targets": tgt, "position_ids": pos, "segments": seg, "real": real,
+            "entry": entry, "answer": answer}
 
 
 def count_blocks(token_lists, order, n_positions: int) -> int:
@@ -293,47 +357,160 @@ def plot_loss(losses, path, title="training loss"):
     fig.savefig(os.fspath(path))
 
 
+# ----------------------------------------------------------------------------- validation
+
+def split_validation(entries, fraction, seed):
+    """(training entries, validation entries): for every answer with k >= 2 phrasings (grouped
+    by answer text, whitespace-normalized) min(k - 1, max(1, round(k * fraction))) phrasings,
+    drawn with numpy ``default_rng([seed, 1])``, go to validation; answers with one phrasing and
+    prose stay in training. Both lists keep the corpus order."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        raise ValueError(f"--val-split must be a fraction between 0 and 1 (e.g. 0.25), got {fraction!r}")
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.kind != "prose":
+            groups.setdefault(" ".join(e.target.split()), []).append(i)
+    rng = np.random.default_rng([seed, 1])
+    held = set()
+    for members in groups.values():
+        k = len(members)
+        if k < 2:
+            continue
+        n_val = min(k - 1, max(1, int(math.floor(k * fraction + 0.5))))
+        held.update(members[j] for j in rng.choice(k, size=n_val, replace=False))
+    return ([e for i, e in enumerate(entries) if i not in held], [e for i, e in enumerate(entries) if i in held])
+
+
+def answer_starts(tok, entries):
+    """Per entry, the position whose next-token target is the first answer token: the length of
+    the prompt "Q: {question}\\nA:" in tokens, minus 1 (None for prose). The prompt's tokens are
+    a prefix of the entry's (the tokenizer's Q:/A: are added tokens); checked."""
+    out = []
+    prompts = [corpus_mod.prompt(e.question) for e in entries if e.kind != "prose"]
+    encoded = iter(tok.encode_batch(prompts, add_special_tokens=False)) if prompts else iter(())
+    for e in entries:
+        out.append(None if e.kind == "prose" else len(next(encoded).ids) - 1)
+    return out
+
+
+def plot_validation(history, path, title="validation"):
+    """val.png: validation exact-answer accuracy and validation loss per evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [100.0 * h["val_exact"] for h in history], "o-", color="tab:green", label="exact answers (%)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation exact answers (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["val_loss"] for h in history], "s--", color="tab:red", label="loss (answer tokens)")
+    ax2.set_ylabel("validation loss (nats/answer token)")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+
+
 # ----------------------------------------------------------------------------- training
 
-def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"], lr=DEFAULTS["lr"],
-          batch_size=DEFAULTS["batch_size"], seed=1337, resume=False,
+def resolve_device(device):
+    """'auto' -> 'cuda' if torch sees a CUDA GPU, else 'mps' if available, else 'cpu'. Asking for
+    a device torch does not see is an error."""
+    import torch
+
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU (torch %s)" % torch.__version__)
+    if device == "mps" and not has_mps:
+        raise ValueError("--device mps: torch sees no Apple GPU (MPS)")
+    return device
+
+
+def _plural(n, word, plural=None):
+    return f"{n} {word}" if n == 1 else f"{n} {plural or word + 's'}"
+
+
+def _minutes(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 5940 else f"{seconds / 3600:.2f} h"
+
+
+class _StopSignals:
+    """Turn SIGINT (Ctrl-C) and SIGTERM into a flag the loop checks after each step, so the run
+    stops with a checkpoint; a second signal interrupts at once (the last checkpoint, written
+    atomically, stays intact). Only in the main thread; handlers restored on exit."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.received = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _need_int(name, v, lo, allow_none=False):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFAULTS["epochs"], lr=DEFAULTS["lr"],
+          batch_size=DEFAULTS["batch_size"], seed=DEFAULTS["seed"], resume=False,
           checkpoint_every=DEFAULTS["checkpoint_every"], dropout=DEFAULTS["dropout"], log=print,
           max_steps=None, *, warmup_steps=DEFAULTS["warmup_steps"], min_lr_ratio=DEFAULTS["min_lr_ratio"],
-          weight_decay=DEFAULTS["weight_decay"], schedule=DEFAULTS["schedule"], threads=None,
-          stop_after=None, progress=True) -> dict:
+          weight_decay=DEFAULTS["weight_decay"], schedule=DEFAULTS["schedule"], threads=DEFAULTS["threads"],
+          stop_after=None, progress=True, max_minutes=None, loss=DEFAULTS["loss"],
+          label_smoothing=DEFAULTS["label_smoothing"], val_split=None, val_file=None, val_every=None,
+          early_stop=None, augment=0, device=DEFAULTS["device"]) -> dict:
     """Train GPT-2 ``preset`` on ``corpus`` with the tokenizer in ``tokenizer_dir``; write the
     run into ``out_dir``. See the module docstring. Returns the train_log dict (plus
-    ``out_dir``; ``stopped=True`` when ``stop_after`` ended it early).
+    ``out_dir``; ``stopped`` is False for a complete run, else why it stopped: "stop_after",
+    "time", "early_stop", "SIGINT" or "SIGTERM").
 
     ``max_steps`` caps the total steps (the LR schedule then spans max_steps); ``stop_after``
     stops after that many steps as if interrupted (checkpoint written, no final model; the
     schedule is unchanged), to be continued with ``resume=True``. ``checkpoint_every=0``
-    writes only the final checkpoint. Bad inputs raise ValueError.
+    writes only the final checkpoint. Bad inputs raise ValueError before torch is imported.
     """
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-    from transformers import GPT2LMHeadModel
-
-    from .presets import PRESETS, make_config
-
     log = log or (lambda *a, **k: None)
 
-    # -- arguments --------------------------------------------------------------------------
-    def need_int(name, v, lo, allow_none=False):
-        if v is None and allow_none:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-
-    need_int("epochs", epochs, 1)
-    need_int("batch_size", batch_size, 1)
-    need_int("seed", seed, 0)
-    need_int("checkpoint_every", checkpoint_every, 0, allow_none=True)
-    need_int("max_steps", max_steps, 1, allow_none=True)
-    need_int("warmup_steps", warmup_steps, 0, allow_none=True)
-    need_int("threads", threads, 1, allow_none=True)
-    need_int("stop_after", stop_after, 1, allow_none=True)
+    # -- arguments (no torch yet: a mistake is reported in a fraction of a second) --------------
+    _need_int("epochs", epochs, 1)
+    _need_int("batch_size", batch_size, 1)
+    _need_int("seed", seed, 0)
+    _need_int("checkpoint_every", checkpoint_every, 0, allow_none=True)
+    _need_int("max_steps", max_steps, 1, allow_none=True)
+    _need_int("warmup_steps", warmup_steps, 0, allow_none=True)
+    _need_int("threads", threads, 1, allow_none=True)
+    _need_int("stop_after", stop_after, 1, allow_none=True)
+    _need_int("val_every", val_every, 1, allow_none=True)
+    _need_int("early_stop", early_stop, 1, allow_none=True)
+    _need_int("augment", augment, 0)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
@@ -342,10 +519,24 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
+        raise ValueError(f"max_minutes must be a positive number, got {max_minutes!r}")
     if schedule not in ("cosine", "linear"):
         raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    from .presets import PRESETS
+
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    if val_split is not None and val_file is not None:
+        raise ValueError("give --val-split or --val-file, not both")
+    if early_stop is not None and val_split is None and val_file is None:
+        raise ValueError("early stopping needs a validation set: add --val-split F or --val-file FILE")
 
     # -- corpus -----------------------------------------------------------------------------
     corpus = Path(corpus)
@@ -355,14 +546,38 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
     if problems:
         shown = "\n".join(f"  {corpus}:{p.line}: {p.message}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"corpus {corpus} has {len(problems)} problem(s); fix them first "
+        raise ValueError(f"corpus {corpus} has {_plural(len(problems), 'problem')}; fix them first "
                          f"(tinygpt corpus check {corpus}):\n{shown}{more}")
     entries = corpus_mod.parse(corpus)
+    if not entries:
+        raise ValueError(f"corpus {corpus} has no entries")
+    val_entries = []
+    if val_split is not None:
+        entries, val_entries = split_validation(entries, val_split, seed)
+        if not val_entries:
+            raise ValueError(f"--val-split {val_split}: no answer of {corpus} has two phrasings, so no question "
+                             f"can be held out; use --val-file FILE")
+    elif val_file is not None:
+        val_file = Path(val_file)
+        if not val_file.is_file():
+            raise ValueError(f"validation file not found: {val_file}")
+        val_entries = [e for e in corpus_mod.parse(val_file) if e.kind != "prose"]
+        if not val_entries:
+            raise ValueError(f"validation file {val_file} has no Q/A or Q/Do entries")
+    augment_counts = None
+    if augment:
+        from . import augment as augment_mod
+
+        extra, augment_counts = augment_mod.augment_entries(entries, augment, seed)
+        entries = entries + extra
 
     # -- tokenizer --------------------------------------------------------------------------
+    from tokenizers import Tokenizer
+
     tok_file = tokenizer_path(tokenizer_dir)
     if not tok_file.is_file():
-        raise ValueError(f"tokenizer not found: {tok_file} (train one with tinygpt.tokenizer_train)")
+        raise ValueError(f"tokenizer not found: {tok_file} (make one with `tinygpt tokenizer train {corpus} "
+                         f"-o DIR`)")
     try:
         tok = Tokenizer.from_file(str(tok_file))
     except Exception as e:
@@ -374,66 +589,112 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
     for special in (corpus_mod.Q_PREFIX, corpus_mod.A_PREFIX, corpus_mod.DO_PREFIX):
         if tok.token_to_id(special) is None:
             log(f"warning: tokenizer {tok_file} has no {special!r} token; the engine's stop rules need it")
-    preset_vocab = (PRESETS[preset] if isinstance(preset, str) else dict(preset)).get("vocab_size")
+    preset_hp = PRESETS[preset] if isinstance(preset, str) else dict(preset)
+    preset_vocab = preset_hp.get("vocab_size")
     if preset_vocab is not None and vocab_size > preset_vocab:
         raise ValueError(f"tokenizer {tok_file} has {vocab_size} tokens but preset {preset!r} is sized for "
-                         f"{preset_vocab}; train the tokenizer with vocab_size={preset_vocab} or pick another preset")
+                         f"{preset_vocab}; train the tokenizer with `--vocab-size {preset_vocab}` or pick another "
+                         f"preset")
+    T = preset_hp["n_positions"]
 
-    config = make_config(preset, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
-                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    T = config.n_positions
-    token_lists = [enc.ids for enc in tok.encode_batch(corpus_mod.training_texts(entries), add_special_tokens=False)]
-    for e, ids in zip(entries, token_lists):
-        if len(ids) > T:
-            raise ValueError(f"{corpus}:{e.line}: {e.kind} entry is {len(ids)} tokens, longer than the "
-                             f"context of {T} (n_positions of preset {preset!r}); shorten it")
-        if not ids or ids[-1] != eos_id:
-            raise ValueError(f"{corpus}:{e.line}: entry does not end with the {corpus_mod.EOS} token once "
-                             f"tokenized; is {corpus_mod.EOS} a special token of {tok_file}?")
-    if not entries:
-        raise ValueError(f"corpus {corpus} has no entries")
+    def tokenize(ents, where):
+        lists = [enc.ids for enc in tok.encode_batch(corpus_mod.training_texts(ents), add_special_tokens=False)]
+        for e, ids in zip(ents, lists):
+            if len(ids) > T:
+                raise ValueError(f"{where}:{e.line}: {e.kind} entry is {len(ids)} tokens, longer than the "
+                                 f"context of {T} (n_positions of preset {preset!r}); shorten it")
+            if not ids or ids[-1] != eos_id:
+                raise ValueError(f"{where}:{e.line}: entry does not end with the {corpus_mod.EOS} token once "
+                                 f"tokenized; is {corpus_mod.EOS} a special token of {tok_file}?")
+        return lists
+
+    token_lists = tokenize(entries, corpus)
+    starts = answer_starts(tok, entries)
+    val_lists = tokenize(val_entries, val_file or corpus)
+    val_starts = answer_starts(tok, val_entries)
+    if loss == "answer":
+        keep = [i for i, s in enumerate(starts) if s is not None]
+        if len(keep) < len(entries):
+            log(f"--loss answer: {_plural(len(entries) - len(keep), 'prose entry', 'prose entries')} left out (no answer to learn)")
+        entries, token_lists, starts = ([entries[i] for i in keep], [token_lists[i] for i in keep],
+                                        [starts[i] for i in keep])
+        if not entries:
+            raise ValueError(f"--loss answer: corpus {corpus} has no Q/A or Q/Do entries")
 
     # -- the plan: steps per epoch (packing depends on the epoch's order) and the schedule --
     n = len(entries)
     steps_per_epoch = [math.ceil(count_blocks(token_lists, epoch_order(n, seed, ep), T) / batch_size)
                        for ep in range(epochs)]
     total_steps = sum(steps_per_epoch) if max_steps is None else min(max_steps, sum(steps_per_epoch))
-    if warmup_steps is None:
-        warmup_steps = min(100, max(1, total_steps // 20))
+    if val_every is None:
+        val_every = steps_per_epoch[0]
     identity = {
         "corpus_sha256": _sha256(corpus), "tokenizer_sha256": _sha256(tok_file),
-        "preset": preset, "config": {k: v for k, v in sorted(config.to_dict().items())
-                                     if k not in ("transformers_version", "dtype", "torch_dtype")},
+        "preset": preset, "n_positions": T,
         "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": seed, "dropout": float(dropout),
         "max_steps": max_steps, "warmup_steps": warmup_steps, "min_lr_ratio": float(min_lr_ratio),
-        "weight_decay": float(weight_decay), "schedule": schedule,
+        "weight_decay": float(weight_decay), "schedule": schedule, "loss": loss,
+        "label_smoothing": float(label_smoothing), "val_split": val_split,
+        "val_file_sha256": _sha256(val_file) if val_file is not None else None, "augment": augment,
     }
 
     # -- out_dir: a fresh directory, or the same run to resume ----------------------------------
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir {out_dir} exists and is not a directory")
+        raise ValueError(f"output {out_dir} exists and is not a directory")
     markers = [m for m in RUN_MARKERS if (out_dir / m).exists()]
+    if not resume and markers:
+        raise ValueError(f"{out_dir} already holds a training run ({', '.join(markers)}); add --resume to "
+                         f"continue it, or choose another output directory")
+    if resume and markers and not (out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"cannot resume: {out_dir} holds a run ({', '.join(markers)}) but no checkpoint "
+                         f"({CHECKPOINT_DIR}/{CHECKPOINT_FILE})")
+
+    # -- torch from here on ---------------------------------------------------------------------
+    import torch
+    import transformers
+    from transformers import GPT2LMHeadModel
+
+    from .presets import make_config
+
+    device = resolve_device(device)
+    config = make_config(preset, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
+                          if k not in ("transformers_version", "dtype", "torch_dtype")}
     ckpt = None
+    extended_from = None
     if resume:
         ckpt = load_checkpoint(out_dir) if out_dir.is_dir() else None
-        if ckpt is None and markers:
-            raise ValueError(f"cannot resume: {out_dir} holds a run ({', '.join(markers)}) but no checkpoint "
-                             f"({CHECKPOINT_DIR}/{CHECKPOINT_FILE})")
         if ckpt is not None:
             old = ckpt["identity"]
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != identity[k]]
+            # epochs / max_steps may grow: that continues a run (see the module docstring)
+            diff = [k for k in IDENTITY_KEYS if k not in ("epochs", "max_steps", "warmup_steps")
+                    and old.get(k) != identity.get(k)]
+            if warmup_steps is not None and old.get("warmup_steps") != warmup_steps:
+                diff.append("warmup_steps")
             if diff:
-                detail = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {identity[k]!r}"
-                                   for k in diff if k != "config")
-                if "config" in diff:
-                    detail = (detail + "; " if detail else "") + "model config differs"
+                flag = {k: "--" + k.replace("_", "-") for k in IDENTITY_KEYS}
+                detail = "; ".join(f"{flag.get(k, k)}: checkpoint {old.get(k)!r} vs now {identity.get(k)!r}"
+                                   for k in diff if k not in ("config", "corpus_sha256", "tokenizer_sha256"))
+                for k, what in (("corpus_sha256", "the corpus file changed"),
+                                ("tokenizer_sha256", "the tokenizer changed"), ("config", "model config differs")):
+                    if k in diff:
+                        detail = (detail + "; " if detail else "") + what
                 raise ValueError(f"cannot resume {out_dir}: the checkpoint is from a different run ({detail})")
+            if ckpt["step"] > total_steps:
+                raise ValueError(f"cannot resume {out_dir}: its checkpoint is at step {ckpt['step']}, beyond the "
+                                 f"{total_steps} steps of --epochs {epochs}"
+                                 + (f" --max-steps {max_steps}" if max_steps else "") + "; give more")
+            warmup_steps = old["warmup_steps"] if warmup_steps is None else warmup_steps
+            if old.get("total_steps", total_steps) != total_steps:
+                extended_from = old.get("total_steps")
         else:
             log(f"no checkpoint in {out_dir}: starting a new run")
-    elif markers:
-        raise ValueError(f"out_dir {out_dir} already holds a training run ({', '.join(markers)}); "
-                         f"pass resume=True to continue it, or choose another directory")
+    if warmup_steps is None:
+        warmup_steps = min(100, max(1, total_steps // 20))
+    identity["warmup_steps"] = warmup_steps
+    identity["total_steps"] = total_steps
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- model, optimizer, schedule ---------------------------------------------------------------
@@ -445,6 +706,7 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+        model.to(device)
         model.train()
         decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
@@ -464,104 +726,226 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
 
         step, epoch, batch_in_epoch = 0, 0, 0
         losses: list[float] = []
+        val_history: list[dict] = []
+        best, evals_since_best = None, 0
         elapsed, tokens_seen, real_tokens_seen = 0.0, 0, 0
         resumed_from = None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            for group in optimizer.param_groups:  # the new plan's lr at this step (same unless extended)
+                group["lr"] = group["initial_lr"] * lr_lambda(ckpt["step"])
             _set_rng_states(ckpt["rng"])
             step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
             losses = list(ckpt["losses"])
+            val_history = list(ckpt.get("val_history", []))
+            best, evals_since_best = ckpt.get("best"), ckpt.get("evals_since_best", 0)
             elapsed, tokens_seen, real_tokens_seen = ckpt["elapsed"], ckpt["tokens"], ckpt["real_tokens"]
             resumed_from = step
-            log(f"resuming {out_dir} at step {step}/{total_steps} (epoch {epoch + 1}/{epochs})")
+            if extended_from is not None:
+                log(f"continuing {out_dir} from step {step}: the run is now planned for {total_steps} steps "
+                    f"(was {extended_from}); the learning rate follows the new schedule from here")
+            else:
+                log(f"resuming {out_dir} at step {step}/{total_steps} (epoch {epoch + 1}/{epochs})")
             del ckpt
 
         def checkpoint():
             save_checkpoint(out_dir, {
-                "version": 1, "identity": identity, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "model": model.state_dict(),
+                "version": 2, "identity": identity, "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_states(), "losses": losses, "elapsed": elapsed, "tokens": tokens_seen,
-                "real_tokens": real_tokens_seen,
+                "real_tokens": real_tokens_seen, "val_history": val_history, "best": best,
+                "evals_since_best": evals_since_best,
             })
 
+        def loss_of(logits, targets):
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                     ignore_index=-100, label_smoothing=float(label_smoothing))
+
+        # validation data: packed once, in file order; the loss and exactness on answer tokens only
+        val_data = pack(val_lists, range(len(val_lists)), T, eos_id, val_starts) if val_entries else None
+
+        def validate():
+            """(loss per answer token, exact answers, count): an answer is exact when the argmax at
+            every answer position is the target token, i.e. greedy decoding of "Q: ...\\nA:" yields
+            exactly the answer and then <|endoftext|>."""
+            model.eval()
+            wrong = np.zeros(len(val_lists), dtype=bool)
+            nll, count = 0.0, 0
+            with torch.no_grad():
+                for s in range(0, len(val_data["input_ids"]), batch_size):
+                    sl = slice(s, s + batch_size)
+                    ans = val_data["answer"][sl]
+                    y = np.where(ans, val_data["targets"][sl], -100)
+                    logits = model(input_ids=torch.from_numpy(val_data["input_ids"][sl]).to(device),
+                                   position_ids=torch.from_numpy(val_data["position_ids"][sl]).to(device),
+                                   attention_mask=attention_mask(val_data["segments"][sl]).to(device)).logits
+                    yt = torch.from_numpy(y).to(device)
+                    nll += float(torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.size(-1)), yt.reshape(-1), ignore_index=-100, reduction="sum"))
+                    count += int(ans.sum())
+                    miss = (logits.argmax(-1).cpu().numpy() != val_data["targets"][sl]) & ans
+                    np.logical_or.at(wrong, val_data["entry"][sl][miss], True)
+            model.train()
+            exact = int((~wrong).sum())
+            return nll / max(1, count), exact, len(val_lists)
+
+        def save_model(where):
+            model.eval()
+            with quiet_hf():
+                model.save_pretrained(where)
+            model.train()
+            shutil.copyfile(tok_file, Path(where) / "tokenizer.json")
+
+        def run_validation():
+            nonlocal best, evals_since_best
+            vl, exact, nv = validate()
+            rec = {"step": step, "epoch": epoch + (batch_in_epoch > 0), "val_loss": vl, "val_exact": exact / nv,
+                   "val_exact_count": exact, "val_n": nv, "train_loss": float(np.mean(losses[-val_every:]))}
+            val_history.append(rec)
+            better = best is None or (exact, -vl) > (best["val_exact_count"], -best["val_loss"])
+            if better:
+                best, evals_since_best = dict(rec), 0
+                save_model(out_dir / BEST_DIR)
+            else:
+                evals_since_best += 1
+            say(f"step {step}/{total_steps}: validation {exact}/{nv} exact ({100 * exact / nv:.1f} %), "
+                f"loss {vl:.3f}" + (" (best so far)" if better else f" (best {best['val_exact_count']}/{nv} at "
+                                                                   f"step {best['step']})"))
+
+        settings = (f"lr {lr:g}, dropout {dropout:g}, loss on {'answer tokens' if loss == 'answer' else 'all tokens'}"
+                    + (f", label smoothing {label_smoothing:g}" if label_smoothing else "")
+                    + f", weight decay {weight_decay:g}, {_plural(n_threads, 'thread')} on {device}")
         log(f"training {preset} ({n_params / 1e6:.2f}M parameters, vocab {vocab_size}, context {T}) on "
-            f"{len(entries)} entries ({sum(map(len, token_lists))} tokens), {steps_per_epoch[0]} steps/epoch at "
-            f"batch {batch_size}, {total_steps} steps, lr {lr:g}, dropout {dropout:g}, {n_threads} thread(s)")
+            f"{_plural(len(entries), 'entry', 'entries')} ({sum(map(len, token_lists))} tokens"
+            + (f", {augment_counts['variants']} of them augmented variants" if augment_counts else "") + ")"
+            + (f", validating on {len(val_entries)} held-out questions" if val_entries else "") + f"; {settings}")
+        left = total_steps - step
+        log(f"plan: {_plural(total_steps, 'step')} ({_plural(epochs, 'epoch')} of ~{steps_per_epoch[0]} at batch "
+            f"{batch_size}" + (f", capped by --max-steps {max_steps}" if max_steps and max_steps < sum(steps_per_epoch)
+                               else "") + ")" + (f", {left} to go" if step else "")
+            + (f"; stopping after {max_minutes:g} min (--max-minutes)" if max_minutes else ""))
 
         # -- the loop ---------------------------------------------------------------------------
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
             bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
-        stopped = False
-        t_start = time.perf_counter() - elapsed
-        while step < total_steps and not stopped:
-            data = pack(token_lists, epoch_order(n, seed, epoch), T, eos_id)
-            n_blocks = len(data["input_ids"])
-            for b in range(batch_in_epoch, math.ceil(n_blocks / batch_size)):
-                sl = slice(b * batch_size, (b + 1) * batch_size)
-                x = torch.from_numpy(data["input_ids"][sl])
-                y = torch.from_numpy(data["targets"][sl])
-                pos = torch.from_numpy(data["position_ids"][sl])
-                mask = attention_mask(data["segments"][sl])
-                t0 = time.perf_counter()
-                logits = model(input_ids=x, position_ids=pos, attention_mask=mask).logits
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
-                                                         ignore_index=-100)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                dt = time.perf_counter() - t0
-                step += 1
-                batch_in_epoch = b + 1
-                losses.append(float(loss.item()))
-                tokens_seen += x.numel()
-                real_tokens_seen += int(data["real"][sl].sum())
-                elapsed = time.perf_counter() - t_start
-                if bar is not None:
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    tok_s=f"{x.numel() / dt:.0f}")
-                    bar.update(1)
-                if step >= total_steps:
-                    break
-                if stop_after is not None and step >= stop_after:
-                    stopped = True
-                    break
-                if checkpoint_every and step % checkpoint_every == 0:
-                    checkpoint()
+
+        def say(msg):  # a line that does not break the progress bar
+            if bar is not None:
+                bar.write(msg, file=sys.stderr)
             else:
-                epoch, batch_in_epoch = epoch + 1, 0
-        if bar is not None:
-            bar.close()
-        checkpoint()
-        if stopped:
-            log(f"stopped after step {step}/{total_steps}; checkpoint in {out_dir / CHECKPOINT_DIR}, "
-                f"continue with resume=True")
-            return {"out_dir": str(out_dir), "steps": step, "total_steps": total_steps, "stopped": True,
+                log(msg)
+
+        log_every = max(1, total_steps // 20)
+        stopped = False
+        step_times: list[float] = []
+        speed = None  # measured seconds per step
+        t_session = time.perf_counter()
+        t_start = t_session - elapsed
+        with _StopSignals() as signals:
+            while step < total_steps and not stopped:
+                data = pack(token_lists, epoch_order(n, seed, epoch), T, eos_id, starts)
+                n_blocks = len(data["input_ids"])
+                for b in range(batch_in_epoch, math.ceil(n_blocks / batch_size)):
+                    sl = slice(b * batch_size, (b + 1) * batch_size)
+                    x = torch.from_numpy(data["input_ids"][sl]).to(device)
+                    y_np = data["targets"][sl] if loss == "all" else np.where(data["answer"][sl], data["targets"][sl],
+                                                                             -100)
+                    y = torch.from_numpy(y_np).to(device)
+                    pos = torch.from_numpy(data["position_ids"][sl]).to(device)
+                    mask = attention_mask(data["segments"][sl]).to(device)
+                    t0 = time.perf_counter()
+                    logits = model(input_ids=x, position_ids=pos, attention_mask=mask).logits
+                    loss_t = loss_of(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_t.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    batch_in_epoch = b + 1
+                    losses.append(float(loss_t.item()))
+                    step_times.append(time.perf_counter() - t0)
+                    tokens_seen += x.numel()
+                    real_tokens_seen += int(data["real"][sl].sum())
+                    elapsed = time.perf_counter() - t_start
+                    # the estimate: the first step of a session pays one-off costs; time the next ones
+                    if speed is None and len(step_times) == 1 + ESTIMATE_STEPS:
+                        speed = float(np.mean(step_times[1:]))
+                        left = total_steps - step
+                        say(f"speed: {speed:.2f} s/step (measured over {ESTIMATE_STEPS} steps) -> "
+                            f"{_plural(left, 'step')} left, about {_minutes(left * speed)}, expected total "
+                            f"{_minutes(elapsed + left * speed)}")
+                    if speed is not None and len(step_times) % 50 == 0:  # follow the machine's load
+                        speed = float(np.mean(step_times[-50:]))
+                    if bar is not None:
+                        post = dict(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                        if speed is not None:
+                            post.update(s_step=f"{speed:.2f}", total=_minutes(elapsed + (total_steps - step) * speed))
+                        if best is not None:
+                            post["val"] = f"{100 * val_history[-1]['val_exact']:.0f}%"
+                        bar.set_postfix(post)
+                        bar.update(1)
+                    elif progress and (step % log_every == 0 or step == total_steps):
+                        est = f", ~{_minutes((total_steps - step) * speed)} left" if speed else ""
+                        log(f"step {step}/{total_steps} (epoch {epoch + 1}): loss {np.mean(losses[-log_every:]):.4f}, "
+                            f"lr {scheduler.get_last_lr()[0]:.2e}{est}")
+                    if val_data is not None and (step % val_every == 0 or step == total_steps):
+                        run_validation()
+                        if early_stop is not None and evals_since_best >= early_stop:
+                            stopped = "early_stop"
+                    if not stopped and signals.received:
+                        stopped = signals.received
+                    if not stopped and max_minutes is not None and time.perf_counter() - t_session >= 60 * max_minutes:
+                        stopped = "time"
+                    if not stopped and stop_after is not None and step >= stop_after:
+                        stopped = "stop_after"
+                    if stopped or step >= total_steps:
+                        break
+                    if checkpoint_every and step % checkpoint_every == 0:
+                        checkpoint()
+                else:
+                    epoch, batch_in_epoch = epoch + 1, 0
+            if bar is not None:
+                bar.close()
+                bar = None
+            if val_data is not None and stopped in ("time", "SIGINT", "SIGTERM") and \
+                    (not val_history or val_history[-1]["step"] != step):
+                run_validation()
+            checkpoint()
+        resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
+        if stopped == "stop_after":
+            log(f"stopped after step {step}/{total_steps}; checkpoint in {out_dir / CHECKPOINT_DIR}; {resume_hint}")
+            return {"out_dir": str(out_dir), "steps": step, "total_steps": total_steps, "stopped": stopped,
                     "losses": losses}
 
-        # -- outputs -------------------------------------------------------------------------------
-        model.eval()
-        with quiet_hf():
-            model.save_pretrained(out_dir)
-        shutil.copyfile(tok_file, out_dir / "tokenizer.json")
-        plot_loss(losses, out_dir / "loss.png", title=f"tinygpt {preset}: {len(entries)} entries, {step} steps")
+        # -- outputs: also when stopped early, so that the run directory always holds a model ---------
+        save_model(out_dir)
+        plot_loss(losses, out_dir / "loss.png",
+                  title=f"tinygpt {preset}: {_plural(len(entries), 'entry', 'entries')}, "
+                        f"{_plural(step, 'step')}")
+        if val_history:
+            plot_validation(val_history, out_dir / "val.png",
+                            title=f"tinygpt {preset}: validation on {len(val_entries)} held-out questions")
         tail = losses[-min(len(losses), max(1, steps_per_epoch[0])):]
         info = {
             "args": {"corpus": str(corpus), "tokenizer": str(tok_file), "out_dir": str(out_dir), "preset": preset,
                      "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "dropout": dropout,
                      "checkpoint_every": checkpoint_every, "max_steps": max_steps, "warmup_steps": warmup_steps,
                      "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "schedule": schedule,
-                     "threads": n_threads},
-            "steps": step, "total_steps": total_steps,
+                     "threads": n_threads, "device": device, "loss": loss, "label_smoothing": label_smoothing,
+                     "val_split": val_split, "val_file": str(val_file) if val_file else None,
+                     "val_every": val_every, "early_stop": early_stop, "augment": augment,
+                     "max_minutes": max_minutes},
+            "stopped": stopped, "steps": step, "total_steps": total_steps,
             "epochs_completed": int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right")),
-            "steps_per_epoch": steps_per_epoch[0], "entries": len(entries),
+            "steps_per_epoch": steps_per_epoch[0], "entries": len(entries), "val_entries": len(val_entries),
+            "augmented": augment_counts,
             "entry_tokens": sum(map(len, token_lists)), "n_params": n_params, "vocab_size": vocab_size,
             "final_loss": losses[-1] if losses else None,
             "final_loss_mean_last_epoch": float(np.mean(tail)) if tail else None,
@@ -570,6 +954,7 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
             "real_tokens_per_s": real_tokens_seen / elapsed if elapsed > 0 else None,
             "padding_fraction": 1.0 - real_tokens_seen / tokens_seen if tokens_seen else None,
             "resumed_from_step": resumed_from,
+            "validation": val_history, "best": best,
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "python_version": sys.version.split()[0],
             "corpus_sha256": identity["corpus_sha256"], "tokenizer_sha256": identity["tokenizer_sha256"],
@@ -578,9 +963,17 @@ def train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=DEFAULTS["epochs"
         tmp = out_dir / "train_log.json.tmp"
         tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, out_dir / "train_log.json")
-        log(f"done: {step} steps in {elapsed / 60:.1f} min ({elapsed / max(1, step):.2f} s/step, "
-            f"{info['tokens_per_s']:.0f} tokens/s), final loss {info['final_loss_mean_last_epoch']:.4f} "
-            f"(mean of the last {len(tail)} steps); model in {out_dir}")
-        return {"out_dir": str(out_dir), "stopped": False, **info}
+        why = {False: "done", "time": f"stopped at the --max-minutes {max_minutes:g} limit" if max_minutes else "",
+               "early_stop": f"stopped early: no better validation in {early_stop} evaluations",
+               "SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)"}[stopped]
+        log(f"{why}: {_plural(step, 'step')} of {total_steps} in {_minutes(elapsed)} "
+            f"({elapsed / max(1, step):.2f} s/step, {info['tokens_per_s'] or 0:.0f} tokens/s), final loss "
+            f"{info['final_loss_mean_last_epoch']:.4f} (mean of the last {_plural(len(tail), 'step')}); model in {out_dir}")
+        if best is not None:
+            log(f"best validation: {best['val_exact_count']}/{best['val_n']} exact ({100 * best['val_exact']:.1f} %) "
+                f"at step {best['step']}: model in {out_dir / BEST_DIR} (tinygpt convert {out_dir / BEST_DIR} -o ...)")
+        if stopped:
+            log(f"checkpoint in {out_dir / CHECKPOINT_DIR}; {resume_hint}")
+        return {"out_dir": str(out_dir), **info}
     finally:
         torch.set_num_threads(prev_threads)

@@ -1,0 +1,298 @@
+"""Training a user can plan and steer: the time estimate, --max-minutes, Ctrl-C, continuing a
+run, errors before torch, --help defaults, validation split and its exact-answer accuracy,
+early stopping, answer-only loss, --device. The `tiny` preset on a synthetic corpus: seconds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import tinygpt  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "host_tools"))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tinygpt import corpus  # noqa: E402
+from tinygpt import train as train_mod  # noqa: E402
+
+THINGS = ["board", "led", "pin", "flash", "psram", "wifi", "uart", "model"]
+FACTS = ["red and small", "blue", "green and fast", "yellow", "black", "white and round", "orange", "purple"]
+FORMS = ("What is the {}?", "Tell me about the {}", "{}?", "what's the {} like", "describe the {}")
+
+
+def make_corpus(forms=FORMS):
+    ents = []
+    for th, c in zip(THINGS, FACTS):
+        for tpl in forms:
+            ents.append(f"Q: {tpl.format(th)}\nA: The {th} is {c}.")
+    ents += ["Q: list files\nDo: ls -l", "Q: show files\nDo: ls -l", "Q: hello\nA: Hi there.",
+             "The board has a red led and a blue pin.\nIt runs MicroPython."]
+    return "\n\n".join(ents) + "\n"
+
+
+KW = dict(preset="tiny", lr=3e-3, batch_size=4, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tinygpt.tokenizer_train import train_tokenizer
+
+    d = tmp_path_factory.mktemp("train")
+    c = d / "corpus.txt"
+    c.write_text(make_corpus(), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the corpus is too small for 512 tokens
+        train_tokenizer(c, d / "tok", vocab_size=512, min_frequency=1)
+    return d, c, d / "tok"
+
+
+def logged(**kw):
+    lines = []
+    return lines, dict(kw, log=lambda *a: lines.append(" ".join(map(str, a))))
+
+
+def cli(*args, timeout=120):
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('TORCH_IMPORTED', 'torch' in sys.modules))\n"
+            "from tinygpt.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "host_tools"))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    return p, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("case", ["preset", "tokenizer", "corpus", "resume"])
+def test_argument_errors_come_before_torch(data, tmp_path, case):
+    d, c, tok = data
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    args = {"preset": [c, "--tokenizer", tok, "-o", tmp_path / "r", "--preset", "huge"],
+            "tokenizer": [c, "--tokenizer", tmp_path / "nope", "-o", tmp_path / "r"],
+            "corpus": [tmp_path / "nope.txt", "--tokenizer", tok, "-o", tmp_path / "r"],
+            "resume": [c, "--tokenizer", tok, "-o", tmp_path / "run", "--preset", "tiny"]}[case]
+    want = {"preset": "unknown preset 'huge'", "tokenizer": "`tinygpt tokenizer train",
+            "corpus": "corpus not found", "resume": "add --resume to continue it"}[case]
+    p, _ = cli("train", *args)
+    assert p.returncode == 2, p.stderr
+    assert want in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert "TORCH_IMPORTED False" in p.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_help_shows_every_default():
+    from tinygpt.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    text = " ".join(sub.format_help().split())
+    for want in ("default hw1", "default 50", "default 0.002", "default 16", "default 0.1", "default 1:",
+                 "default auto", "default all", "default 1337", "default 100", "--val-split", "--max-minutes"):
+        assert want in text, want
+    for action in sub._actions:  # every option with a value says its default
+        if action.option_strings and action.nargs != 0 and not action.required:
+            assert "default" in (action.help or ""), action.dest
+
+
+# ----------------------------------------------------------------------------- time
+
+def test_plan_and_estimate_printed_no_1_steps(data, tmp_path):
+    d, c, tok = data
+    lines, kw = logged(**KW)
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=2, max_steps=6, **kw)
+    text = "\n".join(lines)
+    assert res["steps"] == 6 and not res["stopped"]
+    assert "plan: 6 steps (2 epochs of ~" in text
+    speed = [ln for ln in lines if ln.startswith("speed:")]
+    assert len(speed) == 1 and "s/step (measured over 3 steps)" in speed[0] and "2 steps left" in speed[0]
+    assert "expected total" in speed[0]
+    assert "1 threads" not in text and "1 thread on cpu" in text
+    lines, kw = logged(**KW)
+    train_mod.train(c, tok, tmp_path / "one", epochs=1, max_steps=1, **kw)
+    text = "\n".join(lines)
+    assert "1 steps" not in text and "plan: 1 step (1 epoch of" in text and "done: 1 step of 1" in text
+
+
+def test_max_minutes_stops_with_a_usable_model_and_checkpoint(data, tmp_path):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    d, c, tok = data
+    lines, kw = logged(**KW)
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=500, max_minutes=0.0005, **kw)
+    assert res["stopped"] == "time" and 1 <= res["steps"] < res["total_steps"]
+    out = tmp_path / "r"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "train_log.json",
+              "checkpoint/checkpoint.pt"):
+        assert (out / f).is_file(), f
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["stopped"] == "time" and log["steps"] == res["steps"]
+    m = GPT2LMHeadModel.from_pretrained(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()
+    assert any("--max-minutes" in ln for ln in lines) and any("--resume" in ln for ln in lines)
+    # and it continues where it stopped
+    res2 = train_mod.train(c, tok, out, epochs=500, max_minutes=0.0005, resume=True, **dict(KW, log=None))
+    assert res2["resumed_from_step"] == res["steps"] and res2["steps"] > res["steps"]
+
+
+def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
+    d, c, tok = data
+    out = tmp_path / "r"
+    code = "import sys\nfrom tinygpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "host_tools"))
+    p = subprocess.Popen([sys.executable, "-u", "-c", code, "train", str(c), "--tokenizer", str(tok), "-o", str(out),
+                          "--preset", "tiny", "--epochs", "5000", "--batch-size", "4", "--checkpoint-every", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in p.stdout:  # wait until it is training (the estimate comes after 4 steps)
+            if line.startswith("speed:"):
+                break
+        assert not (out / "checkpoint").exists()  # no periodic checkpoint: only Ctrl-C writes one
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert (out / "checkpoint" / "checkpoint.pt").is_file() and (out / "model.safetensors").is_file()
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["stopped"] == "SIGINT" and 4 <= log["steps"] < log["total_steps"]
+    assert "interrupted (Ctrl-C)" in rest and "--resume" in rest
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- continuing
+
+def test_resume_with_more_epochs_continues_a_finished_run(data, tmp_path):
+    d, c, tok = data
+    out = tmp_path / "r"
+    first = train_mod.train(c, tok, out, epochs=2, **dict(KW, log=None))
+    assert not first["stopped"]
+    lines, kw = logged(**KW)
+    more = train_mod.train(c, tok, out, epochs=4, resume=True, **kw)
+    four = train_mod.train(c, tok, tmp_path / "four", epochs=4, **dict(KW, log=None))
+    assert more["resumed_from_step"] == first["steps"] and more["steps"] == four["steps"] > first["steps"]
+    assert more["losses"][:first["steps"]] == first["losses"]
+    assert any(ln.startswith(f"continuing {out} from step {first['steps']}") for ln in lines)
+    with pytest.raises(ValueError, match="beyond the .* steps of --epochs 1; give more"):
+        train_mod.train(c, tok, out, epochs=1, resume=True, **dict(KW, log=None))
+    with pytest.raises(ValueError, match="different run.*--lr"):
+        train_mod.train(c, tok, out, epochs=6, resume=True, **dict(KW, log=None, lr=1e-3))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_val_split_groups_by_answer():
+    entries = corpus._parse_text(make_corpus())[0]
+    tr, va = train_mod.split_validation(entries, 0.25, seed=5)
+    assert len(tr) + len(va) == len(entries) and not set(map(id, tr)) & set(map(id, va))
+    by_answer = {}
+    for e in entries:
+        if e.kind != "prose":
+            by_answer.setdefault(e.target, []).append(e)
+    for target, group in by_answer.items():
+        held = [e for e in va if e.target == target]
+        k = len(group)
+        want = 0 if k < 2 else min(k - 1, max(1, int(k * 0.25 + 0.5)))
+        assert len(held) == want, target  # every answer with 2+ phrasings gives some; 1 phrasing stays
+    assert not any(e.kind == "prose" for e in va)
+    assert [e.question for e in train_mod.split_validation(entries, 0.25, seed=5)[1]] == [e.question for e in va]
+    assert [e.question for e in train_mod.split_validation(entries, 0.25, seed=6)[1]] != [e.question for e in va]
+    with pytest.raises(ValueError, match="--val-split"):
+        train_mod.split_validation(entries, 1.5, seed=0)
+
+
+def test_val_exact_is_greedy_decoding(data, tmp_path):
+    """The validation accuracy during training equals greedy decoding (tinygpt eval's loop) with
+    the float model, question by question; best/ and val.png are written."""
+    from tokenizers import Tokenizer
+
+    from tinygpt.evaluate import _FloatRunner, _HFTokenizer, generate
+
+    d, c, tok = data
+    out = tmp_path / "r"
+    res = train_mod.train(c, tok, out, epochs=40, val_split=0.25, val_every=20, **dict(KW, log=None))
+    hist = res["validation"]
+    assert hist and hist[-1]["step"] == res["steps"] and res["val_entries"] == hist[-1]["val_n"] == 8 + 1
+    held = train_mod.split_validation(corpus.parse(c), 0.25, seed=1337)[1]
+    runner = _FloatRunner(out)
+    t = _HFTokenizer(Tokenizer.from_file(str(tok / "tokenizer.json")))
+    exact = sum(generate(runner, t, t.encode(corpus.prompt(e.question))) == e.target for e in held)
+    assert exact == hist[-1]["val_exact_count"]
+    assert 0 < exact  # the facts are learnt; a held-out phrasing of them is answered
+    best = max(hist, key=lambda h: (h["val_exact_count"], -h["val_loss"]))
+    assert res["best"]["step"] == best["step"] and (out / "best" / "model.safetensors").is_file()
+    assert (out / "best" / "tokenizer.json").is_file()
+    assert (out / "val.png").read_bytes()[:4] == b"\x89PNG"
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["validation"] == hist and log["args"]["val_split"] == 0.25
+
+
+def test_early_stop(data, tmp_path):
+    d, c, tok = data
+    # a learning rate too small to change a float32 weight: no evaluation is ever better
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=50, val_split=0.25, val_every=1, early_stop=2,
+                          **dict(KW, log=None, lr=1e-15, dropout=0.0))
+    assert res["stopped"] == "early_stop" and res["steps"] == 3 and len(res["validation"]) == 3
+    with pytest.raises(ValueError, match="needs a validation set"):
+        train_mod.train(c, tok, tmp_path / "r2", epochs=1, early_stop=2, **dict(KW, log=None))
+
+
+def test_answer_loss_masks_the_question(data, tmp_path):
+    from tokenizers import Tokenizer
+
+    d, c, tok = data
+    t = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    entries = corpus.parse(c)
+    lists = [enc.ids for enc in t.encode_batch(corpus.training_texts(entries), add_special_tokens=False)]
+    starts = train_mod.answer_starts(t, entries)
+    p = train_mod.pack(lists, range(len(lists)), 64, t.token_to_id(corpus.EOS), starts)
+    for i, e in enumerate(entries):
+        sel = (p["entry"] == i) & p["answer"]
+        got = t.decode(list(p["targets"][sel]), skip_special_tokens=False)
+        if e.kind == "prose":
+            assert starts[i] is None and not sel.any()
+        else:
+            assert got == " " + e.target + corpus.EOS
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=3, loss="answer", label_smoothing=0.1, weight_decay=0.0,
+                          **dict(KW, log=None))
+    assert res["entries"] == len(entries) - 1  # the prose paragraph has no answer to learn
+    assert res["args"]["loss"] == "answer" and res["args"]["label_smoothing"] == 0.1
+    with pytest.raises(ValueError, match="loss must be one of all, answer"):
+        train_mod.train(c, tok, tmp_path / "r2", epochs=1, loss="question", **dict(KW, log=None))
+
+
+def test_augment_in_training_leaves_validation_out(data, tmp_path):
+    d, c, tok = data
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=1, val_split=0.25, augment=3, **dict(KW, log=None))
+    n_train = len(corpus.parse(c)) - res["val_entries"]
+    assert res["entries"] == n_train + res["augmented"]["variants"]
+    assert res["augmented"]["questions"] == n_train - 1  # every training question but the prose
+
+
+def test_device(data, tmp_path):
+    import torch
+
+    d, c, tok = data
+    auto = train_mod.resolve_device("auto")
+    assert auto == ("cuda" if torch.cuda.is_available() else auto)
+    assert train_mod.resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA GPU"):
+            train_mod.resolve_device("cuda")
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=1, max_steps=2, device="cpu", **dict(KW, log=None))
+    assert res["args"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="device must be one of"):
+        train_mod.train(c, tok, tmp_path / "r2", epochs=1, device="tpu", **dict(KW, log=None))
