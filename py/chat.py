@@ -54,37 +54,56 @@ def close():
     _tok = None
 
 
-def _clean(question):
-    """The question as one line of text: control characters become spaces, ends stripped."""
+def _clean(question, limit):
+    """The question as one line of text: control characters become spaces, ends stripped, at
+    most `limit` characters kept. Returns (text, more): more is True when text was left out
+    (other than whitespace; the kept part then keeps its trailing whitespace, so it is still
+    `limit` characters). Only the kept part is copied: a 100,000-character question costs no
+    more memory than a short one."""
     if not isinstance(question, str):
         raise TypeError("the question must be a str")
     out = []
+    more = False
     for ch in question:
         o = ord(ch)
-        out.append(" " if o < 32 or 127 <= o < 160 else ch)  # C0, DEL and C1 controls
-    q = "".join(out).strip(_WS)
+        if o < 32 or 127 <= o < 160:  # C0, DEL and C1 controls
+            ch = " "
+        if len(out) >= limit:
+            if ch not in _WS:
+                more = True
+                break
+        elif out or ch not in _WS:  # leading whitespace is dropped as it comes
+            out.append(ch)
+    q = "".join(out)
+    if not more:
+        q = q.rstrip(_WS)
     if not q:
         raise ValueError("empty question: type a question, e.g. chat.ask('What is PSRAM?')")
-    return q
+    return q, more
 
 
 def prompt_ids(question, n_ctx):
     """Token ids of "Q: {question}\nA:", the question cut so that the prompt leaves
-    MIN_ANSWER_ROOM positions for the answer. Returns (ids, n_question_tokens_cut)."""
-    q = _clean(question)
-    ids = _tok.encode("Q: " + q + "\nA:")
+    MIN_ANSWER_ROOM positions for the answer. Returns (ids, n_question_tokens_cut, more).
+
+    A question too long to fit is cut before it is tokenized, so that the tokenizer's time and
+    memory depend on n_ctx, not on the question: no token is longer than max_token_bytes, so
+    (budget + 1) * max_token_bytes characters always make more tokens than the budget. more is
+    True when that happened; the count is then of the tokens cut from the tokenized part."""
     budget = n_ctx - MIN_ANSWER_ROOM
     if budget < 8:
         budget = n_ctx - 1
+    q, more = _clean(question, (budget + 1) * _tok.max_token_bytes)
+    ids = _tok.encode("Q: " + q + "\nA:")
     if len(ids) <= budget:
-        return ids, 0
+        return ids, 0, False
     head = _tok.encode("Q:")  # not "Q: ": the space belongs to the question's first token
     tail = _tok.encode("\nA:")
     body = ids[len(head):len(ids) - len(tail)]
     keep = budget - len(head) - len(tail)
     if keep < 1:
         raise ValueError("the context (%d tokens) is too short for any question" % n_ctx)
-    return head + body[:keep] + tail, len(body) - keep
+    return head + body[:keep] + tail, len(body) - keep, more
 
 
 def ticks_us():
@@ -134,9 +153,10 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     info = m.info()
     n_ctx = info["n_ctx"]
     eos, q_id = info["eos_id"], info["q_id"]
-    ids, cut = prompt_ids(question, n_ctx)
+    ids, cut, more = prompt_ids(question, n_ctx)
     if cut and stream:
-        _out("[question cut by %d tokens to fit the %d-token context]\n" % (cut, n_ctx))
+        _out("[question cut by %s%d tokens to fit the %d-token context]\n"
+             % ("more than " if more else "", cut, n_ctx))
     dec = Decoder(_tok)
     text = ""
     printed = 0

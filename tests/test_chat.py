@@ -460,6 +460,46 @@ def test_long_question_is_cut(runs, tok600, plan):
     assert a["ret"] == "Short."
 
 
+def test_huge_question_is_cut_before_tokenizing(tok600, tmp_path):
+    """Issue 9 D8: a 100,000-character question is cut to (budget + 1) * max_token_bytes
+    characters before it is tokenized (before: the whole question was tokenized, 21-69 s on the
+    unix MicroPython and then MemoryError). Under MicroPython with a 2 MB heap and under CPython,
+    the same prompt: the first tokens of the cut question, as HF tokenizes it."""
+    import random
+
+    rng = random.Random(4)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(100000))
+    words = " ".join(one_token_words(tok600, 40)) * 200
+    questions = [letters, words, "What" + " " * 100000 + "is it?", " " * 100000 + "What?",
+                 "What?" + "\t" * 100000, "\x00" * 100000]
+    path = tmp_path / "huge.script"
+    path.write_bytes(double.dumps({"section": tok600["section"], "answers": [enc(tok600, " Ok.") + [0]],
+                                   "n_ctx": 64, **tok600["ids"]}))
+    plan = {"sessions": [{"name": "huge", "model": str(path), "n_ctx": None,
+                          "asks": [{"q": q, "kw": {}} for q in questions]}]}
+    mp_cmd = [micropython_bin(), "-X", "heapsize=2M"]
+    got = [run_plan(cmd, plan, tmp_path / tag, tag, [MP_DIR, PY_DIR], timeout=60)["huge"]
+           for tag, cmd in (("micropython", mp_cmd), ("cpython", cpython_cmd()))]
+    assert got[0] == got[1]
+    asks = got[0]["asks"]
+    budget = 64 - 16
+    limit = (budget + 1) * max(len(t) for t in tok600["vocab"])
+    head, tail = enc(tok600, "Q:"), enc(tok600, "\nA:")
+    keep = budget - len(head) - len(tail)
+    for a, q in zip(asks[:3], questions):
+        assert a["err"] is None and a["ret"] == "Ok.", a["err"]
+        full = prompt(tok600, q[:limit])
+        body = full[len(head):len(full) - len(tail)]
+        assert calls(a["log"], "prefill")[0][1] == head + body[:keep] + tail
+        assert a["stream"] == ("[question cut by more than %d tokens to fit the 64-token context]\nOk.\n"
+                               % (len(body) - keep))
+    # whitespace before or after the question is not part of it; nothing else is: no cut
+    assert calls(asks[3]["log"], "prefill")[0][1] == prompt(tok600, "What?")
+    assert calls(asks[4]["log"], "prefill")[0][1] == prompt(tok600, "What?")
+    assert asks[3]["stream"] == asks[4]["stream"] == "Ok.\n"
+    assert asks[5]["err"][0] == "ValueError" and "empty question" in asks[5]["err"][1]
+
+
 def test_bad_questions(runs):
     asks = both(runs, "bad_questions")["asks"]
     for a in asks[:4]:
