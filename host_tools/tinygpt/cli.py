@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .ui import is_terminal
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
 
@@ -20,13 +22,14 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
-def _existing_file(path):
-    p = Path(path)
-    if not p.exists():
-        raise UserError("%s: no such file" % path)
-    if p.is_dir():
-        raise UserError("%s: is a directory, expected a model file" % path)
-    return p
+def _existing_file(path, what="file"):
+    """path as a Path if it is a regular file: a FIFO or a device would block or never end."""
+    from .board import BoardError, check_regular_file
+
+    try:
+        return check_regular_file(path, what)
+    except BoardError as e:
+        raise UserError(str(e))
 
 
 # -- ask / chat: the same py/ scripts the board runs ---------------------------------------
@@ -39,17 +42,22 @@ def _device_chat(model_path, n_ctx):
         sys.path.insert(0, str(PY_DIR))
     import chat
 
-    path = _existing_file(model_path)
+    path = _existing_file(model_path, "model file")
     chat.load(str(path), n_ctx)
     return chat
 
 
 def _settings(args):
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1")
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                timing=args.timing)
+    """The generation options as chat.ask settings, checked here (for the PC and for a board)."""
+    from .serial_chat import check_settings
+
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    timing=args.timing)
+    try:
+        return check_settings(settings, name=lambda key: "--" + key.replace("_", "-"))
+    except ValueError as e:
+        raise UserError(str(e))
 
 
 def cmd_ask(args):
@@ -97,7 +105,8 @@ def cmd_convert(args):
     hf_dir = Path(args.hf_dir)
     if not hf_dir.is_dir():
         raise UserError("%s: not a directory (expected a Hugging Face model directory)" % hf_dir)
-    report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer, progress=not args.quiet)
+    report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer,
+                             progress=not args.quiet and is_terminal())  # no bar fragments in pipes/logs
     if not args.quiet:
         convert.print_report(report)
     if args.no_check:
@@ -130,15 +139,15 @@ def _print_agreement(hf_dir, model_path, tokenizer_dir, prompt):
 def cmd_info(args):
     from .engine import Model
 
-    path = _existing_file(args.model)
+    path = _existing_file(args.model, "model file")
     with Model(path, n_ctx=args.n_ctx) as m:
         info = m.info()
     if args.json:
         import json
         print(json.dumps(info, indent=2))
         return
-    for k, v in info.items():
-        print("%-20s %s" % (k, v))
+    from .modelfile import format_info
+    print(format_info(info, path))
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -151,7 +160,7 @@ def cmd_bench(args):
     for p in args.preset or []:
         if p not in PRESETS:
             raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(PRESETS)))
-    model = _existing_file(args.model) if args.model else None
+    model = _existing_file(args.model, "model file") if args.model else None
     bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx)
 
 
@@ -161,11 +170,14 @@ def cmd_corpus(args):
 
     if args.action == "augment":
         return cmd_corpus_augment(args)
-    path = _existing_file(args.corpus)
+    path = _existing_file(args.corpus, "corpus file")
     if args.action == "check":
         problems = corpus.check(path, args.tokenizer, args.n_ctx)
         for pr in problems:
             print("%s:%d: %s" % (path, pr.line, pr.message))
+        if not args.tokenizer:
+            print("%s: length check skipped: give --tokenizer DIR (the tokenizer you train on this corpus) to "
+                  "check that every entry fits %d tokens" % (path, args.n_ctx), file=sys.stderr)
         print("%s: %s" % (path, "%d problem(s)" % len(problems) if problems else "ok"), file=sys.stderr)
         if problems:
             sys.exit(1)
@@ -175,8 +187,7 @@ def cmd_corpus(args):
         import json
         print(json.dumps(st, indent=2))
     else:
-        for k, v in st.items():
-            print("%-28s %s" % (k, v))
+        print(corpus.format_stats(st, path, args.tokenizer))
 
 
 def cmd_tokenizer_train(args):
@@ -184,7 +195,7 @@ def cmd_tokenizer_train(args):
 
     from .tokenizer_train import train_tokenizer
 
-    corpus = _existing_file(args.corpus)
+    corpus = _existing_file(args.corpus, "corpus file")
     with warnings.catch_warnings(record=True) as caught:  # tinygpt's notices: one plain line each
         warnings.simplefilter("always", UserWarning)
         out = train_tokenizer(corpus, args.output, vocab_size=args.vocab_size,
@@ -217,7 +228,7 @@ def cmd_corpus_augment(args):
         raise UserError("corpus augment needs -o OUT (the file to write)")
     if args.per_question < 1:
         raise UserError("--per-question must be >= 1")
-    path = _existing_file(args.corpus)
+    path = _existing_file(args.corpus, "corpus file")
     report = augment.augment_file(path, args.output, per_question=args.per_question, seed=args.seed,
                                   synonyms=args.synonyms)
     print(augment.format_report(report, args.output))
@@ -226,9 +237,11 @@ def cmd_corpus_augment(args):
 def cmd_eval(args):
     from . import evaluate
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
     evaluate.evaluate(args.model, args.questions, tokenizer=args.tokenizer,
                       int8_model=False if args.no_int8 else args.int8, plot=args.plot,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, limit=args.limit)
 
 
 # -- the board: budget, deploy, flash, firmware, chat --port --------------------------------
@@ -308,8 +321,15 @@ def cmd_firmware(args):
     firmware.run_cli(args)
 
 
+@_board_errors
+def cmd_emulate(args):
+    from . import emulate
+
+    emulate.run_cli(args)
+
+
 def _add_board_parsers(sub):
-    from . import board, deploy, firmware, flash
+    from . import board, deploy, emulate, firmware, flash
 
     bu = sub.add_parser("budget", help="will a model or preset fit a board: flash, PSRAM, largest n_ctx")
     bu.add_argument("model", metavar="MODEL_or_PRESET", help="a model file or a preset name")
@@ -332,6 +352,11 @@ def _add_board_parsers(sub):
     fw = sub.add_parser("firmware", help="build the ESP32-S3 firmware (MicroPython + tinygpt) with ESP-IDF")
     firmware.add_arguments(fw)
     fw.set_defaults(func=cmd_firmware)
+
+    em = sub.add_parser("emulate", help="run the tinygpt firmware on an emulated Cortex-M7 (QEMU); prints its "
+                                        "serial port for --port and mpremote")
+    emulate.add_arguments(em)
+    em.set_defaults(func=cmd_emulate)
 
 
 def build_parser():
@@ -365,7 +390,8 @@ def build_parser():
                                     "(answers and prose untouched)")
     co.add_argument("action", choices=("check", "stats", "augment"))
     co.add_argument("corpus")
-    co.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json: enables token counts and the length check")
+    co.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json: enables token counts and the length check "
+                                        "(use the tokenizer you train on this corpus: another one counts other tokens)")
     co.add_argument("--n-ctx", type=int, default=128, help="context length for the length check (default 128)")
     co.add_argument("--json", action="store_true", help="stats as JSON")
     co.add_argument("-o", "--output", help="augment: the corpus file to write")
@@ -438,9 +464,16 @@ def build_parser():
                          "or --max-steps trains further)")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="exact-match accuracy of float and INT8 answers on a questions file")
-    ev.add_argument("model", help="training run directory (float + INT8) or a model file (INT8 only)")
-    ev.add_argument("--questions", required=True, help="questions in the corpus format, e.g. data/heldout.txt")
+    ev = sub.add_parser("eval", help="exact-match accuracy of float and INT8 answers on Q/A pairs",
+                        description="Asks every question of a file of Q/A pairs (corpus format: a 'Q: ...' line, "
+                                    "then its expected 'A: ...' or 'Do: ...' line; prose is skipped) and counts "
+                                    "the answers that equal the expected one exactly. A run directory gives float "
+                                    "and INT8 answers; a model file gives INT8 only, which is about 40x faster "
+                                    "(the float model runs in PyTorch).")
+    ev.add_argument("model", help="training run directory (float + INT8) or a model file (INT8 only, ~40x faster)")
+    ev.add_argument("--questions", required=True,
+                    help="Q/A pairs in the corpus format (Q: + A: or Do: lines), e.g. data/heldout.txt")
+    ev.add_argument("--limit", type=int, metavar="N", help="only the first N questions (default: all)")
     ev.add_argument("--tokenizer")
     ev.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
     ev.add_argument("--no-int8", action="store_true", help="float model only")
@@ -466,6 +499,9 @@ def build_parser():
 
 
 def main(argv=None):
+    from .ui import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
