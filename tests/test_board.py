@@ -416,7 +416,7 @@ def test_board_directory():
         assert sum(v == "y" for k, v in s.items() if k.startswith(prefix)) == 1, prefix
 
 
-DEVICE_SCRIPTS = ["bpe.py", "chat.py"]
+DEVICE_SCRIPTS = ["bpe.py", "chat.py", "selftest.py"]
 
 
 def run_manifest(path):

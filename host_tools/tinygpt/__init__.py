@@ -11,4 +11,7 @@ def __getattr__(name):
     if name == "Model":
         from .engine import Model
         return Model
+    if name == "FORMAT_VERSION":  # as the board's module has it
+        from .modelfile import FORMAT_VERSION
+        return FORMAT_VERSION
     raise AttributeError("module 'tinygpt' has no attribute %r" % name)

@@ -140,6 +140,8 @@ def cmd_info(args):
     from .engine import Model
 
     path = _existing_file(args.model, "model file")
+    if args.selftest:
+        return _selftest(path)
     with Model(path, n_ctx=args.n_ctx) as m:
         info = m.info()
     if args.json:
@@ -148,6 +150,15 @@ def cmd_info(args):
         return
     from .modelfile import format_info
     print(format_info(info, path))
+
+
+def _selftest(path):
+    """py/selftest.py on the host engine: its "bit-exact" line must equal the board's."""
+    if str(PY_DIR) not in sys.path:
+        sys.path.insert(0, str(PY_DIR))
+    import selftest
+
+    selftest.run(str(path))
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -485,6 +496,9 @@ def build_parser():
     i.add_argument("model")
     i.add_argument("--n-ctx", type=int, default=None, help="KV cache length to size (default: n_positions)")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--selftest", action="store_true",
+                   help="run the board self-test (py/selftest.py) on the PC: compare its bit-exact CRC with a "
+                        "board's `import selftest; selftest.run()`")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="engine speed and memory on random models of every preset, or on MODEL")
