@@ -1,0 +1,329 @@
+"""The tinygpt firmware on an emulated microcontroller (boards/TINYGPT_QEMU, `tinygpt emulate`).
+
+Unit tests (always run): `tinygpt emulate`'s argument errors and QEMU handling against a fake
+qemu-system-arm, and the board files agreeing with each other.
+
+Integration tests: run when TINYGPT_QEMU_FIRMWARE names a built firmware.elf, e.g. (MicroPython
+cloned at ./micropython, no submodules needed):
+    make -C micropython/ports/qemu BOARD_DIR=$PWD/boards/TINYGPT_QEMU USER_C_MODULES=$PWD/usercmodule
+    TINYGPT_QEMU_FIRMWARE=micropython/ports/qemu/build-TINYGPT_QEMU/firmware.elf pytest tests/test_qemu_board.py
+One QEMU (with -icount, so the self-test reports instructions per token) serves all of them;
+every exchange with the board has a timeout.
+"""
+import ast
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+from tinygpt import bench, emulate
+from tinygpt.engine import Model
+from tinygpt.serial_chat import BoardChat
+
+BOARD = REPO / "boards" / "TINYGPT_QEMU"
+PY_DIR = REPO / "py"
+SHIPPED = REPO / "models" / "default" / "model.bin"
+TOKENIZER_JSON = REPO / "models" / "default" / "tokenizer" / "tokenizer.json"
+BOARD_TIMEOUT = 120  # seconds for any one exchange with the emulated board
+QUESTIONS = ["What is PSRAM?", "what does mpremote exec do", "How do I reset the board?", "What is WiFi?",
+             "Do I need a heatsink?", "how much flash does the board have"]
+EXTRA_LINES = ["Café crème ünïcödé — naïve", "日本語のテキスト", "emoji 🙂🚀 and tabs\tand  spaces",
+               "  leading and trailing  ", "x" * 60, "1234567890 3.14159 -42"]
+
+
+# -- unit tests: no firmware needed --------------------------------------------------------
+
+def fake_qemu(tmp_path, body):
+    """A qemu-system-arm on PATH that runs `body` (sh)."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    q = d / "qemu-system-arm"
+    q.write_text("#!/bin/sh\n" + body)
+    q.chmod(0o755)
+    return d
+
+
+def fake_elf(tmp_path):
+    f = tmp_path / "firmware.elf"
+    f.write_bytes(b"\x7fELF" + bytes(60))
+    return f
+
+
+def run_cli(args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "tinygpt.cli", "emulate"] + args, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_missing_firmware_says_how_to_build(tmp_path):
+    r = run_cli(["--firmware", str(tmp_path / "nope.elf")])
+    assert r.returncode == 2
+    assert "not found" in r.stderr and emulate.BUILD_COMMAND in r.stderr
+
+
+@pytest.mark.parametrize("content,why", [(b"not an elf", "not an ELF file")])
+def test_firmware_must_be_an_elf(tmp_path, content, why):
+    f = tmp_path / "firmware.bin"
+    f.write_bytes(content)
+    r = run_cli(["--firmware", str(f)])
+    assert r.returncode == 2 and why in r.stderr, r.stderr
+
+
+def test_model_errors(tmp_path):
+    elf = fake_elf(tmp_path)
+    cases = {"missing.bin": (None, "no such file"), "junk.bin": (b"junk" * 40, "not a tinygpt model"),
+             "big.bin": (b"TGPT" + bytes(emulate.MODEL_SIZE), "holds %d" % emulate.MODEL_SIZE)}
+    for name, (data, why) in cases.items():
+        p = tmp_path / name
+        if data is not None:
+            p.write_bytes(data)
+        with pytest.raises(emulate.EmulateError, match=why):
+            emulate.Emulator(elf, p)
+    with pytest.raises(emulate.EmulateError, match="not a regular file"):
+        emulate.Emulator(elf, tmp_path)
+
+
+def test_missing_qemu_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(emulate.EmulateError, match="apt-get install qemu-system-arm"):
+        emulate.Emulator(fake_elf(tmp_path), SHIPPED)
+
+
+def test_qemu_command_line():
+    cmd = emulate.qemu_command("qemu-system-arm", "fw.elf", "m.bin", icount=True)
+    s = " ".join(cmd)
+    assert "-machine mps2-an500" in s and "-serial pty" in s and "-kernel fw.elf" in s
+    assert "loader,file=m.bin,addr=0x60800000,force-raw=on" in s
+    assert "-icount shift=0" in s and "loader,addr=0x203ffffc,data=0x49434e54,data-len=4" in s
+    assert "-icount" not in emulate.qemu_command("q", "fw.elf", "m.bin")
+
+
+def test_board_files_agree_on_the_memory_map():
+    """emulate.py, tinygpt_board.py (the board's Python) and mpconfigboard.mk (its C) must place
+    the model, arena and flags at the same addresses."""
+    g = {}
+    src = (BOARD / "tinygpt_board.py").read_text().replace("import uctypes", "")
+    exec(compile(src, "tinygpt_board.py", "exec"), g)
+    mk = dict(re.findall(r"^(TINYGPT_\w+) = (\S+)$", (BOARD / "mpconfigboard.mk").read_text(), re.M))
+    assert g["MODEL_ADDR"] == emulate.MODEL_ADDR == int(mk["TINYGPT_MODEL_ADDR"], 16)
+    assert g["MODEL_SIZE"] == emulate.MODEL_SIZE == int(mk["TINYGPT_MODEL_SIZE"], 16)
+    assert g["ARENA_ADDR"] == int(mk["TINYGPT_ARENA_ADDR"], 16) and g["ARENA_SIZE"] == int(mk["TINYGPT_ARENA_SIZE"], 16)
+    assert g["FLAGS_ADDR"] == emulate.FLAGS_ADDR and g["ICOUNT_FLAG"] == emulate.ICOUNT_FLAG
+    assert g["FS_ADDR"] + g["FS_SIZE"] <= g["FLAGS_ADDR"]  # the filesystem stops short of the flags word
+    assert g["ARENA_ADDR"] + g["ARENA_SIZE"] <= g["MODEL_ADDR"]
+    assert SHIPPED.stat().st_size <= emulate.MODEL_SIZE
+
+
+def test_board_manifest_freezes_files_that_exist():
+    from test_board import DEVICE_SCRIPTS, run_manifest
+
+    calls = run_manifest(BOARD / "manifest.py")
+    assert all(c[0] in ("freeze", "include") for c in calls), calls  # no require(): no micropython-lib
+    frozen = [c for c in calls if c[0] == "freeze"]
+    for _, base, scripts in frozen:
+        for s in scripts:
+            assert (Path(base) / s).is_file(), s
+    inc = [c[1] for c in calls if c[0] == "include"]
+    assert [(BOARD / p).resolve() for p in inc] == [REPO / "micropython_mod" / "manifest.py"]
+    assert DEVICE_SCRIPTS == sorted(run_manifest(REPO / "micropython_mod" / "manifest.py")[0][2])
+    assert (BOARD / "no-micropython-lib" / "README.md").is_file()  # MPY_LIB_DIR's stand-in
+
+
+def test_emulate_prints_the_pty_first_and_stops_qemu_on_sigterm(tmp_path):
+    """Against a fake QEMU: the first line is the pty, SIGTERM stops QEMU and exits 0."""
+    marker = tmp_path / "qemu-stopped"
+    args_file = tmp_path / "qemu-args"
+    bindir = fake_qemu(tmp_path, 'echo "$@" > %s\ntrap \'touch %s; exit 0\' TERM\n'
+                                 'echo "char device redirected to /dev/pts/77 (label serial0)" >&2\n'
+                                 'while true; do sleep 0.1; done\n' % (args_file, marker))
+    env = dict(os.environ, PATH="%s:%s" % (bindir, os.environ["PATH"]))
+    p = subprocess.Popen([sys.executable, "-m", "tinygpt.cli", "emulate", "--firmware", str(fake_elf(tmp_path))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        first = p.stdout.readline().strip()
+        assert first == "/dev/pts/77"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert marker.exists(), "QEMU was not stopped"
+    assert "loader,file=%s,addr=0x60800000" % SHIPPED in args_file.read_text()
+
+
+def test_qemu_that_fails_to_start_is_reported(tmp_path, monkeypatch):
+    bindir = fake_qemu(tmp_path, 'echo "qemu-system-arm: -machine mps2-an500: unsupported machine" >&2\nexit 1\n')
+    monkeypatch.setenv("PATH", "%s:%s" % (bindir, os.environ["PATH"]))
+    with pytest.raises(emulate.EmulateError, match="did not start.*unsupported machine"):
+        emulate.Emulator(fake_elf(tmp_path), SHIPPED)
+
+
+# -- integration: the real firmware on QEMU ---------------------------------------------------
+
+FIRMWARE = os.environ.get("TINYGPT_QEMU_FIRMWARE")
+needs_firmware = pytest.mark.skipif(
+    not FIRMWARE, reason="set TINYGPT_QEMU_FIRMWARE to a TINYGPT_QEMU firmware.elf; build one with MicroPython at "
+                         "./micropython: `%s` (then micropython/ports/qemu/build-TINYGPT_QEMU/firmware.elf)"
+                         % emulate.BUILD_COMMAND)
+
+
+@pytest.fixture(scope="module")
+def board():
+    """A running emulated board with the shipped model in its region and instruction counting."""
+    with emulate.Emulator(FIRMWARE, SHIPPED, icount=True) as emu:
+        yield emu
+
+
+def board_exec(emu, code, timeout=BOARD_TIMEOUT):
+    """Run code on the board (raw REPL); returns its output. Raises with the board's error."""
+    with BoardChat(emu.pty, timeout=timeout) as b:
+        return b._exec(code, None, timeout)
+
+
+def board_eval(emu, expr_code, timeout=BOARD_TIMEOUT):
+    """Run code whose last line prints repr(result) after a marker; returns the result."""
+    out = board_exec(emu, expr_code, timeout)
+    return ast.literal_eval(out[out.rindex("\x1e") + 1:].strip())
+
+
+def host_chat():
+    if str(PY_DIR) not in sys.path:
+        sys.path.insert(0, str(PY_DIR))
+    import chat
+    return chat
+
+
+@needs_firmware
+def test_shipped_model_answers_like_the_pc(board):
+    chat = host_chat()
+    chat.load(str(SHIPPED))
+    want = [chat.ask(q, stream=False) for q in QUESTIONS]
+    got = board_eval(board, "import chat\nr = [chat.ask(q, stream=False) for q in %r]\nprint('\\x1e' + repr(r))\n"
+                     % QUESTIONS, timeout=600)
+    assert got == want
+
+
+@needs_firmware
+def test_model_partition_is_mapped(board):
+    info = board_eval(board, "import tinygpt\nm = tinygpt.Model('model')\nprint('\\x1e' + repr(m.info()))\n"
+                             "m.close()\n")
+    with Model(SHIPPED) as m:
+        host = m.info()
+    assert info["mapped"] is True
+    assert info["file_bytes"] == SHIPPED.stat().st_size
+    for k in ("n_vocab", "n_layer", "n_embd", "weight_bytes", "kv_bytes", "scratch_bytes"):
+        assert info[k] == host[k], k
+
+
+@needs_firmware
+def test_tokenizer_matches_hf(board):
+    tokenizers = pytest.importorskip("tokenizers")
+    lines = [ln for ln in (REPO / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines() if ln][:40]
+    lines += EXTRA_LINES
+    hf = tokenizers.Tokenizer.from_file(str(TOKENIZER_JSON))
+    want = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
+    got = board_eval(board, "import chat\nchat.load()\nprint('\\x1e' + repr([chat._tok.encode(s) for s in %r]))\n"
+                     % lines)
+    for line, g, w in zip(lines, got, want):
+        assert g == w, line
+
+
+@needs_firmware
+def test_selftest_crc_equals_the_pc(board):
+    out = board_exec(board, "import selftest\nselftest.run()\n", timeout=600)
+    print("\n[board self-test]\n" + out)
+    chat = host_chat()
+    import selftest
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        selftest.run(str(SHIPPED))
+    host_out = buf.getvalue()
+
+    def line(text, name):
+        return re.search(r"^%s\s+(.*)$" % name, text, re.M).group(1)
+    assert line(out, "bit-exact") == line(host_out, "bit-exact")
+    assert line(out, "answer") == line(host_out, "answer")
+    assert "mapped, zero copy" in line(out, "model")
+    assert re.search(r"^instructions\s+\d+\.\d M per generated token", out, re.M)  # --icount
+    assert "0x60000000" in line(out, "memory")
+    heap = re.findall(r"(\d+) KB used", line(out, "GC heap"))
+    assert len(heap) == 2 and int(heap[1]) > int(heap[0])
+    chat.close()
+
+
+@needs_firmware
+def test_deploy_round_trip(board, tmp_path):
+    """`tinygpt deploy` to the board's RAM filesystem: a small model read from the file computes
+    bit for bit what the PC computes."""
+    from tinygpt import deploy
+    from test_mcu import tiny_hparams
+
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(bench.random_model_bytes(tiny_hparams()))
+    hashes = deploy.deploy(board.pty, path, scripts=True, log=lambda *a: None)
+    assert set(hashes) >= {"model.bin", "chat.py", "bpe.py"}
+    ids = [5, 17, 3, 99, 42]
+    code = ("import tinygpt, selftest\nm = tinygpt.Model('/model.bin')\n"
+            "r = selftest.check(m, %r)\nprint('\\x1e' + repr([r[0], r[1], m.info()['mapped']]))\nm.close()\n" % ids)
+    crc, greedy, mapped = board_eval(board, code)
+    host_chat()
+    import selftest
+    with Model(path) as m:
+        want = selftest.check(m, ids)
+    assert (crc, greedy) == (want[0], want[1]) and mapped is False
+    # and the deployed scripts are what the board imports (the filesystem comes before .frozen)
+    assert board_eval(board, "import chat\nprint('\\x1e' + repr(chat.__file__))\n") == "chat.py"
+
+
+@needs_firmware
+def test_engine_errors_read_like_the_pcs(board, tmp_path):
+    """Error messages with numbers: the board's (MicroPython's vsnprintf) equal the PC's."""
+    data = SHIPPED.read_bytes()
+    cases = {"short.bin": data[:50], "trunc.bin": data[:4096]}
+    code = ["import tinygpt\nr = {}\n"]
+    for name, blob in cases.items():
+        code.append("open(%r, 'wb').write(%r)\n" % ("/" + name, blob))
+        code.append("try:\n    tinygpt.Model(%r)\nexcept Exception as e:\n    r[%r] = str(e)\n" % ("/" + name, name))
+    code.append("print('\\x1e' + repr(r))\n")
+    got = board_eval(board, "".join(code))
+    for name, blob in cases.items():
+        p = tmp_path / name
+        p.write_bytes(blob)
+        with pytest.raises(Exception) as e:
+            Model(p)
+        assert got[name] == str(e.value), name
+        assert re.search(r"\d{2,}", got[name]) and not re.search(r"\blu\b", got[name]), got[name]
+
+
+@needs_firmware
+def test_ctrl_c_stops_an_answer(board):
+    with BoardChat(board.pty, timeout=BOARD_TIMEOUT) as b:
+        b._exec("import chat\nchat.load()\n", None)
+        seen = []
+
+        def on_text(text):
+            if not seen:
+                b.interrupt()  # Ctrl-C as soon as the answer starts streaming
+            seen.append(text)
+        t0 = time.monotonic()
+        out = b._exec("chat.ask('What is PSRAM?', max_new_tokens=80)\n", on_text)
+        assert "[interrupted]" in out
+        assert time.monotonic() - t0 < BOARD_TIMEOUT
+
+
+@needs_firmware
+def test_unmodified_mpremote(board):
+    r = subprocess.run([sys.executable, "-m", "mpremote", "connect", board.pty, "exec",
+                        "import tinygpt; print(tinygpt.Model('model').info()['n_layer'])"],
+                       capture_output=True, text=True, timeout=BOARD_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    with Model(SHIPPED) as m:
+        assert r.stdout.strip() == str(m.info()["n_layer"])
