@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,10 +391,33 @@ def write_partition_bin(csv_path, out_path) -> bytes:
 # Model files
 # ---------------------------------------------------------------------------------------------
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path, what: str = "model file") -> Path:
+    """path, if it names a regular file (symlinks followed); else BoardError saying what it is.
+    Checked before anything opens it: open() on a FIFO blocks until a writer comes, a device
+    like /dev/zero never ends."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise BoardError("%s: no such %s" % (p, what))
+    except OSError as e:  # a symlink loop, a path through a file, no permission
+        raise BoardError("%s: cannot use it as a %s: %s" % (p, what, e.strerror or e))
+    if stat.S_ISDIR(st.st_mode):
+        raise BoardError("%s: is a directory, expected a %s" % (p, what))
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise BoardError("%s: is %s, expected a %s (a regular file)" % (p, kind, what))
+    return p
+
+
 def read_model_header(path) -> dict:
     """Hyperparameters, file size and tokenizer merge count of a model file (header, directory and
     the tokenizer section's header only; docs/model-format.md). Raises BoardError."""
-    p = Path(path)
+    p = check_regular_file(path)
     try:
         with open(p, "rb") as f:
             head = f.read(128)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .board import BoardError, check_port
+from .board import BoardError, check_port, check_regular_file
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
@@ -140,11 +140,10 @@ def _why(r: subprocess.CompletedProcess) -> str:
 
 def plan_files(model, scripts: bool = True) -> list[tuple[Path, str]]:
     """[(local path, name on the board)] for a deploy."""
-    m = Path(model)
-    if not m.exists():
-        raise DeployError("%s: no such model file" % m)
-    if m.is_dir():
-        raise DeployError("%s: is a directory, expected a model file" % m)
+    try:
+        m = check_regular_file(model)
+    except BoardError as e:
+        raise DeployError(str(e))
     with open(m, "rb") as f:
         if f.read(4) != b"TGPT":
             raise DeployError("%s: not a tinygpt model file (no TGPT header)" % m)
