@@ -32,6 +32,37 @@ class SerialChatError(BoardError):
     pass
 
 
+FLT_MAX = 3.4028234663852886e38  # the engine samples in float32: larger values are inf there
+SETTING_RANGES = {  # chat.ask's settings, the ranges tinygpt.c tg_sample / the bindings accept
+    "max_new_tokens": (int, "an int >= 1", lambda v: v >= 1),
+    "temperature": (float, "finite and >= 0 (0 = greedy)", lambda v: 0.0 <= v <= FLT_MAX),
+    "top_k": (int, "an int in 0..4294967295 (0 = off)", lambda v: 0 <= v <= 0xFFFFFFFF),
+    "top_p": (float, "in (0, 1] (1 = off)", lambda v: 0.0 < v <= 1.0),
+    "repetition_penalty": (float, "finite and > 0 (1 = off)", lambda v: 0.0 < v <= FLT_MAX),
+    "seed": (int, "an int in 0..2**64-1, or none", lambda v: 0 <= v <= 0xFFFFFFFFFFFFFFFF),
+    "timing": (bool, "True or False", lambda v: True),
+    "stream": (bool, "True or False", lambda v: True),
+}
+
+
+def check_settings(settings: dict | None, name=lambda key: key) -> dict:
+    """chat.ask's settings checked on the PC, as the engine checks them, so that a bad value is
+    named before anything reaches the board (repr(nan) is not even Python there: the board
+    would answer "NameError: name 'nan' isn't defined"). None means the default. Raises
+    ValueError naming the setting (name(key): e.g. its command-line option)."""
+    for key, v in (settings or {}).items():
+        if key not in SETTING_RANGES:
+            raise ValueError("unknown setting %s (known: %s)" % (name(key), ", ".join(SETTING_RANGES)))
+        if v is None:
+            continue
+        kind, text, ok = SETTING_RANGES[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not kind or not ok(v):  # bool is no int here, nan fails every comparison
+            raise ValueError("%s must be %s, not %r" % (name(key), text, v))
+    return dict(settings or {})
+
+
 class BoardChat:
     """A raw-REPL session with the board at `port` (pyserial)."""
 
@@ -159,6 +190,10 @@ class BoardChat:
         Returns chat.ask's return value (the answer text)."""
         if not isinstance(question, str) or not question.strip():
             raise SerialChatError("empty question")
+        try:
+            check_settings(settings)
+        except ValueError as e:
+            raise SerialChatError(str(e))
         kw = "".join(", %s=%r" % (k, v) for k, v in (settings or {}).items() if v is not None)
         code = ("import chat\n_tg_r = chat.ask(%r%s)\nprint(%r + repr(_tg_r))\n" % (question, kw, MARK))
         held = [""]
