@@ -806,6 +806,76 @@ def test_host_engine_interrupt_then_next_answer(converted, capsys):
         chat.close()
 
 
+def tinygpt_cli(args, stdin=b"", timeout=60, **env):
+    """`python -m tinygpt.cli ARGS` (args may be bytes: a command line that is not UTF-8)."""
+    r = subprocess.run([sys.executable, "-m", "tinygpt.cli"] + list(args), input=stdin, capture_output=True,
+                       timeout=timeout, env=dict(os.environ, PYTHONIOENCODING="utf-8", **env))
+    return r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+
+
+def test_cli_refuses_non_regular_model_files(tmp_path):
+    """Issue 9 D7: a FIFO (or a device) as the model or corpus file is refused with a message by
+    every command that takes one; before, open() blocked forever. A symlink loop is named (D14)."""
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    f = str(fifo)
+    for args in (["info", f], ["ask", "--model", f, "What?"], ["chat", "--model", f], ["bench", f],
+                 ["budget", f], ["deploy", "--port", "/dev/null", "--model", f], ["corpus", "stats", f]):
+        rc, out, err = tinygpt_cli(args, timeout=30)
+        what = "corpus" if args[0] == "corpus" else "model"
+        assert rc == 2 and err == "tinygpt: error: %s: is a FIFO (named pipe), expected a %s file (a regular " \
+                                  "file)\n" % (f, what), (args, err)
+    rc, _, err = tinygpt_cli(["info", "/dev/zero"], timeout=30)
+    assert rc == 2 and "/dev/zero: is a character device, expected a model file" in err
+    rc, _, err = tinygpt_cli(["ask", "--model", str(loop), "What?"], timeout=30)
+    assert rc == 2 and "loop: cannot use it as a model file: Too many levels of symbolic links" in err, err
+
+
+def test_cli_question_that_is_not_utf8(tmp_path):
+    """Issue 9 D12: bytes that are not UTF-8 in a question (command line, or typed into chat)
+    become U+FFFD with a note, as --help says; before: a 'surrogates not allowed' codec error."""
+    rc, out, err = tinygpt_cli([b"ask", b"--max-new-tokens", b"6", b"What is \xff\xfe PSRAM?"])
+    assert rc == 0 and "Traceback" not in err and "codec" not in err, err
+    from tinygpt.cli import NOT_UTF8_NOTE
+    assert err == NOT_UTF8_NOTE + "\n"
+    rc2, out2, err2 = tinygpt_cli(["ask", "--max-new-tokens", "6", "What is \ufffd\ufffd PSRAM?"])
+    assert rc2 == 0 and err2 == "" and out2 == out and out.strip()
+    rc, out, err = tinygpt_cli(["chat", "--max-new-tokens", "6"], stdin=b"What is \xff\xfe PSRAM?\n\n")
+    assert rc == 0 and err == "", err
+    assert out.splitlines()[1] == "Q: A: " + out2.strip()
+    rc, out, _ = tinygpt_cli(["ask", "--help"])
+    assert "bytes that are not UTF-8 become U+FFFD" in " ".join(out.split())
+
+
+def test_cli_checks_settings_before_use(capsys):
+    """Issue 9 D13: generation settings are checked on the PC, the same for the PC and for a board
+    (--port: before the port is opened; before, nan reached the board as a NameError)."""
+    bad = [("--temperature", "nan", "--temperature must be finite and >= 0"),
+           ("--temperature", "inf", "--temperature must be finite and >= 0"),
+           ("--temperature", "-0.5", "--temperature must be finite and >= 0"),
+           ("--temperature", "1e39", "--temperature must be finite and >= 0"),
+           ("--top-p", "0", "--top-p must be in (0, 1]"), ("--top-p", "nan", "--top-p must be in (0, 1]"),
+           ("--top-p", "1.01", "--top-p must be in (0, 1]"), ("--top-k", "-1", "--top-k must be an int in 0.."),
+           ("--top-k", str(2 ** 32), "--top-k must be an int in 0.."),
+           ("--repetition-penalty", "0", "--repetition-penalty must be finite and > 0"),
+           ("--repetition-penalty", "-inf", "--repetition-penalty must be finite and > 0"),
+           ("--max-new-tokens", "0", "--max-new-tokens must be an int >= 1"),
+           ("--seed", "-1", "--seed must be an int in 0..2**64-1"), ("--seed", str(2 ** 64), "--seed must be")]
+    from tinygpt import cli
+
+    for opt, value, msg in bad:
+        for cmd in (["ask", "What?"], ["ask", "--port", "/nonexistent/tty", "What?"],
+                    ["chat", "--port", "/nonexistent/tty"]):
+            with pytest.raises(SystemExit) as e:
+                cli.main(cmd + [opt + "=" + value])
+            assert e.value.code == 2
+            assert capsys.readouterr().err.startswith("tinygpt: error: " + msg)
+    rc, _, err = tinygpt_cli(["chat", "--port", "/nonexistent/tty", "--temperature", "nan"], timeout=30)
+    assert rc == 2 and err == "tinygpt: error: --temperature must be finite and >= 0 (0 = greedy), not nan\n"
+
+
 def test_shipped_default_model():
     if not DEFAULT_MODEL.is_file():
         pytest.skip("no shipped default model yet")

@@ -60,7 +60,26 @@ def _settings(args):
         raise UserError(str(e))
 
 
+NOT_UTF8_NOTE = ("tinygpt: note: the question is not UTF-8 text; the bytes that are not were replaced "
+                 "by U+FFFD (\ufffd)")
+
+
+def _question_text(q):
+    """A question from the command line as text. Bytes that are not UTF-8 reach Python as lone
+    surrogates (surrogateescape), which no encoder takes: they become U+FFFD, as
+    bytes.decode('utf-8', 'replace') does, with a note on stderr."""
+    try:
+        q.encode("utf-8")
+        return q
+    except UnicodeEncodeError:
+        import os
+
+        print(NOT_UTF8_NOTE, file=sys.stderr)
+        return os.fsencode(q).decode("utf-8", "replace")
+
+
 def cmd_ask(args):
+    args.question = [_question_text(q) for q in args.question]
     if args.port:
         return _board_ask(args)
     chat = _device_chat(args.model, args.n_ctx)
@@ -75,6 +94,8 @@ def cmd_ask(args):
 
 
 def cmd_chat(args):
+    if hasattr(sys.stdin, "reconfigure"):  # typed bytes that are not UTF-8 become U+FFFD, as in `ask`
+        sys.stdin.reconfigure(errors="replace")
     if getattr(args, "port", None):
         return _board_chat(args)
     _device_chat(args.model, args.n_ctx).chat(**_settings(args))
@@ -376,7 +397,8 @@ def build_parser():
     sub.required = True
 
     a = sub.add_parser("ask", help="answer questions with the model, through the on-device scripts (py/)")
-    a.add_argument("question", nargs="+")
+    a.add_argument("question", nargs="+",
+                   help="the question (UTF-8; bytes that are not UTF-8 become U+FFFD, with a note)")
     _add_generation_args(a)
     _add_port_args(a, "ask the board on this serial port instead (its model, its chat.py)")
     a.set_defaults(func=cmd_ask)
