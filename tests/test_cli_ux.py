@@ -27,3 +27,139 @@ def test_relative_build_paths_resolve_against_the_users_directory(tmp_path):
     assert r.stdout.splitlines()[:2] == ["/abs/micropython", str(tmp_path / "user" / "fw.elf")]
     text = (REPO / "scripts" / "test").read_text()
     assert text.index('export TINYGPT_USER_CWD="${TINYGPT_USER_CWD:-$PWD}"') < text.index('cd "$(dirname "$0")/.."')
+
+
+# -- tables with units, --json for machines ---------------------------------------------------
+
+def test_info_is_a_table_with_units_and_json(converted, capsys):
+    from tinygpt import cli
+    from tinygpt.engine import Model
+
+    _hf, model = converted("v512_e128_hd32")
+    assert cli.main(["info", str(model)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == str(model)
+    rows = {ln.split("  ")[1].strip(): ln for ln in lines if ln.startswith("  ")}
+    assert rows["vocabulary"].split()[-2:] == ["512", "tokens"]
+    assert rows["layer norm epsilon"].split()[-1] == "1e-06"            # not 9.999999974752427e-07
+    assert rows["KV cache"].endswith("KiB  (%d bytes)" % Model(model).info()["kv_bytes"])
+    assert rows["file"].endswith("(%d bytes)" % model.stat().st_size)
+    assert "{" not in out and "e-07" not in out
+    # the numbers line up: the values end, and the units start, in one column
+    assert len({rows[k].index(" bytes)") - len(rows[k].split("(")[1]) for k in ("file", "KV cache", "scratch")}) == 1
+    assert len({rows[k].index("tokens") for k in ("vocabulary", "positions")}) == 1
+    import json
+    assert cli.main(["info", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == Model(model).info()
+
+
+CORPUS = "Q: What is PSRAM?\nA: Extra RAM.\n\nQ: Tell me about PSRAM\nA: Extra RAM.\n\n" \
+         "Q: What is WiFi?\nA: Radio.\n\nQ: How do I list files?\nDo: mpremote ls\n\nSome prose.\n"
+
+
+def test_corpus_stats_is_a_table_and_json(tmp_path, capsys):
+    import json
+
+    from tinygpt import cli
+
+    c = tmp_path / "c.txt"
+    c.write_text(CORPUS)
+    assert cli.main(["corpus", "stats", str(c)]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out
+    rows = [ln.split() for ln in out.splitlines()]
+    assert ["entries", "5"] in rows and ["Q/A", "3", "Q:", "+", "A:", "pairs"] in rows
+    assert ["questions", "per", "answer", "1.33", "mean", "(min", "1,", "max", "2)"] in rows   # 4 questions, 3 answers
+    assert out.splitlines()[-1] == "tokens: not counted (give --tokenizer DIR to count them)"
+    assert cli.main(["corpus", "stats", str(c), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["entries"] == 5 and st["questions_per_answer"] == {"min": 1, "mean": 4 / 3, "max": 2}
+
+
+def test_corpus_check_says_when_the_length_check_was_skipped(tmp_path, capsys):
+    from tinygpt import cli
+
+    c = tmp_path / "c.txt"
+    c.write_text(CORPUS)
+    assert cli.main(["corpus", "check", str(c)]) == 0
+    err = capsys.readouterr().err
+    assert "length check skipped: give --tokenizer DIR" in err and err.endswith("c.txt: ok\n")
+    assert cli.main(["corpus", "check", str(c), "--tokenizer", str(REPO / "models" / "default" / "tokenizer")]) == 0
+    assert "skipped" not in capsys.readouterr().err
+
+
+# -- progress bars only on a terminal; warnings as one plain line ------------------------------
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from tinygpt.ui import progress_bar
+
+    pipe = io.StringIO()
+    bar = progress_bar(total=3, desc="eval", file=pipe)
+    bar.update(3)
+    bar.close()
+    assert pipe.getvalue() == ""
+    master, slave = os.openpty()
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("4H", 24, 80, 0, 0))  # an 80-column terminal
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            bar = progress_bar(total=3, desc="eval", file=tty)
+            bar.update(3)
+            bar.close()
+        assert b"eval" in os.read(master, 4096)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_warnings_are_one_plain_line():
+    code = ("import warnings; from tinygpt import ui; ui.quiet_third_party(); "
+            "warnings.warn('the corpus is small'); "
+            "warnings.warn_explicit('`past_key_values` is deprecated', FutureWarning, 'generic.py', 1, "
+            "module='transformers.utils.generic')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "tinygpt: warning: the corpus is small\n"
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "tinygpt.cli"] + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_convert_and_eval_piped_show_no_bars_or_library_warnings(converted, tmp_path):
+    hf, _model = converted("v509_hd16_gelunew")
+    r = _cli(["convert", str(hf), "-o", str(tmp_path / "m.bin"), "-q"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout.startswith("float vs INT8 on ")
+    q = tmp_path / "q.txt"
+    q.write_text(CORPUS)
+    r = _cli(["eval", str(hf), "--questions", str(q), "--limit", "2", "--max-new-tokens", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr     # no FutureWarning, no "[transformers] ... deprecated", no bar
+    assert r.stdout.splitlines()[1].startswith("2 questions (the first 2 of 4) from ")
+    r = _cli(["eval", str(hf), "--questions", str(q), "--limit", "0"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --limit must be >= 1"
+    r = _cli(["eval", "--help"], tmp_path)
+    assert "Q/A pairs" in r.stdout and "40x faster" in r.stdout and "--limit N" in r.stdout
+
+
+def test_eval_shows_mismatches_in_full():
+    from tinygpt import evaluate
+
+    expected = "The ESP32-S3 has 8 MB of PSRAM on this board, next to 16 MB of flash, and 512 KB of SRAM."
+    got = expected.replace("512 KB", "520 KB")
+    res = {"n": 1, "n_in_file": 1, "questions_file": "q.txt", "hf_dir": None, "model_file": "m.bin",
+           "exact_match_float": None, "exact_match_float_count": None, "exact_match_int8": 0.0,
+           "exact_match_int8_count": 0, "int8_equals_float": None, "int8_equals_float_count": None,
+           "mismatches": [{"question": "How much memory?", "expected": expected, "int8": got, "ok_int8": False}]}
+    lines = []
+    evaluate._print_table(res, lines.append)
+    assert "     expected: " + expected in lines
+    assert "     INT8    : %s  (differs from character %d)" % (got, expected.index("512") + 2) in lines
+    assert evaluate._differs_at("abc", "abcd") == "  (stops at character 3 of 4)"
+    assert evaluate._differs_at("abcde", "abcd") == "  (goes on after character 4)"

@@ -340,3 +340,25 @@ def load_questions(path) -> list[tuple[str, str]]:
     """(question, expected answer) for every qa and do entry, in file order; the expected
     answer of a do entry is "Do: {command}"."""
     return [(e.question, e.target) for e in parse(path) if e.kind != "prose"]
+
+
+def format_stats(st: dict, path=None, tokenizer=None) -> str:
+    """`tinygpt corpus stats`: the stats dict as an aligned table (`--json` prints the dict)."""
+    from .ui import format_rows
+
+    qpa = st["questions_per_answer"]
+    rows = [(str(path) if path is not None else "corpus", None),
+            ("entries", st["entries"], ""),
+            ("  Q/A", st["qa"], "Q: + A: pairs"),
+            ("  Q/Do", st["do"], "Q: + Do: command suggestions"),
+            ("  prose", st["prose"], "paragraphs"),
+            ("distinct answers", st["distinct_answers"], "(of Q/A and Q/Do entries)"),
+            ("questions per answer", "%.2f" % qpa["mean"], "mean (min %d, max %d)" % (qpa["min"], qpa["max"]))]
+    if "tokens_total" in st:
+        rows += [("tokens (%s)" % tokenizer if tokenizer else "tokens", None),
+                 ("total", "{:,}".format(st["tokens_total"]), "tokens, entries serialized for training"),
+                 ("per entry", "%.1f" % st["tokens_mean"], "tokens, mean"),
+                 ("longest entry", st["max_entry_tokens"], "tokens")]
+    else:
+        rows.append(("tokens: not counted (give --tokenizer DIR to count them)", None))
+    return format_rows(rows)

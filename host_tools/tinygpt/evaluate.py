@@ -1,11 +1,16 @@
 """Exact-match evaluation of a trained model: the float Hugging Face model and the INT8 engine.
 
     evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print) -> dict
+             max_new_tokens=80, log=print, progress=True, limit=None) -> dict
 
 ``run_dir_or_model`` is a training run directory (Hugging Face GPT-2: config.json, weights,
 tokenizer.json) or a tinygpt model file. ``questions_file`` is in the corpus format; every
-Q/A and Q/Do entry is a question with its expected answer (tinygpt.corpus.load_questions).
+Q/A and Q/Do entry is a question with its expected answer (tinygpt.corpus.load_questions);
+prose paragraphs are not questions and are skipped. ``limit=N`` takes the first N questions.
+
+Speed: the float model (PyTorch, one token per forward call) is much slower than the INT8
+engine; on the 22-layer hw1 preset an INT8-only run (a model file) was about 40x faster than
+a float-only run (see README, "Convert, evaluate, measure").
 
 For each question the prompt ``"Q: {question}\\nA:"`` is tokenized with the Hugging Face
 tokenizer (``tokenizer``, else tokenizer.json of the run directory; for a model file alone,
@@ -29,18 +34,20 @@ The result dict has ``n``, ``exact_match_float`` (None without a float model),
 two answers are identical; None unless both ran), the matching counts (``*_count``),
 ``results`` (one dict per question: question, expected, float, int8, ok_float, ok_int8),
 ``mismatches`` (the results where anything differs), ``hf_dir``, ``model_file``, ``plot`` and
-``seconds``. A table is printed through ``log`` (mismatches, first 20, at the end) and with
-``plot=PATH`` a bar chart of the three numbers is saved as PNG.
+``seconds``. A table is printed through ``log`` (then the first 20 mismatches, each answer in
+full with the character where it first differs from the expected one) and with ``plot=PATH`` a
+bar chart of the three numbers is saved as PNG. The progress bar (``progress=True``) is shown
+only when stderr is a terminal.
 
-``tinygpt eval RUN_DIR_OR_MODEL --questions FILE [--int8 MODEL] [--plot PNG]`` runs it.
+``tinygpt eval RUN_DIR_OR_MODEL --questions FILE [--int8 MODEL] [--plot PNG] [--limit N]`` runs it.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import corpus as corpus_mod
@@ -133,7 +140,10 @@ class _FloatRunner:
         self._feed([t])
 
     def _feed(self, ids):
-        with self.torch.no_grad():
+        # past_key_values is the cache argument of every transformers version this supports;
+        # 5.x calls it deprecated (a FutureWarning per call), which is not the user's concern.
+        with self.torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             out = self.model(input_ids=self.torch.tensor([list(ids)], dtype=self.torch.long),
                              past_key_values=self._past, use_cache=True)
         self._past = out.past_key_values
@@ -190,7 +200,7 @@ def generate(runner, tok, prompt_ids, max_new_tokens=80) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True) -> dict:
+             max_new_tokens=80, log=print, progress=True, limit=None) -> dict:
     """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
     often the two answer alike. See the module docstring."""
     log = log or (lambda *a, **k: None)
@@ -200,6 +210,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         raise ValueError(f"model not found: {src}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
     hf_dir = src if src.is_dir() else None
     if hf_dir is not None and not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
@@ -212,7 +224,10 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         raise ValueError(f"questions file not found: {qfile}")
     questions = corpus_mod.load_questions(qfile)
     if not questions:
-        raise ValueError(f"{qfile} has no Q/A or Q/Do entries")
+        raise ValueError(f"{qfile} has no Q/A or Q/Do entries (eval needs questions with their expected "
+                         f"answers: 'Q: ...' lines each followed by an 'A: ...' or 'Do: ...' line)")
+    n_all = len(questions)
+    questions = questions[:limit]
 
     hf_tok = None
     if tokenizer is not None:
@@ -247,12 +262,11 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if int8 is not None:
                 runners["int8"] = _Int8Runner(int8)
             results = []
-            it = questions
             bar = None
             if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=len(questions), desc="eval", unit="q", file=sys.stderr, dynamic_ncols=True)
-            for q, expected in it:
+                from .ui import progress_bar
+                bar = progress_bar(total=len(questions), desc="eval", unit="q")
+            for q, expected in questions:
                 ids = tok.encode(corpus_mod.prompt(q))
                 r = {"question": q, "expected": expected, "prompt_tokens": len(ids)}
                 for name, runner in runners.items():
@@ -291,7 +305,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
     mismatches = [r for r in results if not r.get("ok_float", True) or not r.get("ok_int8", True)
                   or not r.get("int8_equals_float", True)]
     out = {
-        "n": n, "questions_file": str(qfile),
+        "n": n, "n_in_file": n_all, "questions_file": str(qfile),
         "exact_match_float": em_f, "exact_match_int8": em_i, "int8_equals_float": agree,
         "exact_match_float_count": c_f, "exact_match_int8_count": c_i, "int8_equals_float_count": c_a,
         "hf_dir": str(hf_dir) if hf_dir is not None else None,
@@ -309,14 +323,28 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
 
 # ----------------------------------------------------------------------------- reporting
 
-def _short(s, n=70):
-    s = "" if s is None else s.replace("\n", "\\n")
-    return s if len(s) <= n else s[:n - 3] + "..."
+def _shown(s):
+    """An answer on one line, in full (a newline shows as \\n)."""
+    return "" if s is None else s.replace("\n", "\\n")
+
+
+def _differs_at(got, expected):
+    """Where got first differs from expected, as words for the mismatch list."""
+    got, expected = got or "", expected or ""
+    i = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    if i == len(got) == len(expected):
+        return ""
+    if i == len(got):
+        return "  (stops at character %d of %d)" % (i, len(expected))
+    if i == len(expected):
+        return "  (goes on after character %d)" % i
+    return "  (differs from character %d)" % (i + 1)
 
 
 def _print_table(res, log):
     n = res["n"]
-    log(f"{n} questions from {res['questions_file']}"
+    limited = f" (the first {n} of {res['n_in_file']})" if res.get("n_in_file", n) > n else ""
+    log(f"{n} question{'' if n == 1 else 's'}{limited} from {res['questions_file']}"
         + (f"; float: {res['hf_dir']}" if res["hf_dir"] else "")
         + (f"; INT8: {res['model_file']}" if res["model_file"] else ""))
     log(f"{'metric':<32} {'value':>7} {'count':>11}")
@@ -329,12 +357,16 @@ def _print_table(res, log):
     if mm:
         log(f"\nmismatches ({min(len(mm), SHOW_MISMATCHES)} of {len(mm)} shown):")
         for i, r in enumerate(mm[:SHOW_MISMATCHES], 1):
-            log(f"{i:3d}. Q: {_short(r['question'])}")
-            log(f"     expected: {_short(r['expected'])}")
+            log(f"{i:3d}. Q: {_shown(r['question'])}")
+            log(f"     expected: {_shown(r['expected'])}")
             if "float" in r:
-                log(f"     float{' ok' if r['ok_float'] else '   '}: {_short(r['float'])}")
+                ok = r["ok_float"]
+                log(f"     float{' ok' if ok else '   '}: {_shown(r['float'])}"
+                    + ("" if ok else _differs_at(r["float"], r["expected"])))
             if "int8" in r:
-                log(f"     INT8{' ok ' if r['ok_int8'] else '    '}: {_short(r['int8'])}")
+                ok = r["ok_int8"]
+                log(f"     INT8{' ok ' if ok else '    '}: {_shown(r['int8'])}"
+                    + ("" if ok else _differs_at(r["int8"], r["expected"])))
 
 
 def plot_metrics(res, path):

@@ -366,3 +366,37 @@ def write_model_file(path, hparams: dict, tensors: dict, tokenizer_section: byte
     atomic_write_bytes(path, buf)
     info["path"] = os.fspath(path)
     return info
+
+
+def format_info(info: dict, path=None) -> str:
+    """`tinygpt info`: Model.info() as an aligned table with units (`--json` prints the dict)."""
+    from .board import _h
+    from .ui import format_rows
+
+    def ids():
+        named = [("eos", info["eos_id"]), ("bos", info["bos_id"]), ("Q:", info["q_id"]), ("A:", info["a_id"]),
+                 ("Do:", info["do_id"])]
+        return ", ".join("%s %s" % (k, "-" if v in (None, NO_TOKEN) else v) for k, v in named)
+
+    def size(n):
+        return _h(n), "(%d bytes)" % n
+
+    rows = [("%s" % path if path is not None else "model", None),
+            ("vocabulary", info["n_vocab"], "tokens"),
+            ("positions", info["n_positions"], "tokens (n_positions)"),
+            ("embedding", info["n_embd"], "(n_embd)"),
+            ("layers", info["n_layer"], ""),
+            ("heads", info["n_head"], "of %d dimensions each" % info["head_dim"]),
+            ("feed-forward", info["n_inner"], "(n_inner)"),
+            ("activation", "", info["activation"]),
+            ("layer norm epsilon", "%g" % info["layer_norm_epsilon"], ""),
+            ("token ids", "", ids()),
+            ("memory at n_ctx %d (prefill batches of %d)" % (info["n_ctx"], info["max_batch"]), None),
+            ("file", *size(info["file_bytes"])),
+            ("weights", *size(info["weight_bytes"])),
+            ("tokenizer", *size(info["tokenizer_bytes"])),
+            ("KV cache", *size(info["kv_bytes"])),
+            ("scratch", *size(info["scratch_bytes"])),
+            ("weights are", "mapped" if info.get("mapped") else "loaded",
+             "(read in place from the file)" if info.get("mapped") else "(copied into memory)")]
+    return format_rows(rows)

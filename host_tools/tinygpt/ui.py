@@ -1,0 +1,74 @@
+"""What the tinygpt command shows a person: aligned tables, progress bars only on a terminal,
+warnings as one plain line, no third-party deprecation noise.
+
+    format_rows([("entries", 1000, ""), ("tokens", "40,377", "total")]) -> aligned text
+    progress_bar(total=n, desc="eval", unit="q")    tqdm on a terminal, a silent stand-in when piped
+    quiet_third_party()                             called once by the CLI before any command runs
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+def format_rows(rows, indent: str = "  ") -> str:
+    """Rows of (label, value, unit) as aligned text: labels left, values right-aligned, units after.
+    A row whose value is None is a section heading (label only, no indent)."""
+    body = [r for r in rows if r[1] is not None]
+    wl = max((len(r[0]) for r in body), default=0)
+    wv = max((len(str(r[1])) for r in body), default=0)
+    out = []
+    for label, value, *unit in rows:
+        if value is None:
+            out.append(label)
+            continue
+        u = unit[0] if unit else ""
+        out.append(("%s%-*s  %*s  %s" % (indent, wl, label, wv, value, u)).rstrip())
+    return "\n".join(out)
+
+
+def is_terminal(stream=None) -> bool:
+    s = sys.stderr if stream is None else stream
+    try:
+        return s.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(**kw):
+    """A tqdm bar on stderr when stderr is a terminal; otherwise tqdm with disable=True (all
+    methods work, nothing is printed), so piped output and CI logs get no bar fragments."""
+    from tqdm import tqdm
+
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(disable=not is_terminal(kw["file"]), **kw)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the CLI: "tinygpt: warning: ..." instead of a source path and line."""
+    out = sys.stderr if file is None else file
+    try:
+        out.write("tinygpt: warning: %s\n" % message)
+    except (OSError, ValueError):
+        pass
+
+
+def quiet_third_party() -> None:
+    """For the CLI: transformers' deprecation warnings and info/warning logging (e.g. about
+    `past_key_values`, which tinygpt passes on purpose for transformers >= 4.45 and < 5.x alike)
+    and Hugging Face's own progress bars ("Loading weights") are not shown; tinygpt's own
+    warnings print as one plain line. Environment settings a user made are kept."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        for module in ("transformers", "torch", "huggingface_hub", "safetensors"):
+            warnings.filterwarnings("ignore", category=category, module=module)
+    if "transformers" in sys.modules:  # already imported: its logging read the environment then
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    warnings.showwarning = _one_line_warning
