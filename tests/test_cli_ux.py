@@ -163,3 +163,28 @@ def test_eval_shows_mismatches_in_full():
     assert "     INT8    : %s  (differs from character %d)" % (got, expected.index("512") + 2) in lines
     assert evaluate._differs_at("abc", "abcd") == "  (stops at character 3 of 4)"
     assert evaluate._differs_at("abcde", "abcd") == "  (goes on after character 4)"
+
+
+def test_loss_plot_has_plain_numbers_on_its_log_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from tinygpt import train
+
+    saved = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), real(self, *a, **k)))
+    for top, bottom in ((6.5, 2.0), (8.0, 0.05)):  # a short run, a long one (two decades)
+        losses = [bottom + (top - bottom) * 0.997 ** i for i in range(2000)]
+        train.plot_loss(losses, tmp_path / "loss.png")
+        fig = saved[-1]
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.get_yscale() == "log"
+        lo, hi = ax.get_ylim()
+        labels = [t.get_text() for t in ax.get_yticklabels(which="both")
+                  if t.get_text() and lo <= t.get_position()[1] <= hi]
+        assert labels and all(float(s) > 0 for s in labels), labels   # "6", "0.1": no 6x10^0, no 1e-01
+        if top / bottom < 30:
+            assert {"2", "3", "4", "5", "6"} <= set(labels)
+        else:
+            assert {"0.1", "1"} <= set(labels)

@@ -347,7 +347,14 @@ def plot_loss(losses, path, title="training loss"):
     ax.plot(steps, losses, lw=0.7, alpha=0.4, label="loss per step")
     ax.plot(steps, _smooth(losses), lw=1.8, label=f"moving average ({2 * max(1, len(losses) // 100) + 1} steps)")
     if losses and min(losses) > 0:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_yscale("log")
+        # plain numbers on the log axis ("6", "0.5"), not matplotlib's default "6x10^0"; the
+        # 2..9 ticks get numbers too unless the losses span more than 30x (they would crowd)
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if max(losses) / min(losses) < 30 else NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.set_title(title)
