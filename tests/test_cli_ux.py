@@ -188,3 +188,31 @@ def test_loss_plot_has_plain_numbers_on_its_log_axis(tmp_path, monkeypatch):
             assert {"2", "3", "4", "5", "6"} <= set(labels)
         else:
             assert {"0.1", "1"} <= set(labels)
+
+
+def test_setup_shows_pip_progress_readably_in_a_log(tmp_path):
+    """scripts/setup's pip step, with a stand-in pip: its lines reach the log (no -q silence), a
+    rerun's "Requirement already satisfied" lines become one count, the index warning is dropped,
+    and a pip failure stops the script."""
+    import re
+
+    text = (REPO / "scripts" / "setup").read_text()
+    fn = re.search(r"^pip_install\(\) \{\n.*?^\}\n", text, re.S | re.M).group(0)
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    fake = venv / "python"
+    fake.write_text("#!/bin/sh\necho 'Collecting torch==2.13.0'\necho '  Downloading torch.whl (200.1 MB)'\n"
+                    "echo 'Requirement already satisfied: numpy'\necho 'Requirement already satisfied: tqdm'\n"
+                    "echo \"WARNING: Location 'file:///opt/x/' is ignored\" >&2\necho 'ERROR: real problem' >&2\n"
+                    "exit ${FAKE_PIP_STATUS:-0}\n")
+    fake.chmod(0o755)
+    script = "set -euo pipefail\n%s\npip_install torch\necho after\n" % fn
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0
+    assert r.stdout == ("Collecting torch==2.13.0\n  Downloading torch.whl (200.1 MB)\n"
+                        "  (2 requirements already satisfied)\nafter\n")
+    assert "WARNING: Location" not in r.stderr and "ERROR: real problem" in r.stderr
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, FAKE_PIP_STATUS="1"))
+    assert r.returncode == 1 and "after" not in r.stdout
+    assert " -q " not in text
