@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -766,8 +767,9 @@ def test_deploy_copies_and_verifies(vboard, models, capsys):
     assert cli.main(["deploy", "--port", vboard.port, "--model", str(model)]) == 0
     out = capsys.readouterr().out
     for name in ("model.bin", "chat.py", "bpe.py"):
-        assert "%s: verified" % name in out
+        assert "%s.new: verified" % name in out and "%s: replaced by the verified copy" % name in out
     assert "deployed 3 file(s)" in out
+    assert ".new" not in mpremote(vboard.port, "exec", "import os; print(os.listdir())")
     # the board's files, hashed by mpremote's own sha256sum, are the local files
     for name, local in (("model.bin", model), ("chat.py", REPO / "py" / "chat.py"), ("bpe.py", REPO / "py" / "bpe.py")):
         assert board_sha256(vboard.port, name) == deploy.sha256_file(local)
@@ -787,7 +789,7 @@ def test_deploy_redoes_a_truncated_file(vboard, models):
     assert mpremote(vboard.port, "exec", "import os; print(os.stat('model.bin')[6])").strip() == "1000"
     logs = []
     deploy.deploy(vboard.port, model, scripts=False, log=logs.append)
-    assert "copying %s -> :model.bin (%d bytes)" % (model, model.stat().st_size) in logs
+    assert "copying %s -> :model.bin.new (%d bytes)" % (model, model.stat().st_size) in logs
     assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(model)
 
 
@@ -801,7 +803,7 @@ def test_deploy_recovers_from_a_link_cut_mid_copy(vboard, models, monkeypatch):
     deploy.deploy(vboard.port, b, scripts=False, log=logs.append)
     text = "\n".join(logs)
     assert "model.bin: copy failed" in text and "retrying model.bin (attempt 2 of 4)" in text
-    assert "model.bin: verified" in text
+    assert "model.bin.new: verified" in text
     assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(b)
     assert vboard.resets > resets
     # give up after the retries when the link keeps failing
@@ -814,11 +816,155 @@ def test_deploy_recovers_from_a_link_cut_mid_copy(vboard, models, monkeypatch):
 
     monkeypatch.setattr(deploy, "Board", Flaky)
     with pytest.raises(deploy.DeployError, match=r"giving up after 1 retries: model.bin: copy failed: .*; "
-                                                 r"on the board: (missing|\d+ of 40532 bytes)"):
+                                                 r"on the board: model.bin.new (missing|\d+ of 40532 bytes); "
+                                                 r"nothing on the board was replaced: it keeps its previous "
+                                                 r"model.bin"):
         deploy.deploy(vboard.port, b, scripts=False, retries=1, log=lambda s: None)
     monkeypatch.undo()
-    deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
+    # issue 9 D5: the board still has its complete model (before: missing or cut short)
     assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(a)
+    logs = []
+    deploy.deploy(vboard.port, a, scripts=False, log=logs.append)
+    assert "model.bin: up to date on the board" in logs and "copying" not in "\n".join(logs)
+    assert ".new" not in mpremote(vboard.port, "exec", "import os; print(os.listdir())")
+
+
+def _deploy_and_interrupt(port, model, sig, after_s):
+    """`tinygpt deploy` in its own process group, sent `sig` (SIGINT: Ctrl-C at the terminal,
+    both tinygpt and mpremote get it; SIGKILL: the whole group killed) `after_s` seconds into
+    the copy. Returns (exit status, output)."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-u", "-m", "tinygpt.cli", "deploy", "--port", port, "--model", str(model),
+                          "--no-scripts"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("copying"):
+            time.sleep(after_s)
+            os.killpg(p.pid, sig)
+            break
+    out.append(p.stdout.read())
+    return p.wait(60), "".join(out)
+
+
+def _board_files(port):
+    return sorted(mpremote(port, "exec", "import os; print(' '.join(os.listdir()))").split())
+
+
+@BOARD_TIMEOUT
+def test_deploy_interrupted_keeps_a_complete_model(vboard, models, tmp_path):
+    """Issue 9 D5: Ctrl-C or a kill in the middle of copying a model leaves the board's previous
+    model complete (before: model.bin was removed first, an interrupted copy left it cut short
+    or missing); deploy --check says what is there; the next deploy removes the partial copy."""
+    a, _ = models
+    # ~117 KB: about 9 s over the virtual link, so 2 s in is the middle of the copy
+    big = tmp_path / "big.bin"
+    modelfile.atomic_write_bytes(big, bench.random_model_bytes(modelfile.normalize_hparams(
+        dict(SMALL, n_embd=64, n_layer=2, n_inner=256)), seed=3))
+    deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
+    rc, out = _deploy_and_interrupt(vboard.port, big, signal.SIGINT, 2.0)
+    assert rc == 130, out
+    assert "deploy interrupted: nothing on the board was replaced: it keeps its previous model.bin" in out, out
+    assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(a)
+    rc, out = _deploy_and_interrupt(vboard.port, big, signal.SIGKILL, 2.0)
+    assert rc == -signal.SIGKILL
+    assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(a)
+    assert "model.bin.new" in _board_files(vboard.port)  # the part copied before the kill
+    # a check says which model is there and that a deploy was cut off
+    r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "deploy", "--port", vboard.port, "--model", str(big),
+                        "--no-scripts", "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "model.bin on the board: another file (40532 bytes, the one being deployed has %d)" \
+        % big.stat().st_size in r.stdout
+    assert re.search(r"model.bin.new on the board: left by an interrupted deploy \(\d+ bytes, not the file", r.stdout)
+    logs = []
+    deploy.deploy(vboard.port, big, scripts=False, log=logs.append)
+    assert "removing model.bin.new (left by an interrupted deploy)" in logs
+    assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(big)
+    assert deploy.check(vboard.port, big, scripts=False, log=lambda s: None)
+    assert ".new" not in " ".join(_board_files(vboard.port))
+    deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
+
+
+@BOARD_TIMEOUT
+def test_deploy_finishes_a_rename_that_was_cut_off(vboard, models):
+    """Issue 9 D5, the FAT window: a reset inside os.rename leaves NAME missing and NAME.new
+    complete; the next deploy sees a complete copy of the file being deployed and only renames."""
+    a, b = models
+    deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
+    mpremote(vboard.port, "cp", str(b), ":model.bin.new")
+    mpremote(vboard.port, "rm", ":model.bin")
+    logs = []
+    assert not deploy.check(vboard.port, b, scripts=False, log=logs.append)
+    assert logs == ["model.bin on the board: missing", "model.bin.new on the board: left by an interrupted deploy "
+                    "(a complete copy of the file being deployed)"]
+    logs = []
+    deploy.deploy(vboard.port, b, scripts=False, log=logs.append)
+    assert "copying" not in "\n".join(logs) and "model.bin: replaced by the verified copy" in logs
+    assert board_sha256(vboard.port, "model.bin") == deploy.sha256_file(b)
+    assert "model.bin.new" not in _board_files(vboard.port)
+
+
+def test_board_rename_replaces_an_existing_file():
+    """What deploy's last step relies on: MicroPython's os.rename onto an existing file replaces
+    it, on littlefs (the ESP32 default) and on FAT."""
+    _need_micropython()
+    code = """
+import os, vfs
+class RAMBlockDev:
+    def __init__(self, block_size, count):
+        self.bs = block_size
+        self.data = bytearray(block_size * count)
+    def readblocks(self, n, buf, off=0):
+        buf[:] = self.data[n * self.bs + off:n * self.bs + off + len(buf)]
+    def writeblocks(self, n, buf, off=None):
+        if off is None:  # FAT: whole blocks
+            off = 0
+        self.data[n * self.bs + off:n * self.bs + off + len(buf)] = buf
+    def ioctl(self, op, arg):
+        if op == 4:
+            return len(self.data) // self.bs
+        if op == 5:
+            return self.bs
+        if op == 6:
+            return 0
+for kind in (vfs.VfsLfs2, vfs.VfsFat):
+    bd = RAMBlockDev(512, 256)
+    kind.mkfs(bd)
+    vfs.mount(kind(bd), '/t')
+    for name, text in (('/t/m.bin', 'old'), ('/t/m.bin.new', 'new')):
+        f = open(name, 'w')
+        f.write(text)
+        f.close()
+    os.rename('/t/m.bin.new', '/t/m.bin')
+    print(kind.__name__, open('/t/m.bin').read(), sorted(os.listdir('/t')))
+    vfs.umount('/t')
+"""
+    r = subprocess.run(micropython_command() + ["-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split("\n")[:2] == ["VfsLfs2 new ['m.bin']", "VfsFat new ['m.bin']"]
+
+
+@BOARD_TIMEOUT
+def test_deploy_in_place_when_both_do_not_fit(tmp_path, models, capsys):
+    """Issue 9 D5: the copy goes next to the old file, so a board with room for one model only
+    refuses, naming --in-place (old file removed first, the risk said), which then works."""
+    _need_micropython()
+    a, b = models
+    with VirtualBoard(tmp_path / "one", fs_size=64 * 1024) as one:  # 16 blocks: one 40 KB model
+        deploy.deploy(one.port, a, scripts=False, log=lambda s: None)
+        with pytest.raises(SystemExit):
+            cli.main(["deploy", "--port", one.port, "--model", str(b), "--no-scripts"])
+        err = capsys.readouterr().err
+        assert re.search(r"will not fit next to the files they replace: model.bin \(40532 bytes\) need 49152 "
+                         r"bytes on the board's filesystem, which has \d+ bytes free \(\d+ once the old files are "
+                         r"gone\). `tinygpt deploy --in-place` removes", err), err
+        assert board_sha256(one.port, "model.bin") == deploy.sha256_file(a)
+        assert cli.main(["deploy", "--port", one.port, "--model", str(b), "--no-scripts", "--in-place"]) == 0
+        assert board_sha256(one.port, "model.bin") == deploy.sha256_file(b)
+        assert _board_files(one.port) == ["model.bin"]
 
 
 @BOARD_TIMEOUT
@@ -867,8 +1013,18 @@ def test_ask_board_question_in_answer_out(vboard, models):
     # settings reach chat.ask on the board; its errors come back as one line
     with serial_chat.BoardChat(vboard.port, timeout=60) as b:
         assert b.ask("What is flash?", {"max_new_tokens": 4}) == expected_answer(models[0], "What is flash?", 4)
-        with pytest.raises(serial_chat.SerialChatError, match="ValueError: max_new_tokens must be an int >= 1"):
-            b.ask("x", {"max_new_tokens": 0})
+        with pytest.raises(serial_chat.SerialChatError, match="the board says: ValueError: empty question"):
+            b.ask("\x00\x07")  # control characters only: chat.ask on the board refuses it
+        assert b.ask("Still there?") == expected_answer(models[0], "Still there?")
+        # issue 9 D13: settings the board cannot take are refused on the PC (before: the board said
+        # "NameError: name 'nan' isn't defined"), and the session goes on
+        for bad, msg in (({"temperature": float("nan")}, "temperature must be finite and >= 0"),
+                         ({"top_p": float("inf")}, r"top_p must be in \(0, 1\]"),
+                         ({"repetition_penalty": -1.0}, "repetition_penalty must be finite and > 0"),
+                         ({"top_k": True}, "top_k must be an int"), ({"color": 1}, "unknown setting color"),
+                         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1, not 0")):
+            with pytest.raises(serial_chat.SerialChatError, match=msg):
+                b.ask("x", bad)
         assert b.ask("Still there?") == expected_answer(models[0], "Still there?")
 
 
@@ -922,4 +1078,4 @@ def test_ask_port_cli(vboard, models):
     # the board's refusal of a setting is one line, as on the PC
     r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "ask", "--port", vboard.port, "--max-new-tokens", "0", "x"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --max-new-tokens must be >= 1"
+    assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --max-new-tokens must be an int >= 1, not 0"

@@ -7,15 +7,26 @@
 What it does, with the board's own tools (the `mpremote` of this Python, run as a subprocess:
 exactly what a user would type):
   1. asks the board for its filesystem's free space (os.statvfs of the current directory, "/"
-     on a board) and the size and SHA-256 of each target file already there;
-  2. refuses, before copying anything, a set of files that will not fit (files it replaces count
-     as free), naming the sizes and what to do instead (a model too big for the filesystem goes
-     into the `model` flash partition with `tinygpt flash --model`);
-  3. copies the files whose hash differs (`mpremote cp -f`; the old copy is removed first so
-     littlefs can reuse its blocks);
-  4. has the board hash every file again (hashlib.sha256 over 4 KiB reads) and compares with
-     the local SHA-256; a failed or cut copy (mpremote error, the port vanishing, a size or hash
-     mismatch) is copied again, up to `retries` times, then reported.
+     on a board) and the size and SHA-256 of each target file already there, and of any
+     NAME.new an interrupted deploy left; says what each file on the board is;
+  2. refuses, before copying anything, a set of files that will not fit next to the files they
+     replace, naming the sizes and what to do instead (--in-place, or for a model too big for
+     the filesystem the `model` flash partition with `tinygpt flash --model`);
+  3. removes leftover NAME.new files (one that is a complete copy of the file being deployed is
+     kept: only its rename was cut off), then copies each file whose hash differs to NAME.new
+     (`mpremote cp -f`);
+  4. has the board hash every NAME.new (hashlib.sha256 over 4 KiB reads) and compares with the
+     local SHA-256; a failed or cut copy (mpremote error, the port vanishing, a size or hash
+     mismatch) is copied again, up to `retries` times, then reported;
+  5. renames every verified NAME.new over NAME in one call on the board, and checks the result.
+So whatever stops a deploy (Ctrl-C, a kill, a cut link, retries used up), each file on the board is
+complete: its previous version until the rename, its new one after it. littlefs (the ESP32
+port's default filesystem) renames over a file atomically; MicroPython's FAT driver removes the
+old file and renames in one C call, so only a reset inside that call can leave NAME missing and
+NAME.new complete, which the next deploy renames. An interrupted deploy says which state it left;
+`tinygpt deploy --check` says it any time. With --in-place (old file removed before the copy, for
+when both do not fit) an interrupted copy leaves that file missing until deploy runs again.
+Every mpremote call has a time limit (--timeout, or the defaults below).
 Files go to the board's current directory ("/" on a board): /model.bin, /chat.py, /bpe.py, where
 py/chat.py looks for them (chat.DEFAULT_PATHS).
 A port given as a symlink (/dev/serial/by-id/...) is resolved again for every connection, so a
@@ -37,6 +48,7 @@ PY_DIR = REPO / "py"
 SCRIPTS = ("chat.py", "bpe.py")
 MODEL_NAME = "model.bin"
 FS_BLOCK_SLACK = 2  # filesystem blocks per file for littlefs metadata, beyond its data blocks
+TMP_SUFFIX = ".new"  # a file is copied to NAME.new, verified there, then renamed over NAME
 # Default time limits per mpremote call: a board that stops answering must not hang the tool.
 # Hashing the files on the board: an ESP32-S3 hashes a 6.6 MB model from flash in seconds.
 QUERY_TIMEOUT = 60.0
@@ -131,6 +143,22 @@ class Board:
         limit = COPY_TIMEOUT_BASE + local.stat().st_size / COPY_BYTES_PER_S
         return self.run("exec", rm, "+", "cp", "-f", str(local), ":" + remote, timeout=limit, show=self.progress)
 
+    def remove(self, names) -> None:
+        """Remove these files on the board (missing ones are fine)."""
+        r = self.run("exec", "import os\nfor n in %r:\n    try:\n        os.remove(n)\n    except OSError:\n"
+                             "        pass\nprint('TGD')\n" % (list(names),))
+        if "TGD" not in r.stdout:
+            raise DeployError("cannot remove %s on the board: %s" % (", ".join(names), _why(r)))
+
+    def rename(self, pairs) -> None:
+        """os.rename(a, b) on the board for each (a, b), in one call. littlefs replaces b
+        atomically; MicroPython's FAT driver removes b and renames a in the same C call (a reset
+        in between leaves only a: the next deploy finds it complete and renames it)."""
+        r = self.run("exec", "import os\nfor a, b in %r:\n    os.rename(a, b)\nprint('TGR')\n" % (list(pairs),))
+        if "TGR" not in r.stdout:
+            raise DeployError("renaming on the board failed: %s; %s" % (_why(r), _interrupted(
+                "rename", [b for _a, b in pairs], False)))
+
 
 def _why(r: subprocess.CompletedProcess) -> str:
     text = (r.stderr or "").strip() or (r.stdout or "").strip() or "exit status %d" % r.returncode
@@ -161,59 +189,159 @@ def _blocks(nbytes: int, bsize: int) -> int:
     return -(-nbytes // bsize) + FS_BLOCK_SLACK
 
 
-def check_space(info: dict, todo: list[tuple[Path, str, int]]) -> None:
-    """Refuse (DeployError) when the files to copy cannot fit in the board's free space plus the
-    space of the files they replace."""
+def check_space(info: dict, todo: list[tuple[Path, str, int]], stale=(), in_place: bool = False) -> None:
+    """Refuse (DeployError) when the files to copy do not fit. Each copy is made next to the file
+    it replaces and renamed over it once verified, so the copies need free space of their own;
+    leftover temporary files (stale, removed first) count as free, and with in_place (each old
+    file removed before its copy) so do the files replaced."""
     bsize = info["frsize"] or info["bsize"]
-    free = info["bavail"] * bsize
-    reclaim = sum(_blocks(info["files"][name][0], bsize) * bsize for _p, name, _n in todo
-                  if info["files"].get(name))
+    free = info["bavail"] * bsize + sum(_blocks(info["files"][t][0], bsize) * bsize for t in stale)
+    replaced = sum(_blocks(info["files"][name][0], bsize) * bsize for _p, name, _n in todo
+                   if info["files"].get(name))
     need = sum(_blocks(n, bsize) * bsize for _p, _name, n in todo)
-    if need > free + reclaim:
-        total = info["blocks"] * bsize
-        names = ", ".join("%s (%d bytes)" % (name, n) for _p, name, n in todo)
-        hint = ""
-        if any(name == MODEL_NAME for _p, name, _n in todo):
-            hint = (" Use a smaller model, or write it into the board's 'model' flash partition with "
-                    "`tinygpt flash --port PORT --model MODEL` (tinygpt firmware), which leaves the "
-                    "filesystem free.")
-        raise DeployError("will not fit: %s need %d bytes on the board's filesystem, which has %d bytes "
-                          "free (%d with the files they replace) of %d.%s"
-                          % (names, need, free, free + reclaim, total, hint))
+    if need <= free + (replaced if in_place else 0):
+        return
+    names = ", ".join("%s (%d bytes)" % (name, n) for _p, name, n in todo)
+    if need <= free + replaced:
+        raise DeployError("will not fit next to the files they replace: %s need %d bytes on the board's "
+                          "filesystem, which has %d bytes free (%d once the old files are gone). "
+                          "`tinygpt deploy --in-place` removes each old file before copying its replacement: "
+                          "that fits, but an interrupted copy then leaves the board without that file until "
+                          "deploy runs again." % (names, need, free, free + replaced))
+    hint = ""
+    if any(name == MODEL_NAME for _p, name, _n in todo):
+        hint = (" Use a smaller model, or write it into the board's 'model' flash partition with "
+                "`tinygpt flash --port PORT --model MODEL` (tinygpt firmware), which leaves the "
+                "filesystem free.")
+    raise DeployError("will not fit: %s need %d bytes on the board's filesystem, which has %d bytes "
+                      "free (%d with the files they replace) of %d.%s"
+                      % (names, need, free, free + replaced, info["blocks"] * bsize, hint))
+
+
+def _state(got, want) -> str:
+    """What a file on the board is, next to the local file it should be."""
+    if got is None:
+        return "missing"
+    if got == want:
+        return "the file being deployed (sha256 %s...)" % want[1][:16]
+    if got[0] != want[0]:
+        return "another file (%d bytes, the one being deployed has %d)" % (got[0], want[0])
+    return "another file (sha256 %s..., the one being deployed has %s...)" % (got[1][:16], want[1][:16])
+
+
+def board_state(info: dict, want: dict) -> list[str]:
+    """One line per target file (and per leftover temporary file) on the board."""
+    lines = []
+    for name, w in want.items():
+        lines.append("%s on the board: %s" % (name, _state(info["files"].get(name), w)))
+        got = info["files"].get(name + TMP_SUFFIX)
+        if got is not None:
+            lines.append("%s%s on the board: left by an interrupted deploy (%s)"
+                         % (name, TMP_SUFFIX, "a complete copy of the file being deployed" if got == w
+                            else "%d bytes, not the file being deployed" % got[0]))
+    return lines
+
+
+def _interrupted(phase: str, names: list[str], in_place: bool) -> str:
+    """What the board holds when a deploy stops in `phase` (copy, rename, done)."""
+    files = ", ".join(names)
+    if phase == "copy" and in_place:
+        return ("the board's old %s were removed before copying (--in-place): run `tinygpt deploy` again "
+                "to put the files there" % files)
+    if phase == "copy":
+        return ("nothing on the board was replaced: it keeps its previous %s (the next deploy removes the "
+                "partial %s files)" % (files, TMP_SUFFIX))
+    return ("each of %s on the board is complete, either its previous or its new version: "
+            "`tinygpt deploy --check` says which" % files)
 
 
 def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=None,
-           timeout: float | None = None, log=print, progress: bool = False) -> dict:
+           timeout: float | None = None, log=print, progress: bool = False, in_place: bool = False) -> dict:
     """Copy and verify; returns {name on board: sha256}. Raises DeployError.
-    progress=True shows mpremote's progress bar of each copy on the terminal."""
+    progress=True shows mpremote's progress bar of each copy on the terminal.
+    in_place=True removes a board file before copying its replacement (when both do not fit at
+    once): an interrupted deploy then leaves that file missing until the next deploy."""
     files = plan_files(model, scripts)
     local = {name: (p, p.stat().st_size, sha256_file(p)) for p, name in files}
+    want = {name: [n, h] for name, (_p, n, h) in local.items()}
     board = Board(port, mpremote, timeout, log, progress)
     names = [name for _p, name in files]
-    info = board.query(names)
-    todo = [(p, name, n) for name, (p, n, h) in local.items()
-            if not info["files"].get(name) or info["files"][name] != [n, h]]
+    temps = [name + TMP_SUFFIX for name in names]
+    info = board.query(names + temps)
+    for line in board_state(info, want):
+        log(line)
+    ready = [name for name in names if info["files"].get(name + TMP_SUFFIX) == want[name]
+             and info["files"].get(name) != want[name]]  # copied and verified, the rename was cut off
+    stale = [name + TMP_SUFFIX for name in names
+             if info["files"].get(name + TMP_SUFFIX) is not None and name not in ready]
+    todo = [(local[name][0], name, want[name][0]) for name in names
+            if info["files"].get(name) != want[name] and name not in ready]
     for name in names:
-        if all(name != t[1] for t in todo):
+        if info["files"].get(name) == want[name]:
             log("%s: up to date on the board" % name)
-    check_space(info, todo)
+    check_space(info, todo, stale, in_place)
+    phase = "copy"
+    try:
+        if stale:
+            log("removing %s (left by an interrupted deploy)" % ", ".join(stale))
+            board.remove(stale)
+        if in_place:
+            board.remove([name for _p, name, _n in todo if info["files"].get(name)])
+        failures = _copy_verified(board, todo, want, retries, log)
+        if failures:
+            raise DeployError("giving up after %d retries: %s; %s" % (retries, "; ".join(
+                "%s: %s" % (name, why) for name, why in failures.items()),
+                _interrupted("copy", [t[1] for t in todo], in_place)))
+        done = ready + [name for _p, name, _n in todo]
+        if done:
+            phase = "rename"
+            board.rename([(name + TMP_SUFFIX, name) for name in done])
+            info = board.query(names + temps)
+            wrong = [name for name in names if info["files"].get(name) != want[name]]
+            if wrong:
+                raise DeployError("after renaming on the board: %s" % "; ".join(
+                    "%s is %s" % (name, _state(info["files"].get(name), want[name])) for name in wrong))
+            for name in done:
+                log("%s: replaced by the verified copy" % name)
+    except KeyboardInterrupt:
+        log("deploy interrupted: " + _interrupted(phase, [t[1] for t in todo] + ready, in_place))
+        raise
+    return {name: h for name, (_p, _n, h) in local.items()}
+
+
+def check(port: str, model, scripts: bool = True, mpremote=None, timeout: float | None = None,
+          log=print) -> bool:
+    """Say what the board holds (board_state); True when every file is the one given and no
+    interrupted deploy left a temporary file."""
+    files = plan_files(model, scripts)
+    want = {name: [p.stat().st_size, sha256_file(p)] for p, name in files}
+    info = Board(port, mpremote, timeout, log).query(list(want) + [name + TMP_SUFFIX for name in want])
+    for line in board_state(info, want):
+        log(line)
+    return all(info["files"].get(name) == w and info["files"].get(name + TMP_SUFFIX) is None
+               for name, w in want.items())
+
+
+def _copy_verified(board, todo, want, retries, log) -> dict:
+    """Copy each (local, name, size) of todo to name + TMP_SUFFIX on the board and check its
+    SHA-256 there; a failed or cut copy is copied again, up to `retries` times. Returns
+    {name: why} of what still failed ({} when every copy is verified)."""
     attempt = 0
     failures: dict = {}
     while todo:
         if attempt > retries:
-            raise DeployError("giving up after %d retries: %s" % (retries, "; ".join(
-                "%s: %s" % (name, why) for name, why in failures.items())))
+            return failures
         if attempt:
             log("retrying %s (attempt %d of %d)" % (", ".join(t[1] for t in todo), attempt + 1, retries + 1))
         failures = {}
         for p, name, n in todo:
-            log("copying %s -> :%s (%d bytes)" % (p, name, n))
-            r = board.copy(p, name)
+            log("copying %s -> :%s%s (%d bytes)" % (p, name, TMP_SUFFIX, n))
+            r = board.copy(p, name + TMP_SUFFIX)
             if r.returncode != 0:
                 failures[name] = "copy failed: " + _why(r)
                 log("%s: %s" % (name, failures[name]))
         try:
-            info = board.query(names)
+            info = board.query([t[1] + TMP_SUFFIX for t in todo])
         except DeployError as e:
             for _p, name, _n in todo:
                 failures.setdefault(name, str(e))
@@ -221,24 +349,23 @@ def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=No
         if info is not None:
             left = []
             for p, name, n in todo:
-                got = info["files"].get(name)
-                want = [n, local[name][2]]
-                if got == want:
+                got = info["files"].get(name + TMP_SUFFIX)
+                if got == want[name]:
                     failures.pop(name, None)
-                    log("%s: verified (sha256 %s)" % (name, want[1][:16]))
+                    log("%s%s: verified (sha256 %s)" % (name, TMP_SUFFIX, want[name][1][:16]))
                     continue
                 if got is None:
                     state = "missing"
                 elif got[0] != n:
                     state = "%d of %d bytes" % (got[0], n)
                 else:
-                    state = "%d bytes but SHA-256 %s..., expected %s..." % (n, got[1][:12], want[1][:12])
-                failures[name] = "%s; on the board: %s" % (failures.get(name, "copied"), state)
+                    state = "%d bytes but SHA-256 %s..., expected %s..." % (n, got[1][:12], want[name][1][:12])
+                failures[name] = "%s; on the board: %s%s %s" % (failures.get(name, "copied"), name, TMP_SUFFIX, state)
                 log("%s: not verified (%s)" % (name, failures[name]))
                 left.append((p, name, n))
             todo = left
         attempt += 1
-    return {name: h for name, (_p, _n, h) in local.items()}
+    return {}
 
 
 def add_arguments(p, default_model) -> None:
@@ -249,6 +376,12 @@ def add_arguments(p, default_model) -> None:
     g.add_argument("--frozen", action="store_true",
                    help="the firmware has chat.py and bpe.py frozen in (tinygpt firmware): copy only the model")
     p.add_argument("--retries", type=int, default=3, help="copies of a file that fails to verify (default 3)")
+    p.add_argument("--check", action="store_true",
+                   help="copy nothing: say which files on the board are the ones given (exit status 1 if any is "
+                        "not, or an interrupted deploy left a %s file)" % TMP_SUFFIX)
+    p.add_argument("--in-place", action="store_true",
+                   help="remove each old file before copying its replacement, for when both do not fit at once "
+                        "(an interrupted copy then leaves the board without that file until deploy runs again)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds allowed per mpremote call (default: %.0f s to query the board, %.0f s + 1 s per "
                         "%d KB to copy a file)" % (QUERY_TIMEOUT, COPY_TIMEOUT_BASE, COPY_BYTES_PER_S // 1000))
@@ -260,6 +393,10 @@ def run_cli(args) -> None:
     if args.timeout is not None and not args.timeout > 0:
         raise DeployError("--timeout must be > 0 seconds")
     scripts = not (args.no_scripts or args.frozen)
+    if args.check:
+        if not check(args.port, args.model, scripts=scripts, timeout=args.timeout):
+            sys.exit(1)
+        return
     hashes = deploy(args.port, args.model, scripts=scripts, retries=args.retries, timeout=args.timeout,
-                    progress=sys.stdout.isatty())
+                    progress=sys.stdout.isatty(), in_place=args.in_place)
     print("deployed %d file(s) to %s: %s" % (len(hashes), args.port, ", ".join(hashes)))
