@@ -968,6 +968,37 @@ def test_deploy_in_place_when_both_do_not_fit(tmp_path, models, capsys):
 
 
 @BOARD_TIMEOUT
+def test_board_chat_write_has_a_time_limit(tmp_path):
+    """A board that answers the raw REPL, then stops reading: sending a question fails after the
+    timeout with a message (before: the write blocked for ever once the tty buffer was full)."""
+    import threading
+    import time
+
+    master, slave = os.openpty()
+    import tty
+    tty.setraw(slave)
+    port = tmp_path / "ttyHUNG"
+    os.symlink(os.ttyname(slave), port)
+
+    def board():  # answer Ctrl-A with the raw REPL prompt, then read nothing more
+        buf = b""
+        while b"\x01" not in buf:
+            buf += os.read(master, 1024)
+        os.write(master, serial_chat.RAW_PROMPT)
+
+    threading.Thread(target=board, daemon=True).start()
+    try:
+        b = serial_chat.BoardChat(str(port), timeout=2)
+        t0 = time.monotonic()
+        with pytest.raises(serial_chat.SerialChatError, match="lost the board on .*ttyHUNG: Write timeout"):
+            b.ask("x" * 1000000)
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@BOARD_TIMEOUT
 def test_deploy_refuses_what_does_not_fit(tmp_path, models, capsys):
     _need_micropython()
     model, _ = models

@@ -74,7 +74,9 @@ class BoardChat:
         self.port = port
         self.timeout = timeout
         try:
-            self.ser = serial.serial_for_url(check_port(resolve_port(port)), baudrate=baudrate, timeout=0.05)
+            # write_timeout: a board that stops reading (hung, or its USB stalled) must not block a write
+            self.ser = serial.serial_for_url(check_port(resolve_port(port)), baudrate=baudrate, timeout=0.05,
+                                             write_timeout=timeout)
         except (serial.SerialException, OSError) as e:
             raise SerialChatError("cannot open %s: %s" % (port, e))
         self._serial_errors = (serial.SerialException, OSError)
