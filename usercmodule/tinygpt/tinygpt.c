@@ -229,6 +229,10 @@ static float quantize(int8_t *q, const float *v, uint32_t n) {
     return s;
 }
 
+/* The int8 dot products. Their sums are exact in int32 (|x . w| <= 65536 * 128 * 128 = 2^30 for
+ * the largest n_in the spec allows), so any order of the multiply-adds gives the same bits: the
+ * kernels below differ in speed only, and the float32 work stays in store_outputs, in the
+ * spec's order. */
 static int32_t dot_i8(const int8_t *a, const int8_t *b, uint32_t n) {
     int32_t acc = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -237,19 +241,146 @@ static int32_t dot_i8(const int8_t *a, const int8_t *b, uint32_t n) {
     return acc;
 }
 
+/* dot_rows(acc, x, w, n): acc[r] = x . w[r * n ...] for the DOT_ROWS weight rows that start at
+ * w (row stride n), against one activation vector x of n values. It does nearly every
+ * multiply-add of a token, and it is the function a port replaces with a SIMD kernel of its core
+ * (ESP32-S3 PIE, Helium, ...): matmul calls only it and dot_i8, and the results must be the
+ * exact int32 sums. x and the rows are 4-byte aligned whenever n and the activations' stride
+ * are multiples of 4 (tensors are 16-byte aligned in the file, activations live in
+ * model_alloc'ed buffers); a kernel that needs aligned words checks and falls back, as the DSP
+ * one does.
+ *
+ * TG_DOT_KERNEL picks one of three versions; the default suits the core being compiled for:
+ *   1  one row at a time (dot_i8): what auto-vectorizing compilers turn into SIMD code for a
+ *      PC (SSE2, NEON); the default there.
+ *   2  four rows per pass, for 32-bit cores without SIMD (Xtensa, RISC-V, Cortex-M0/M3): each
+ *      activation byte is loaded once for four rows and the loop overhead is shared, leaving
+ *      one load and one multiply-add per weight.
+ *   3  Armv7E-M DSP (Cortex-M4/M7/M33): SMLAD, two 16-bit multiply-adds per instruction.
+ * tests/test_bench.py checks every version against a plain loop (versions 1 and 2 on the PC,
+ * 2 and 3 on the emulated Cortex-M4F). */
+#ifndef TG_DOT_KERNEL
+#if defined(__ARM_FEATURE_SIMD32)
+#define TG_DOT_KERNEL 3
+#elif defined(__SSE2__) || defined(__ARM_NEON)
+#define TG_DOT_KERNEL 1
+#else
+#define TG_DOT_KERNEL 2
+#endif
+#endif
+
+#if TG_DOT_KERNEL == 1
+#define DOT_ROWS 1
+static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, uint32_t n) {
+    acc[0] = dot_i8(x, w, n);
+}
+
+#elif TG_DOT_KERNEL == 2
+/* Four rows: four accumulators and four row pointers stay in registers on 16-register cores. */
+#define DOT_ROWS 4
+static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, uint32_t n) {
+    const int8_t *w0 = w, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int32_t v = x[i];
+        a0 += v * w0[i];
+        a1 += v * w1[i];
+        a2 += v * w2[i];
+        a3 += v * w3[i];
+    }
+    acc[0] = a0;
+    acc[1] = a1;
+    acc[2] = a2;
+    acc[3] = a3;
+}
+
+#elif TG_DOT_KERNEL == 3
+/* Four int8 of a word go to 16-bit lanes as (b0, b2) by SXTB16 and as (b1 * 256, b3 * 256) by
+ * masking the word with 0xFF00FF00; the activation word is split the other way round
+ * ((a0 * 256, a2 * 256) and (a1, a3)), so every lane product is 256 times a term of the dot
+ * product, and the 256-fold sum of up to DSP_CHUNK inputs (<= 2^30) is exact in an int32.
+ * Three rows keep every value in a register (four spill on a Cortex-M4). */
+#include <arm_acle.h>
+
+#define DOT_ROWS 3
+#define DSP_CHUNK 256u
+
+static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, uint32_t n) {
+    if (n % 4 != 0 || (((uintptr_t)x | (uintptr_t)w) & 3u) != 0) {
+        for (uint32_t r = 0; r < DOT_ROWS; r++) { /* word loads would be misaligned */
+            acc[r] = dot_i8(x, w + (size_t)r * n, n);
+        }
+        return;
+    }
+    const uint8_t *xp = (const uint8_t *)x, *w0 = (const uint8_t *)w, *w1 = w0 + n, *w2 = w1 + n;
+    int32_t t0 = 0, t1 = 0, t2 = 0;
+    for (uint32_t done = 0; done < n; done += DSP_CHUNK) {
+        const uint8_t *end = xp + (n - done < DSP_CHUNK ? n - done : DSP_CHUNK);
+        int32_t a0 = 0, a1 = 0, a2 = 0; /* 256 x this chunk's dot products */
+        while (xp < end) {
+            uint32_t v, u;
+            memcpy(&v, xp, 4); /* aligned: one LDR */
+            int16x2_t x02 = (int16x2_t)((v << 8) & 0xFF00FF00u); /* (a0 * 256, a2 * 256) */
+            int16x2_t x13 = __sxtb16((v >> 8) | (v << 24));      /* (a1, a3) */
+            memcpy(&u, w0, 4);
+            a0 = __smlad(__sxtb16(u), x02, a0);
+            a0 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a0);
+            memcpy(&u, w1, 4);
+            a1 = __smlad(__sxtb16(u), x02, a1);
+            a1 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a1);
+            memcpy(&u, w2, 4);
+            a2 = __smlad(__sxtb16(u), x02, a2);
+            a2 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a2);
+            xp += 4;
+            w0 += 4;
+            w1 += 4;
+            w2 += 4;
+        }
+        t0 += a0 / 256; /* exact: a multiple of 256 */
+        t1 += a1 / 256;
+        t2 += a2 / 256;
+    }
+    acc[0] = t0;
+    acc[1] = t1;
+    acc[2] = t2;
+}
+
+#else
+#error "TG_DOT_KERNEL must be 1, 2 or 3"
+#endif
+
+/* y[o] = (float)acc[o] * (xs * sw[o]) + b[o] for n outputs of one token (spec 4.4). */
+static void store_outputs(float *y, const int32_t *acc, uint32_t n, float xs, const float *sw,
+                          const float *b) {
+    for (uint32_t o = 0; o < n; o++) {
+        float scale = xs * sw[o];
+        float v = (float)acc[o] * scale;
+        y[o] = b ? v + b[o] : v;
+    }
+}
+
 /* y[t][o] = (float)(xq[t] . W[o]) * (xs[t] * sw[o]) + b[o] for nb tokens (spec 4.4).
- * The weight row is the outer loop so each row is read once for the whole batch: on the
- * device the weights stream from PSRAM or flash, the activations stay in cache. */
+ * The weight rows are the outer loop, DOT_ROWS at a time, so each row is read once for the
+ * whole batch: on the device the weights stream from PSRAM or flash, the activations and the
+ * few rows in use stay in cache. */
 static void matmul(float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
                    const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
                    uint32_t n_in, uint32_t n_out) {
-    for (uint32_t o = 0; o < n_out; o++) {
+    uint32_t o = 0;
+    for (; o + DOT_ROWS <= n_out; o += DOT_ROWS) {
+        const int8_t *rows = w + (size_t)o * n_in;
+        for (uint32_t t = 0; t < nb; t++) {
+            int32_t acc[DOT_ROWS];
+            dot_rows(acc, xq + (size_t)t * x_stride, rows, n_in);
+            store_outputs(y + (size_t)t * y_stride + o, acc, DOT_ROWS, xs[t], sw + o,
+                          b ? b + o : NULL);
+        }
+    }
+    for (; o < n_out; o++) {
         const int8_t *row = w + (size_t)o * n_in;
         for (uint32_t t = 0; t < nb; t++) {
             int32_t acc = dot_i8(xq + (size_t)t * x_stride, row, n_in);
-            float scale = xs[t] * sw[o];
-            float v = (float)acc * scale;
-            y[(size_t)t * y_stride + o] = b ? v + b[o] : v;
+            store_outputs(y + (size_t)t * y_stride + o, &acc, 1, xs[t], sw + o, b ? b + o : NULL);
         }
     }
 }
