@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .board import BoardError
+from .board import BoardError, check_regular_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
@@ -57,12 +57,10 @@ def find_qemu():
 
 def check_firmware(path):
     """The firmware ELF, or an error that says how to build it."""
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise EmulateError("firmware %s not found: build it from the repository root (MicroPython cloned at "
                            "./micropython) with `%s`, or give --firmware" % (path, BUILD_COMMAND))
-    if not p.is_file():
-        raise EmulateError("firmware %s is not a file" % path)
+    p = check_regular_file(path, "firmware file")
     with open(p, "rb") as f:
         if f.read(4) != b"\x7fELF":
             raise EmulateError("firmware %s is not an ELF file (give the firmware.elf that the qemu port's make "
@@ -72,11 +70,7 @@ def check_firmware(path):
 
 def check_model(path):
     """The model file, checked to fit the board's model region."""
-    p = Path(path)
-    if not p.exists():
-        raise EmulateError("model %s: no such file" % path)
-    if not p.is_file():
-        raise EmulateError("model %s is not a regular file" % path)
+    p = check_regular_file(path, "model file")
     size = p.stat().st_size
     with open(p, "rb") as f:
         magic = f.read(4)
