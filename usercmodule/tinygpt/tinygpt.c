@@ -241,6 +241,16 @@ static int32_t dot_i8(const int8_t *a, const int8_t *b, uint32_t n) {
     return acc;
 }
 
+/* y[o] = (float)acc[o] * (xs * sw[o]) + b[o] for n outputs of one token (spec 4.4). */
+static void store_outputs(float *y, const int32_t *acc, uint32_t n, float xs, const float *sw,
+                          const float *b) {
+    for (uint32_t o = 0; o < n; o++) {
+        float scale = xs * sw[o];
+        float v = (float)acc[o] * scale;
+        y[o] = b ? v + b[o] : v;
+    }
+}
+
 /* dot_rows(acc, x, w, n): acc[r] = x . w[r * n ...] for the DOT_ROWS weight rows that start at
  * w (row stride n), against one activation vector x of n values. It does nearly every
  * multiply-add of a token, and it is the function a port replaces with a SIMD kernel of its core
@@ -345,19 +355,66 @@ static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, ui
     acc[2] = t2;
 }
 
+/* matmul of one token (decode): the activation is split into its lanes once, on the stack, and
+ * shared by all rows, which leaves 5 instructions per weight word (LDR, SXTB16, AND, 2 SMLAD).
+ * Returns 0, having done nothing, where dot_rows has to do it: odd shapes, or more than
+ * DSP_LANES_MAX inputs. */
+#define DSP_LANES_MAX 1024u /* inputs: 2 KB of stack */
+
+static int matvec_dsp(float *y, const int8_t *x, float xs, const int8_t *w, const float *sw,
+                      const float *b, uint32_t n_in, uint32_t n_out) {
+    int16x2_t lanes[DSP_LANES_MAX / 2];
+    if (n_in > DSP_LANES_MAX || n_in % 4 != 0 || (((uintptr_t)x | (uintptr_t)w) & 3u) != 0) {
+        return 0;
+    }
+    for (uint32_t i = 0; i < n_in / 4; i++) {
+        uint32_t v;
+        memcpy(&v, x + 4 * i, 4);
+        lanes[2 * i] = (int16x2_t)((v << 8) & 0xFF00FF00u); /* as in dot_rows */
+        lanes[2 * i + 1] = __sxtb16((v >> 8) | (v << 24));
+    }
+    uint32_t o = 0;
+    for (; o + DOT_ROWS <= n_out; o += DOT_ROWS) {
+        const uint8_t *w0 = (const uint8_t *)(w + (size_t)o * n_in), *w1 = w0 + n_in;
+        const uint8_t *w2 = w1 + n_in;
+        const int16x2_t *lp = lanes;
+        int32_t acc[DOT_ROWS] = {0, 0, 0};
+        for (uint32_t done = 0; done < n_in; done += DSP_CHUNK) {
+            const int16x2_t *end = lp + (n_in - done < DSP_CHUNK ? n_in - done : DSP_CHUNK) / 2;
+            int32_t a0 = 0, a1 = 0, a2 = 0;
+            while (lp < end) {
+                int16x2_t x02 = lp[0], x13 = lp[1];
+                uint32_t u;
+                memcpy(&u, w0, 4);
+                a0 = __smlad(__sxtb16(u), x02, a0);
+                a0 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a0);
+                memcpy(&u, w1, 4);
+                a1 = __smlad(__sxtb16(u), x02, a1);
+                a1 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a1);
+                memcpy(&u, w2, 4);
+                a2 = __smlad(__sxtb16(u), x02, a2);
+                a2 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a2);
+                lp += 2;
+                w0 += 4;
+                w1 += 4;
+                w2 += 4;
+            }
+            acc[0] += a0 / 256;
+            acc[1] += a1 / 256;
+            acc[2] += a2 / 256;
+        }
+        store_outputs(y + o, acc, DOT_ROWS, xs, sw + o, b ? b + o : NULL);
+    }
+    for (; o < n_out; o++) {
+        int32_t acc = dot_i8(x, w + (size_t)o * n_in, n_in);
+        store_outputs(y + o, &acc, 1, xs, sw + o, b ? b + o : NULL);
+    }
+    return 1;
+}
+
 #else
 #error "TG_DOT_KERNEL must be 1, 2 or 3"
 #endif
-
-/* y[o] = (float)acc[o] * (xs * sw[o]) + b[o] for n outputs of one token (spec 4.4). */
-static void store_outputs(float *y, const int32_t *acc, uint32_t n, float xs, const float *sw,
-                          const float *b) {
-    for (uint32_t o = 0; o < n; o++) {
-        float scale = xs * sw[o];
-        float v = (float)acc[o] * scale;
-        y[o] = b ? v + b[o] : v;
-    }
-}
 
 /* y[t][o] = (float)(xq[t] . W[o]) * (xs[t] * sw[o]) + b[o] for nb tokens (spec 4.4).
  * The weight rows are the outer loop, DOT_ROWS at a time, so each row is read once for the
@@ -366,6 +423,11 @@ static void store_outputs(float *y, const int32_t *acc, uint32_t n, float xs, co
 static void matmul(float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
                    const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
                    uint32_t n_in, uint32_t n_out) {
+#if TG_DOT_KERNEL == 3
+    if (nb == 1 && matvec_dsp(y, xq, xs[0], w, sw, b, n_in, n_out)) {
+        return;
+    }
+#endif
     uint32_t o = 0;
     for (; o + DOT_ROWS <= n_out; o += DOT_ROWS) {
         const int8_t *rows = w + (size_t)o * n_in;
