@@ -9,7 +9,9 @@
   equal the host engine's exactly: the format spec fixes every float32 operation.
   QEMU runs with `-icount shift=0` (one instruction per ns of virtual time) and SysTick on the
   25 MHz processor clock, so SysTick ticks count executed instructions (main.c calibrates: 40
-  instructions per tick); the instructions per token are printed (`pytest -s`).
+  instructions per tick); the instructions per token are printed (`pytest -s`). The build and
+  run logic is tinygpt.mcu's, shared with `tinygpt bench --mcu`. Both dot-product kernels a
+  Cortex-M4F can get are run: the default (Armv7E-M DSP) and the portable one (TG_DOT_KERNEL=2).
 
 The tools come from Debian packages: `bash scripts/install-ci-deps` (as root) installs them.
 Where that script could have (a Debian machine), a missing tool fails the test; elsewhere the
@@ -18,26 +20,17 @@ test is skipped.
 import re
 import shutil
 import subprocess
-import zlib
 
 import numpy as np
 import pytest
 
 from conftest import REPO
 
-from tinygpt import bench, modelfile
-from tinygpt.engine import Model
+from tinygpt import bench, mcu, modelfile
 from tinygpt.presets import PRESETS
 
 ENGINE = REPO / "usercmodule" / "tinygpt"
-MCU = REPO / "tests" / "mcu"
 INSTALL_HINT = "run `sudo bash scripts/install-ci-deps` (or: apt-get install -y --no-install-recommends %s)"
-
-ARM_CFLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16", "-O2", "-ffp-contract=off",
-              "-std=c99", "-g", "-Wall", "-Wextra", "-Werror", "-ffunction-sections", "-fdata-sections"]
-QEMU = ["qemu-system-arm", "-M", "mps2-an386", "-cpu", "cortex-m4", "-nographic", "-monitor", "none",
-        "-serial", "none", "-semihosting", "-icount", "shift=0"]
-INSN_PER_TICK = 40  # -icount shift=0: 1 insn/ns; SysTick at 25 MHz: 40 ns/tick (checked by main.c)
 XTENSA_TEXT_LIMIT = 64 * 1024
 
 
@@ -50,6 +43,11 @@ def require(tool, package):
     if shutil.which("apt-get") and shutil.which("dpkg"):
         pytest.fail(msg)
     pytest.skip(msg + " (not a Debian machine)")
+
+
+def require_mcu_tools():
+    for tool, packages in mcu.PACKAGES.items():
+        require(tool, packages)
 
 
 def run(cmd, hint=None, **kw):
@@ -115,106 +113,48 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def arm_objects(tmp_path_factory):
-    """The C sources compiled once for the Cortex-M4F; each program links its own model."""
-    cc = require("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi")
-    d = tmp_path_factory.mktemp("arm")
-    objs = {}
-    for src in (ENGINE / "tinygpt.c", MCU / "startup.c", MCU / "mini_printf.c", MCU / "main.c",
-                ENGINE / "tg_port_arena.c", MCU / "misaligned.c"):
-        o = d / (src.stem + ".o")
-        run([cc] + ARM_CFLAGS + ["-I", ENGINE, "-I", MCU, "-c", src, "-o", o], hint="libnewlib-arm-none-eabi")
-        objs[src.stem] = o
-    return cc, d, objs
+def arm_builds(tmp_path_factory):
+    """The C sources compiled once per kernel for the Cortex-M4F: {build: (dir, objects)};
+    each program links its own model."""
+    require_mcu_tools()
+    builds = {}
+    for build, defines in bench.MCU_BUILDS.items():
+        d = tmp_path_factory.mktemp("arm_" + build)
+        builds[build] = d, mcu.compile_objects(d, defines=defines)
+    return builds
 
 
-def link(arm, name, objs, model=None):
-    cc, d, _ = arm
-    elf = d / (name + ".elf")
-    extra = []
-    if model is not None:
-        extra = ["-DTG_MODEL_FILE=\"%s\"" % model, MCU / "model.S"]
-    run([cc] + ARM_CFLAGS + ["-I", MCU] + list(objs) + extra +
-        ["--specs=nosys.specs", "-nostartfiles", "-T", MCU / "mps2_an386.ld", "-Wl,--gc-sections",
-         "-o", elf, "-lm"], hint="libnewlib-arm-none-eabi")
-    return elf
-
-
-def run_qemu(elf, timeout=120):
-    require("qemu-system-arm", "qemu-system-arm")
-    r = subprocess.run(QEMU + ["-kernel", str(elf)], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    return r.returncode, r.stdout + r.stderr  # semihosting output arrives on stderr
-
-
-def host_sequence(model_bytes, prompt, n_greedy, n_sampled, sampler, seed):
-    """What main.c does, on the host engine: [(kind, k, id, crc)] and the prefill CRC."""
-    crc = lambda m: zlib.crc32(bytes(m.logits())) & 0xFFFFFFFF  # noqa: E731
-    out = []
-    with Model(model_bytes) as m:
-        m.prefill(prompt)
-        first = crc(m)
-        for k in range(n_greedy):
-            t = m.sample()
-            m.step(t)
-            out.append(("greedy", k, t, crc(m)))
-        for k in range(n_sampled):
-            t = m.sample(seed=seed if k == 0 else None, **sampler)
-            m.step(t)
-            out.append(("sampled", k, t, crc(m)))
-    return first, out
-
-
+@pytest.mark.parametrize("build", sorted(bench.MCU_BUILDS))
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_qemu_matches_host(arm_objects, tmp_path, name):
+def test_qemu_matches_host(arm_builds, name, build):
     model_bytes = MODELS[name]()
-    path = tmp_path / "model.bin"
-    path.write_bytes(model_bytes)
-    objs = arm_objects[2]
-    elf = link(arm_objects, "main_" + name,
-               [objs[k] for k in ("startup", "mini_printf", "main", "tg_port_arena", "tinygpt")], model=path)
-    rc, out = run_qemu(elf)
-    assert rc == 0 and out.rstrip().endswith("done"), "MCU run failed (rc %d):\n%s" % (rc, out[-4000:])
-    assert "FAULT" not in out and "ERROR" not in out, out
+    workdir, objects = arm_builds[build]
+    r = mcu.run_model(model_bytes, workdir=workdir, objects=objects, name="main_" + name)
+    assert r["n_greedy"] >= 4 and r["n_sampled"] >= 3, r["output"]
 
-    prompt = [int(v) for v in re.search(r"^prompt:((?: \d+)+)$", out, re.M).group(1).split()]
-    sm = re.search(r"^sampler: temperature (\S+) top_k (\d+) top_p (\S+) repetition_penalty (\S+) seed (\d+)$",
-                   out, re.M)
-    sampler = dict(temperature=float(sm.group(1)), top_k=int(sm.group(2)), top_p=float(sm.group(3)),
-                   repetition_penalty=float(sm.group(4)))
-    mcu_steps = [(kind, int(k), int(t), int(c, 16)) for kind, k, t, c in
-                 re.findall(r"^(greedy|sampled) (\d+) id (\d+) crc ([0-9a-f]{8})$", out, re.M)]
-    n_greedy = sum(1 for s in mcu_steps if s[0] == "greedy")
-    n_sampled = len(mcu_steps) - n_greedy
-    assert n_greedy >= 4 and n_sampled >= 3, out
-    mcu_first = int(re.search(r"^crc prefill ([0-9a-f]{8})$", out, re.M).group(1), 16)
+    host_first, host_steps = mcu.host_sequence(model_bytes, r["prompt"], r["n_greedy"], r["n_sampled"],
+                                               r["sampler"], r["seed"])
+    assert r["prefill_crc"] == host_first, "prefill logits differ: MCU %08x, host %08x" % (r["prefill_crc"],
+                                                                                        host_first)
+    assert r["steps"] == host_steps, "MCU and host differ:\nMCU  %s\nhost %s" % (r["steps"], host_steps)
 
-    host_first, host_steps = host_sequence(model_bytes, prompt, n_greedy, n_sampled, sampler, int(sm.group(5)))
-    assert mcu_first == host_first, "prefill logits differ: MCU %08x, host %08x" % (mcu_first, host_first)
-    assert mcu_steps == host_steps, "MCU and host differ:\nMCU  %s\nhost %s" % (mcu_steps, host_steps)
-
-    # instruction counts (SysTick ticks x instructions per tick, calibrated in main.c)
-    cal = re.search(r"^calibration: (\d+) instructions in (\d+) ticks$", out, re.M)
-    insn, ticks = int(cal.group(1)), int(cal.group(2))
-    assert abs(insn / ticks - INSN_PER_TICK) < 0.01 * INSN_PER_TICK, "SysTick is not counting instructions: " + cal.group(0)
-    t = {m.group(1): (int(m.group(2)), int(m.group(3) or 1))
-         for m in re.finditer(r"^ticks (\w+) (\d+)(?: \w+ (\d+))?$", out, re.M)}
-    per = {k: v[0] * INSN_PER_TICK / v[1] for k, v in t.items()}
-    arena = re.search(r"^arena: .*$", out, re.M).group(0)
-    print("\n[qemu mps2-an386 Cortex-M4F -O2, %s] %d greedy + %d sampled tokens bit-identical to the host engine"
-          "\n  instructions: load+CRC %d, prefill %.0f/token (%d tokens), step %.0f/token, greedy sample %.0f, "
-          "top-k/top-p sample %.0f\n  %s"
-          % (name, n_greedy, n_sampled, per["load"], per["prefill"], t["prefill"][1], per["step"],
-             per["greedy_sample"], per["topkp_sample"], arena))
+    # instruction counts (SysTick ticks x instructions per tick, calibrated in main.c: parse_run
+    # refuses a run whose calibration is off)
+    per = r["instructions"]
+    print("\n[qemu mps2-an386 Cortex-M4F -O2, %s, %s kernel] %d greedy + %d sampled tokens bit-identical to the "
+          "host engine\n  instructions: load+CRC %d, prefill %.0f/token (%d tokens), step %.0f/token, greedy "
+          "sample %.0f, top-k/top-p sample %.0f\n  %s"
+          % (name, build, r["n_greedy"], r["n_sampled"], per["load"], per["prefill"], r["counted"]["prefill"],
+             per["step"], per["greedy_sample"], per["topkp_sample"], r["arena"]))
     assert 0 < per["step"] < 50e6
 
 
-def test_qemu_misaligned_load_faults(arm_objects):
+def test_qemu_misaligned_load_faults(arm_builds):
     """Negative control: under the same startup a misaligned word load must fault, so the clean
     runs above prove that the engine (and this harness) made only aligned accesses."""
-    objs = arm_objects[2]
-    elf = link(arm_objects, "misaligned", [objs[k] for k in ("startup", "mini_printf", "misaligned")])
-    rc, out = run_qemu(elf, timeout=60)
+    workdir, objects = arm_builds["default"]
+    elf = mcu.link(workdir, "misaligned", [objects[k] for k in ("startup", "mini_printf", "misaligned")])
+    rc, out = mcu.run_qemu(elf, timeout=60)
     assert "misaligned: loading" in out, out
     assert "no fault" not in out, out
     assert rc == 3, "expected the fault handler's exit status 3, got %d:\n%s" % (rc, out)

@@ -2,9 +2,15 @@
 
 A benchmark, not a test: it prints what it measured on this machine. Timings are wall-clock
 best-of-N on the host CPU; the byte counts are exact (they follow from the format).
+
+`tinygpt bench --mcu` runs the engine on an emulated Cortex-M4F instead (mcu.py) and reports
+executed instructions per token: counts that do not depend on the machine, for CI and for
+estimating a microcontroller's speed (docs/performance.md).
 """
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -127,3 +133,89 @@ def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print):
 
 def _mb(n):
     return "%.3f" % (n / 1e6)
+
+
+# -- the emulated microcontroller ------------------------------------------------------------
+
+# The builds `bench --mcu` measures: the engine as a Cortex-M4F port compiles it (dot_rows with
+# the DSP extension's SMLAD), and the portable kernel of 32-bit cores without SIMD.
+MCU_BUILDS = {"default": (), "portable": ("TG_DOT_KERNEL=2",)}
+
+
+def matmul_macs(info):
+    """Weight multiply-adds of one decoded token: every layer matrix and the output head
+    (attention over the cache comes on top and grows with the position)."""
+    E, I = info["n_embd"], info["n_inner"]
+    return info["n_layer"] * (4 * E * E + 2 * E * I) + info["n_vocab"] * E
+
+
+def mcu_bench_model(model_bytes, workdir, objects):
+    """Instruction counts of one model file on the emulated Cortex-M4F, for each MCU_BUILDS build,
+    checked bit-identical to the host engine."""
+    from . import mcu
+    from .engine import Model
+
+    with Model(model_bytes) as m:
+        info = m.info()
+    runs = {b: mcu.run_model(model_bytes, workdir=workdir, objects=objects[b], name="bench_" + b)
+            for b in MCU_BUILDS}
+    first = runs["default"]
+    counts = {b: {"decode": r["instructions"]["step"], "prefill": r["instructions"]["prefill"]}
+              for b, r in runs.items()}
+    macs = matmul_macs(info)
+    return {
+        "instructions_per_token": counts["default"],
+        "portable_kernel_instructions_per_token": counts["portable"],
+        "decode_instructions_per_mac": {b: c["decode"] / macs for b, c in counts.items()},
+        "matmul_macs_per_token": macs,
+        "weight_bytes_per_token": bytes_read(info, 1),
+        "prefill_tokens": first["counted"]["prefill"],
+        "decode_tokens": first["counted"]["step"],
+        "decode_positions": [len(first["prompt"]), len(first["prompt"]) + first["counted"]["step"] - 1],
+        "load_instructions": first["instructions"]["load"],
+        "greedy_sample_instructions": first["instructions"]["greedy_sample"],
+        "bit_identical_to_host": all(mcu.matches_host(model_bytes, r) for r in runs.values()),
+        "model_bytes": len(model_bytes),
+        "cpu": mcu.CPU,
+        "compiler": "%s %s" % (mcu.compiler_version(), " ".join(mcu.CFLAGS[:5])),
+    }
+
+
+def run_mcu(presets=None, model_path=None, as_json=False, out=print):
+    """`tinygpt bench --mcu`: instructions per token on the emulated Cortex-M4F (mcu.py).
+    Raises mcu.McuError (ToolMissing names the Debian packages) when it cannot build or run."""
+    from . import mcu
+
+    if model_path:
+        models = {str(model_path): lambda: Path(model_path).read_bytes()}
+    else:
+        models = {}
+        for name in presets or list(PRESETS):
+            hp = dict(PRESETS[name])
+            hp["n_vocab"] = hp.pop("vocab_size")
+            models[name] = lambda hp=hp: random_model_bytes(hp)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tinygpt-bench-mcu-") as tmp:
+        objects = {}
+        for build, defines in MCU_BUILDS.items():
+            d = Path(tmp) / build
+            d.mkdir()
+            objects[build] = mcu.compile_objects(d, defines=defines)
+        for name, load in models.items():
+            results[name] = mcu_bench_model(load(), tmp, objects)
+    if as_json:
+        out(json.dumps(results, indent=2))
+    else:
+        out("%-10s %14s %14s %14s %9s %12s %9s" % ("model", "decode insn", "prefill insn", "portable dec",
+                                                   "insn/MAC", "read/token", "identical"))
+        for name, r in results.items():
+            out("%-10s %14.0f %14.0f %14.0f %9.2f %12s %9s" % (
+                name[-10:], r["instructions_per_token"]["decode"], r["instructions_per_token"]["prefill"],
+                r["portable_kernel_instructions_per_token"]["decode"], r["decode_instructions_per_mac"]["default"],
+                _mb(r["weight_bytes_per_token"]), "yes" if r["bit_identical_to_host"] else "NO"))
+        first = next(iter(results.values()))
+        out("(%s, %s; instructions per token: decode at positions %d-%d, prefill of %d tokens; "
+            "portable dec = the kernel of cores without SIMD)" % (
+                first["cpu"], first["compiler"], first["decode_positions"][0], first["decode_positions"][1],
+                first["prefill_tokens"]))
+    return results

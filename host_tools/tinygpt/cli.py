@@ -3,7 +3,7 @@
     tinygpt ask "What is PSRAM?"              answer with the shipped default model
     tinygpt convert HF_DIR -o model.bin       Hugging Face GPT-2 -> INT8 model file
     tinygpt info model.bin                    what is inside a model file
-    tinygpt bench [--preset P | MODEL]        engine speed and memory
+    tinygpt bench [--preset P | MODEL] [--mcu] engine speed and memory (--mcu: instructions/token)
 
 Errors in what the user gave us (files, arguments, model files) end with one line
 "tinygpt: error: ..." and exit status 2; nothing half-written is left behind.
@@ -193,6 +193,16 @@ def cmd_bench(args):
         if p not in PRESETS:
             raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(PRESETS)))
     model = _existing_file(args.model, "model file") if args.model else None
+    if args.mcu:
+        from .mcu import McuError
+
+        if args.n_ctx is not None:
+            raise UserError("--n-ctx does not apply to --mcu (the emulated run uses n_positions)")
+        try:
+            bench.run_mcu(presets=args.preset, model_path=model, as_json=args.json)
+        except McuError as e:
+            raise UserError(str(e)) from e
+        return
     bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx)
 
 
@@ -528,6 +538,9 @@ def build_parser():
     b.add_argument("--preset", action="append", help="only this preset (repeatable)")
     b.add_argument("--n-ctx", type=int, default=None)
     b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--mcu", action="store_true",
+                   help="instructions per token on an emulated Cortex-M4F (QEMU) instead of host speed; needs the "
+                        "Debian packages gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm")
     b.set_defaults(func=cmd_bench)
 
     _add_board_parsers(sub)
