@@ -73,7 +73,7 @@ def cli(*args, timeout=120):
 
 # ----------------------------------------------------------------------------- arguments
 
-@pytest.mark.parametrize("case", ["preset", "tokenizer", "corpus", "resume"])
+@pytest.mark.parametrize("case", ["preset", "tokenizer", "corpus", "resume", "epochs"])
 def test_argument_errors_come_before_torch(data, tmp_path, case):
     d, c, tok = data
     (tmp_path / "run").mkdir()
@@ -81,9 +81,11 @@ def test_argument_errors_come_before_torch(data, tmp_path, case):
     args = {"preset": [c, "--tokenizer", tok, "-o", tmp_path / "r", "--preset", "huge"],
             "tokenizer": [c, "--tokenizer", tmp_path / "nope", "-o", tmp_path / "r"],
             "corpus": [tmp_path / "nope.txt", "--tokenizer", tok, "-o", tmp_path / "r"],
-            "resume": [c, "--tokenizer", tok, "-o", tmp_path / "run", "--preset", "tiny"]}[case]
+            "resume": [c, "--tokenizer", tok, "-o", tmp_path / "run", "--preset", "tiny"],
+            "epochs": [c, "--tokenizer", tok, "-o", tmp_path / "r", "--epochs", "0"]}[case]
     want = {"preset": "unknown preset 'huge'", "tokenizer": "`tinygpt tokenizer train",
-            "corpus": "corpus not found", "resume": "add --resume to continue it"}[case]
+            "corpus": "corpus not found", "resume": "add --resume to continue it",
+            "epochs": "--epochs must be an integer >= 1, got 0"}[case]
     p, _ = cli("train", *args)
     assert p.returncode == 2, p.stderr
     assert want in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -507,35 +507,35 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     log = log or (lambda *a, **k: None)
 
     # -- arguments (no torch yet: a mistake is reported in a fraction of a second) --------------
-    _need_int("epochs", epochs, 1)
-    _need_int("batch_size", batch_size, 1)
-    _need_int("seed", seed, 0)
-    _need_int("checkpoint_every", checkpoint_every, 0, allow_none=True)
-    _need_int("max_steps", max_steps, 1, allow_none=True)
-    _need_int("warmup_steps", warmup_steps, 0, allow_none=True)
-    _need_int("threads", threads, 1, allow_none=True)
+    _need_int("--epochs", epochs, 1)
+    _need_int("--batch-size", batch_size, 1)
+    _need_int("--seed", seed, 0)
+    _need_int("--checkpoint-every", checkpoint_every, 0, allow_none=True)
+    _need_int("--max-steps", max_steps, 1, allow_none=True)
+    _need_int("--warmup-steps", warmup_steps, 0, allow_none=True)
+    _need_int("--threads", threads, 1, allow_none=True)
     _need_int("stop_after", stop_after, 1, allow_none=True)
-    _need_int("val_every", val_every, 1, allow_none=True)
-    _need_int("early_stop", early_stop, 1, allow_none=True)
-    _need_int("augment", augment, 0)
+    _need_int("--val-every", val_every, 1, allow_none=True)
+    _need_int("--early-stop", early_stop, 1, allow_none=True)
+    _need_int("--augment", augment, 0)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise ValueError(f"--lr must be a positive number, got {lr!r}")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ValueError(f"--dropout must be in [0, 1), got {dropout!r}")
     if not (isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0):
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        raise ValueError(f"--weight-decay must be >= 0, got {weight_decay!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing!r}")
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
-        raise ValueError(f"max_minutes must be a positive number, got {max_minutes!r}")
+        raise ValueError(f"--max-minutes must be a positive number, got {max_minutes!r}")
     if schedule not in ("cosine", "linear"):
         raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
     if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     from .presets import PRESETS
 
     if isinstance(preset, str) and preset not in PRESETS:
