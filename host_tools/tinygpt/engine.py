@@ -5,15 +5,28 @@ board; this class has the same methods, so the device scripts in py/ run unchang
 
     m = Model("models/default/model.bin")
     m.prefill([ids...]); nxt = m.sample(); m.step(nxt); ...
+
+Threads: each Model has a lock held around every engine call, so one model used from several
+threads runs one call at a time, and close() from another thread waits for the running call.
+ctypes releases the GIL while C runs, so other models (and other Python threads) run meanwhile.
+The engine calls back into Python between layers (the poll: set_interrupt, Ctrl-C, close() or
+reset() asked for by a callback) and at each traced intermediate; those callbacks run with the
+lock held, and a callback's close()/reset() is carried out when the engine call has returned.
 """
+import contextlib
 import ctypes
 import importlib.util
-import mmap
+import operator
 import os
+import stat
+import threading
+import weakref
 
 # Status codes of tinygpt.h, mapped to the Python exception a user expects.
 TG_E_ARG, TG_E_NOMEM, TG_E_TOKEN, TG_E_CONTEXT, TG_E_INTERRUPTED, TG_E_NO_LOGITS = 1, 12, 13, 14, 15, 16
 NO_TOKEN = 0xFFFFFFFF
+U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
+HEADER_SIZE = 128
 
 
 class _Error(ctypes.Structure):
@@ -68,6 +81,8 @@ def _load_library():
         "tg_seed": (None, [ctypes.c_void_p, ctypes.c_uint64]),
         "tg_sample": (ctypes.c_int, [ctypes.c_void_p, P(_Sampler), P(ctypes.c_int32), P(_Error)]),
         "tg_tokenizer": (ctypes.c_void_p, [ctypes.c_void_p, P(ctypes.c_uint32)]),
+        "tg_read_size": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64, P(ctypes.c_size_t),
+                                         P(_Error)]),
         "tg_check_tokenizer": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, P(_Error)]),
         "tg_crc32": (ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]),
     }
@@ -98,41 +113,107 @@ def _raise(err, default=ValueError):
     raise default(msg)
 
 
+def int_arg(value, name, lo, hi):
+    """value as an int in lo..hi, or TypeError/ValueError naming `name` and the real value.
+    Every integer that crosses into C goes through here (the MicroPython module applies the same
+    rules, with the same messages): nothing wraps. A bool is refused: True is not a token id."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError("%s must be an int, not %s" % (name, type(value).__name__))
+    value = operator.index(value)
+    if not lo <= value <= hi:
+        raise ValueError("%s %d is outside %d..%d" % (name, value, lo, hi))
+    return value
+
+
+def token_id(value, n_vocab, index):
+    """A token id for the engine; the same messages as the MicroPython module."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError("token id at index %d must be an int, not %s" % (index, type(value).__name__))
+    value = operator.index(value)
+    if not 0 <= value < n_vocab:
+        raise ValueError("token id %d is outside 0..%d" % (value, n_vocab - 1))
+    return value
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def read_model_file(path):
+    """The bytes of a model file, read into memory (16-byte aligned, as the engine needs).
+
+    Read, not memory-mapped: a model in use must not die (SIGBUS) because its file was truncated
+    or replaced meanwhile; reading costs the file's size in memory and a few ms at load.
+    Only regular files: a FIFO or a device would block or never end. Only the header's file_size
+    bytes are read, and a header that claims more than the file holds fails before any reading.
+    """
+    name = os.fspath(path)
+    # O_NONBLOCK: opening a FIFO with no writer returns at once (fstat then refuses it); it
+    # changes nothing for a regular file. OSError (missing, a symlink loop, unreadable) reaches
+    # the caller as is, with its own message.
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError("%s: not a regular file (%s), not a tinygpt model" % (name, _file_kind(st.st_mode)))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if st.st_size == 0:
+            raise ValueError("%s: empty file, not a tinygpt model" % name)
+        head = f.read(HEADER_SIZE)
+        need = ctypes.c_size_t()
+        err = _Error()
+        if lib().tg_read_size(head, len(head), st.st_size, ctypes.byref(need), ctypes.byref(err)):
+            _raise(err)
+        buf = (ctypes.c_char * need.value)()  # malloc'd: 16-byte aligned
+        view = memoryview(buf).cast("B")
+        view[:len(head)] = head[:need.value]
+        got = min(len(head), need.value)
+        while got < need.value:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError("%s: the file shrank to %d bytes while it was read (header says %d)"
+                                 % (name, got, need.value))
+            got += n
+    return buf
+
+
 class Model:
     """An INT8 GPT-2 model on the C engine. Same API as the MicroPython module ``tinygpt``.
 
-    ``path`` is a model file (memory-mapped, never copied) or a bytes-like object holding one.
+    ``path`` is a model file (read into memory) or a bytes-like object holding one.
     ``n_ctx`` shortens the KV cache (default: the model's n_positions).
     """
 
     def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None):
         self._m = None
-        self._mm = None
-        self._view = None
-        if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
-            raise ValueError("n_ctx must be a positive int, got %r" % (n_ctx,))
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError("max_batch must be a positive int, got %r" % (max_batch,))
+        self._lock = threading.RLock()
+        self._busy = False      # an engine call is running: only its callbacks can get here
+        self._pending = None    # "close" or "reset", asked for by a callback during that call
+        self._error = None      # an exception raised by a callback, re-raised after the call
+        self._interrupt = None
+        self._trace_fn = None
+        if n_ctx is not None:
+            n_ctx = int_arg(n_ctx, "n_ctx", 1, U32_MAX)
+        if max_batch is not None:
+            max_batch = int_arg(max_batch, "max_batch", 1, U32_MAX)
         if isinstance(path, (str, os.PathLike)):
-            with open(path, "rb") as f:  # OSError (missing, unreadable) reaches the caller as is
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    raise ValueError("%s: empty file, not a tinygpt model" % os.fspath(path))
-                # Copy-on-write mapping: pages come from the file on demand, nothing is copied,
-                # and ctypes can take its address (it needs a writable buffer).
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._view = (ctypes.c_char * size).from_buffer(self._mm)
+            self._buf = read_model_file(path)
+            size = len(self._buf)
         else:
             data = memoryview(path).cast("B")
-            self._view = (ctypes.c_char * max(len(data), 1))()  # malloc'd: 16-byte aligned
-            ctypes.memmove(self._view, bytes(data), len(data))
             size = len(data)
+            self._buf = (ctypes.c_char * max(size, 1))()  # malloc'd: 16-byte aligned
+            ctypes.memmove(self._buf, bytes(data), size)
         opts = _Options(n_ctx or 0, max_batch or 0, 0 if check_crc else 1)
         handle = ctypes.c_void_p()
         err = _Error()
-        if lib().tg_load(ctypes.addressof(self._view), size, ctypes.byref(opts), ctypes.byref(handle),
+        if lib().tg_load(ctypes.addressof(self._buf), size, ctypes.byref(opts), ctypes.byref(handle),
                          ctypes.byref(err)):
-            self._release_buffer()
+            self._buf = None
             _raise(err)
         self._m = handle
         info = _Info()
@@ -142,25 +223,28 @@ class Model:
             if self._info[key] == NO_TOKEN:
                 self._info[key] = None
         self._info["activation"] = ("gelu_new", "gelu")[info.activation]
-        self._info["mapped"] = self._mm is not None  # the file is memory-mapped, not copied
-        self._n_vocab = info.n_vocab
-        self._logits = (ctypes.c_float * info.n_vocab)()
-        self._poll = None
-        self._trace = None
+        self._info["mapped"] = False  # the file is read into memory (mapped only on a board's flash)
+        self._n_vocab, self._n_ctx = info.n_vocab, info.n_ctx
+        # The callbacks reach the model through a weak reference: no cycle, so dropping the last
+        # reference frees the engine at once.
+        ref = weakref.ref(self)
+        self._poll_c = POLL_FN(lambda ctx: _poll_callback(ref))
+        self._trace_c = TRACE_FN(lambda *a: _trace_callback(ref, *a))
+        lib().tg_set_poll(self._m, self._poll_c, None)
 
     # -- lifetime --------------------------------------------------------------------------
-    def _release_buffer(self):
-        self._view = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
-
     def close(self):
-        """Free the engine's memory and unmap the file. The object is unusable afterwards."""
-        if self._m is not None:
-            lib().tg_free(self._m)
-            self._m = None
-        self._release_buffer()
+        """Free the engine's memory. The object is unusable afterwards. Waits for a call running
+        in another thread; from inside a callback, the running call stops and then raises
+        ValueError("model is closed")."""
+        with self._lock:
+            if self._busy:
+                self._pending = "close"
+                return
+            if self._m is not None:
+                lib().tg_free(self._m)
+                self._m = None
+            self._buf = None
 
     def __del__(self):
         try:
@@ -174,96 +258,162 @@ class Model:
     def __exit__(self, *exc):
         self.close()
 
-    def _handle(self):
-        if self._m is None:
-            raise ValueError("model is closed")
-        return self._m
+    @contextlib.contextmanager
+    def _engine(self, allow_busy=False):
+        """The engine handle, with the model's lock held; refused inside the model's own
+        callbacks (a step inside a step), except for reads."""
+        with self._lock:
+            if self._m is None:
+                raise ValueError("model is closed")
+            if self._busy and not allow_busy:
+                raise RuntimeError("the model is busy: its own interrupt or trace callback can only "
+                                   "call close(), reset(), info() or pos")
+            yield self._m
 
     # -- the API shared with the MicroPython module -----------------------------------------
     def info(self):
         """Hyperparameters and memory use: n_vocab n_ctx n_embd n_layer n_head n_inner eos_id ..."""
-        self._handle()
-        return dict(self._info)
+        with self._engine(allow_busy=True):
+            return dict(self._info)
 
     @property
     def pos(self):
         """Number of tokens in the KV cache."""
-        return lib().tg_pos(self._handle())
+        with self._engine(allow_busy=True) as handle:
+            return lib().tg_pos(handle)
 
     def reset(self):
-        """Empty the KV cache (start a new conversation)."""
-        lib().tg_reset(self._handle())
+        """Empty the KV cache (start a new conversation). From inside a callback: the running
+        call stops, then the model is reset and the call raises RuntimeError."""
+        with self._lock:
+            if self._busy and self._m is not None:
+                self._pending = self._pending or "reset"
+                return
+            with self._engine() as handle:
+                lib().tg_reset(handle)
 
     def prefill(self, ids):
         """Process the token ids as one batch at the next positions."""
-        handle = self._handle()
-        try:
-            ids = list(ids)
-        except TypeError:
-            raise TypeError("prefill takes a sequence of token ids, got %s" % type(ids).__name__)
-        for i, t in enumerate(ids):
-            if not isinstance(t, int) and not hasattr(t, "__index__"):
-                raise TypeError("token id at index %d is %r, not an int" % (i, t))
-        ids = [int(t) for t in ids]
-        bad = [t for t in ids if not -2**31 <= t < 2**31]
-        if bad:
-            raise ValueError("token id %d is outside 0..%d" % (bad[0], self._n_vocab - 1))
-        arr = (ctypes.c_int32 * max(len(ids), 1))(*ids)
-        err = _Error()
-        if lib().tg_prefill(handle, arr, len(ids), ctypes.byref(err)):
-            _raise(err)
-        ctypes.memmove(self._logits, lib().tg_logits(handle), 4 * self._n_vocab)
+        with self._engine() as handle:
+            used = lib().tg_pos(handle)
+            room = self._n_ctx - used
+            if not hasattr(ids, "__len__"):  # an iterator: take what fits, and one more to know
+                try:
+                    it = iter(ids)
+                except TypeError:
+                    raise TypeError("prefill takes a sequence of token ids, got %s" % type(ids).__name__)
+                ids = []
+                for t in it:
+                    ids.append(t)
+                    if len(ids) > room:
+                        raise RuntimeError("more than %d tokens do not fit: %d of the context's %d positions "
+                                           "are used" % (room, used, self._n_ctx))
+            n = len(ids)
+            if n > room:  # before converting anything: prefill(range(10**9)) fails at once
+                raise RuntimeError("%d tokens do not fit: %d of the context's %d positions are used"
+                                   % (n, used, self._n_ctx))
+            arr = (ctypes.c_int32 * max(n, 1))(*[token_id(t, self._n_vocab, i) for i, t in enumerate(ids)])
+            self._run(lib().tg_prefill, handle, arr, n)
 
     def step(self, id):
         """Process one token at the next position."""
-        if not isinstance(id, int) and not hasattr(id, "__index__"):
-            raise TypeError("step takes one token id (int), got %r" % (id,))
-        self.prefill([id])
+        self.prefill((id,))
+
+    def _run(self, fn, handle, arr, n):
+        """One engine call that may call back into Python; then what the callbacks asked for."""
+        err = _Error()
+        self._busy = True
+        try:
+            rc = fn(handle, arr, n, ctypes.byref(err))
+        finally:
+            self._busy = False
+            pending, self._pending = self._pending, None
+            error, self._error = self._error, None
+        if pending == "close":
+            self.close()
+            raise ValueError("model is closed") from error
+        if pending == "reset":
+            lib().tg_reset(handle)
+            raise RuntimeError("reset() was called during the step: it was abandoned and the context is "
+                               "empty") from error
+        if error is not None:
+            raise error
+        if rc:
+            _raise(err)
 
     def logits(self):
-        """float32 logits of the last processed position (a memoryview, valid until the next call)."""
-        self._handle()
-        return memoryview(self._logits).cast("B").cast("f")
+        """float32 logits of the last processed position: a memoryview of a copy (yours to keep).
+        RuntimeError before any step/prefill and after reset()."""
+        with self._engine() as handle:
+            ptr = lib().tg_logits(handle)
+            if not ptr:
+                raise RuntimeError("no logits yet: prefill or step first")
+            out = (ctypes.c_float * self._n_vocab)()
+            ctypes.memmove(out, ptr, 4 * self._n_vocab)
+        return memoryview(out).cast("B").cast("f")
 
     def sample(self, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
         """Next token id from the last logits. seed=None continues the generator; an int reseeds it."""
-        handle = self._handle()
+        top_k = int_arg(top_k, "top_k", 0, U32_MAX)
         if seed is not None:
-            if not isinstance(seed, int):
-                raise TypeError("seed must be an int or None")
-            lib().tg_seed(handle, seed & 0xFFFFFFFFFFFFFFFF)
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError("top_k must be an int >= 0, got %r" % (top_k,))
-        s = _Sampler(float(temperature), min(top_k, 0xFFFFFFFF), float(top_p), float(repetition_penalty))
-        out = ctypes.c_int32()
-        err = _Error()
-        if lib().tg_sample(handle, ctypes.byref(s), ctypes.byref(out), ctypes.byref(err)):
-            _raise(err)
-        return out.value
+            seed = int_arg(seed, "seed", 0, U64_MAX)
+        s = _Sampler(float(temperature), top_k, float(top_p), float(repetition_penalty))
+        with self._engine() as handle:
+            if seed is not None:
+                lib().tg_seed(handle, seed)
+            out = ctypes.c_int32()
+            err = _Error()
+            if lib().tg_sample(handle, ctypes.byref(s), ctypes.byref(out), ctypes.byref(err)):
+                _raise(err)
+            return out.value
 
     def tokenizer_blob(self):
-        """The tokenizer section of the model file (bytes)."""
-        n = ctypes.c_uint32()
-        ptr = lib().tg_tokenizer(self._handle(), ctypes.byref(n))
-        return ctypes.string_at(ptr, n.value)
+        """The tokenizer section of the model file (bytes, a copy)."""
+        with self._engine() as handle:
+            n = ctypes.c_uint32()
+            ptr = lib().tg_tokenizer(handle, ctypes.byref(n))
+            return ctypes.string_at(ptr, n.value)
 
     # -- host-only extras -------------------------------------------------------------------
     def set_interrupt(self, fn):
-        """fn() -> bool is called between layers; True abandons the step (KeyboardInterrupt)."""
-        self._poll = POLL_FN(lambda ctx: 1 if fn() else 0) if fn else POLL_FN()
-        lib().tg_set_poll(self._handle(), self._poll, None)
+        """fn() -> bool is called between layers; True abandons the step (KeyboardInterrupt).
+        An exception raised by fn stops the step and propagates as itself."""
+        with self._engine(allow_busy=True):
+            self._interrupt = fn
 
     def trace(self, fn):
-        """fn(name, layer, pos, value) receives every intermediate (numpy arrays); None stops."""
-        if fn is None:
-            self._trace = TRACE_FN()
-        else:
-            import numpy as np
-            dtypes = {1: (ctypes.c_int8, np.int8), 2: (ctypes.c_float, np.float32), 3: (ctypes.c_int32, np.int32)}
+        """fn(name, layer, pos, value) receives every intermediate (numpy arrays); None stops.
+        An exception raised by fn stops the call at the next layer and propagates as itself."""
+        with self._engine(allow_busy=True) as handle:
+            self._trace_fn = fn
+            lib().tg_set_trace(handle, self._trace_c if fn is not None else TRACE_FN(), None)
 
-            def cb(ctx, name, layer, pos, data, n, dtype):
-                ctype, npt = dtypes[dtype]
-                arr = np.ctypeslib.as_array((ctype * n).from_address(data)).astype(npt, copy=True)
-                fn(name.decode(), layer, pos, arr)
-            self._trace = TRACE_FN(cb)
-        lib().tg_set_trace(self._handle(), self._trace, None)
+
+def _poll_callback(ref):
+    """The engine's poll, between layers: nonzero stops the running call (state unchanged)."""
+    model = ref()
+    if model is None:
+        return 1
+    if model._pending is not None or model._error is not None:
+        return 1
+    try:
+        stop = model._interrupt is not None and model._interrupt()
+    except BaseException as e:  # noqa: B036 (KeyboardInterrupt too: re-raised after the call)
+        model._error = e
+        return 1
+    return 1 if stop or model._pending is not None else 0
+
+
+_TRACE_DTYPES = {1: ctypes.c_int8, 2: ctypes.c_float, 3: ctypes.c_int32}
+
+
+def _trace_callback(ref, ctx, name, layer, pos, data, n, dtype):
+    model = ref()
+    if model is None or model._trace_fn is None or model._error is not None or model._pending is not None:
+        return
+    try:
+        import numpy as np
+        arr = np.ctypeslib.as_array((_TRACE_DTYPES[dtype] * n).from_address(data)).copy()
+        model._trace_fn(name.decode(), layer, pos, arr)
+    except BaseException as e:  # noqa: B036
+        model._error = e

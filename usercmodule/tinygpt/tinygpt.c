@@ -44,6 +44,22 @@ static int fail(tg_error *err, int code, const char *fmt, ...) {
     return code;
 }
 
+/* Decimal text of a 64-bit count, for messages: the engine never formats with %llu, which
+ * newlib-nano's printf (the ESP32 MicroPython build) does not know. out holds >= 21 chars. */
+static const char *u64_text(char *out, uint64_t v) {
+    char tmp[21];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + (int)(v % 10u));
+        v /= 10u;
+    } while (v);
+    for (int i = 0; i < n; i++) {
+        out[i] = tmp[n - 1 - i];
+    }
+    out[n] = 0;
+    return out;
+}
+
 static int ok(tg_error *err) {
     if (err) {
         err->code = TG_OK;
@@ -494,6 +510,9 @@ struct tg_model {
     float *scores;  /* [n_ctx] */
     int8_t *q8;     /* [head_dim] */
     float *logits;  /* [V] */
+    float *draft_logits; /* [max_draft][V]: every position of the last tg_verify */
+    uint32_t verify_p0, verify_n; /* its first position and how many rows are still valid */
+    tg_counters counters;
     float *probs;   /* [V] sampling */
     int32_t *order; /* [V] sampling */
     int has_logits;
@@ -503,7 +522,7 @@ struct tg_model {
     tg_trace_fn trace;
     void *trace_ctx;
     /* every allocation, for tg_free */
-    void *blocks[16];
+    void *blocks[24];
     int n_blocks;
 };
 
@@ -619,16 +638,20 @@ int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_er
         return fail(err, TG_E_TOKENIZER, "tokenizer has %u tokens but the model has %u",
                     (unsigned)nv, (unsigned)n_vocab);
     }
-    if (pretok != 1 || rd32(sec + 28) != 0) {
+    if (pretok != 1) {
         return fail(err, TG_E_TOKENIZER, "tokenizer section: unknown pretokenizer %u",
                     (unsigned)pretok);
+    }
+    if (rd32(sec + 28) != 0) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: reserved field is %u, must be 0",
+                    (unsigned)rd32(sec + 28));
     }
     uint64_t need = 32 + 4 * ((uint64_t)nv + 1) + (((uint64_t)bytes_size + 3) & ~(uint64_t)3) +
                     12 * (uint64_t)n_merges + 4 * (uint64_t)n_special;
     if (need != len) {
-        return fail(err, TG_E_TOKENIZER,
-                    "tokenizer section is %u bytes but its counts need %llu", (unsigned)len,
-                    (unsigned long long)need);
+        char t[21];
+        return fail(err, TG_E_TOKENIZER, "tokenizer section is %u bytes but its counts need %s",
+                    (unsigned)len, u64_text(t, need));
     }
     const uint8_t *off = sec + 32;
     const uint8_t *blob = off + 4 * ((size_t)nv + 1);
@@ -797,81 +820,127 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
 static int check_floats(const float *p, uint64_t n, int scale, const char *name, tg_error *err) {
     for (uint64_t i = 0; i < n; i++) {
         float v = p[i];
+        char t[21];
         if (!(v >= -FLT_MAX && v <= FLT_MAX)) {
-            return fail(err, TG_E_VALUE, "tensor '%s' holds a non-finite value at %llu", name,
-                        (unsigned long long)i);
+            return fail(err, TG_E_VALUE, "tensor '%s' holds a non-finite value at %s", name,
+                        u64_text(t, i));
         }
         if (scale && v < 0.0f) {
-            return fail(err, TG_E_VALUE, "tensor '%s' holds a negative scale at %llu", name,
-                        (unsigned long long)i);
+            return fail(err, TG_E_VALUE, "tensor '%s' holds a negative scale at %s", name,
+                        u64_text(t, i));
         }
     }
     return TG_OK;
 }
 
-static int check_directory(tg_model *m, const uint8_t *buf, tg_error *err) {
-    tg_info *h = &m->info;
+/* One directory entry, after check_layout: where the tensor is and what it holds. */
+typedef struct {
+    uint32_t kind, layer, dtype, offset, nbytes;
+    uint64_t count;
+    char name[32];
+} tg_entry;
+
+static void read_entry(const uint8_t *buf, const tg_info *h, uint32_t slot, tg_entry *t) {
+    const uint8_t *e = buf + rd32(buf + 80) + 16 * slot;
+    slot_kind(slot, h->n_layer, &t->kind, &t->layer);
+    tensor_name(t->name, sizeof(t->name), t->kind, t->layer);
+    kind_shape(h, t->kind, &t->dtype, &t->count);
+    t->offset = rd32(e + 8);
+    t->nbytes = rd32(e + 12);
+}
+
+/* The directory's structure, from the header and directory bytes only: ids, dtypes, sizes and a
+ * packed layout (each tensor at the first 16-aligned offset after the previous one, the last
+ * ending at file_size). Runs before the CRC and before any allocation, so a header with huge
+ * dimensions or a file_size far past its tensors (a sparse file) fails at once. */
+static int check_layout(const uint8_t *buf, const tg_info *h, tg_error *err) {
     uint32_t n_tensors = rd32(buf + 76), dir_offset = rd32(buf + 80);
     uint64_t end = (uint64_t)dir_offset + 16 * (uint64_t)n_tensors; /* end of previous data */
-    uint64_t weight_bytes = 0;
+    char t1[21], t2[21];
     for (uint32_t slot = 0; slot < n_tensors; slot++) {
         const uint8_t *e = buf + dir_offset + 16 * slot;
-        uint32_t kind, layer, dtype;
-        uint64_t count;
-        char name[32];
-        slot_kind(slot, h->n_layer, &kind, &layer);
-        tensor_name(name, sizeof(name), kind, layer);
-        uint32_t id = rd32(e), dt = rd32(e + 4), offset = rd32(e + 8), nbytes = rd32(e + 12);
-        if (id != kind + 256 * layer) {
+        tg_entry t;
+        read_entry(buf, h, slot, &t);
+        uint32_t id = rd32(e), dt = rd32(e + 4);
+        if (id != t.kind + 256 * t.layer) {
             return fail(err, TG_E_DIRECTORY, "directory entry %u has id %u, expected '%s' (%u)",
-                        (unsigned)slot, (unsigned)id, name, (unsigned)(kind + 256 * layer));
+                        (unsigned)slot, (unsigned)id, t.name, (unsigned)(t.kind + 256 * t.layer));
         }
-        kind_shape(h, kind, &dtype, &count);
-        uint64_t want = dtype == DT_F32 ? 4 * count : count;
-        if (dt != dtype) {
-            return fail(err, TG_E_DIRECTORY, "tensor '%s': dtype %u, expected %u", name,
-                        (unsigned)dt, (unsigned)dtype);
+        uint64_t want = t.dtype == DT_F32 ? 4 * t.count : t.count;
+        if (dt != t.dtype) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': dtype %u, expected %u", t.name,
+                        (unsigned)dt, (unsigned)t.dtype);
         }
-        if (kind != K_TOKENIZER && nbytes != want) {
-            return fail(err, TG_E_DIRECTORY, "tensor '%s': nbytes %u, expected %llu", name,
-                        (unsigned)nbytes, (unsigned long long)want);
+        if (t.kind != K_TOKENIZER && t.nbytes != want) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': nbytes %u, expected %s", t.name,
+                        (unsigned)t.nbytes, u64_text(t1, want));
         }
-        if (offset % 16 != 0) {
+        if (t.offset % 16 != 0) {
             return fail(err, TG_E_DIRECTORY, "tensor '%s': offset %u is not 16-byte aligned",
-                        name, (unsigned)offset);
+                        t.name, (unsigned)t.offset);
         }
-        if (offset < end) {
+        if ((uint64_t)t.offset + t.nbytes > h->file_bytes) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': bytes %u..%s are past the end of "
+                        "the %s-byte file", t.name, (unsigned)t.offset,
+                        u64_text(t1, (uint64_t)t.offset + t.nbytes), u64_text(t2, h->file_bytes));
+        }
+        if (t.offset < end) {
             return fail(err, TG_E_DIRECTORY, "tensor '%s': offset %u overlaps what precedes it",
-                        name, (unsigned)offset);
+                        t.name, (unsigned)t.offset);
         }
-        if ((uint64_t)offset + nbytes > h->file_bytes) {
-            return fail(err, TG_E_DIRECTORY, "tensor '%s': bytes %u..%llu are past the end of "
-                        "the %llu-byte file", name, (unsigned)offset,
-                        (unsigned long long)offset + nbytes, (unsigned long long)h->file_bytes);
+        if (t.offset > ((end + 15u) & ~(uint64_t)15u)) {
+            return fail(err, TG_E_DIRECTORY, "tensor '%s': offset %u leaves a gap after byte %s "
+                        "(tensors are packed)", t.name, (unsigned)t.offset, u64_text(t1, end));
         }
-        end = (uint64_t)offset + nbytes;
-        const uint8_t *p = buf + offset;
-        if (dtype == DT_F32) {
-            int rc = check_floats((const float *)(const void *)p, count, is_scale_kind(kind),
-                                  name, err);
-            if (rc) {
-                return rc;
-            }
+        end = (uint64_t)t.offset + t.nbytes;
+    }
+    if (end != h->file_bytes) {
+        return fail(err, TG_E_HEADER, "file_size %s, but the tensors end at byte %s",
+                    u64_text(t1, h->file_bytes), u64_text(t2, end));
+    }
+    return TG_OK;
+}
+
+/* Every value the layout check did not look at: floats finite, scales >= 0, the tokenizer. */
+static int check_values(const uint8_t *buf, const tg_info *h, tg_error *err) {
+    uint32_t n_tensors = rd32(buf + 76);
+    for (uint32_t slot = 0; slot < n_tensors; slot++) {
+        tg_entry t;
+        read_entry(buf, h, slot, &t);
+        const uint8_t *p = buf + t.offset;
+        int rc = TG_OK;
+        if (t.dtype == DT_F32) {
+            rc = check_floats((const float *)(const void *)p, t.count, is_scale_kind(t.kind),
+                              t.name, err);
+        } else if (t.kind == K_TOKENIZER) {
+            rc = tg_check_tokenizer(p, t.nbytes, h->n_vocab, err);
         }
-        if (kind == K_TOKENIZER) {
-            int rc = tg_check_tokenizer(p, nbytes, h->n_vocab, err);
-            if (rc) {
-                return rc;
-            }
+        if (rc) {
+            return rc;
+        }
+    }
+    return TG_OK;
+}
+
+/* Point the model at its tensors (the file is fully checked by now). */
+static void bind_tensors(tg_model *m, const uint8_t *buf) {
+    tg_info *h = &m->info;
+    uint32_t n_tensors = rd32(buf + 76);
+    uint64_t weight_bytes = 0;
+    for (uint32_t slot = 0; slot < n_tensors; slot++) {
+        tg_entry t;
+        read_entry(buf, h, slot, &t);
+        const uint8_t *p = buf + t.offset;
+        if (t.kind == K_TOKENIZER) {
             m->tokenizer = p;
-            h->tokenizer_bytes = nbytes;
+            h->tokenizer_bytes = t.nbytes;
             continue;
         }
-        weight_bytes += nbytes;
+        weight_bytes += t.nbytes;
         const float *pf = (const float *)(const void *)p;
         const int8_t *pi = (const int8_t *)(const void *)p;
-        tg_layer *L = kind >= 16 ? &m->layers[layer] : NULL;
-        switch (kind) {
+        tg_layer *L = t.kind >= 16 ? &m->layers[t.layer] : NULL;
+        switch (t.kind) {
             case K_WTE_Q: m->wte_q = pi; break;
             case K_WTE_S: m->wte_s = pf; break;
             case K_WPE: m->wpe = pf; break;
@@ -896,7 +965,6 @@ static int check_directory(tg_model *m, const uint8_t *buf, tg_error *err) {
         }
     }
     h->weight_bytes = weight_bytes;
-    return TG_OK;
 }
 
 static int alloc_state(tg_model *m, tg_error *err) {
@@ -922,17 +990,19 @@ static int alloc_state(tg_model *m, tg_error *err) {
         {(void **)&m->logits, 4 * V, "logits"},
         {(void **)&m->probs, 4 * V, "sampling probabilities"},
         {(void **)&m->order, 4 * V, "sampling order"},
+        {(void **)&m->draft_logits, 4 * (uint64_t)h->max_draft * V, "draft logits"},
     };
     uint64_t kv = 0, scratch = 0;
     for (size_t i = 0; i < sizeof(plan) / sizeof(plan[0]); i++) {
+        char t[21];
         if (plan[i].bytes > (uint64_t)(SIZE_MAX / 2)) {
-            return fail(err, TG_E_NOMEM, "cannot allocate %s: %llu bytes", plan[i].what,
-                        (unsigned long long)plan[i].bytes);
+            return fail(err, TG_E_NOMEM, "cannot allocate %s: %s bytes", plan[i].what,
+                        u64_text(t, plan[i].bytes));
         }
         *plan[i].dst = model_alloc(m, (size_t)plan[i].bytes);
         if (!*plan[i].dst) {
-            return fail(err, TG_E_NOMEM, "out of memory allocating %s (%llu bytes)",
-                        plan[i].what, (unsigned long long)plan[i].bytes);
+            return fail(err, TG_E_NOMEM, "out of memory allocating %s (%s bytes)", plan[i].what,
+                        u64_text(t, plan[i].bytes));
         }
         if (i >= 1 && i <= 4) {
             kv += plan[i].bytes;
@@ -962,10 +1032,20 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
         return fail(err, TG_E_ALIGN, "model buffer at %p is not 16-byte aligned",
                     (const void *)buf);
     }
+    /* Everything is checked before anything is allocated: header, directory layout, then the
+     * bytes (CRC, float values, tokenizer). */
     tg_info hdr;
     int rc = check_header(buf, len, &hdr, err);
+    if (!rc) {
+        rc = check_layout(buf, &hdr, err);
+    }
     if (rc) {
         return rc;
+    }
+    uint32_t n_ctx = opt && opt->n_ctx ? opt->n_ctx : hdr.n_positions;
+    if (n_ctx > hdr.n_positions) {
+        return fail(err, TG_E_ARG, "n_ctx %u is larger than the model's n_positions %u",
+                    (unsigned)n_ctx, (unsigned)hdr.n_positions);
     }
     if (!(opt && opt->skip_crc)) {
         uint32_t want = rd32(buf + 16);
@@ -975,17 +1055,22 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
                         "(damaged or incompletely copied file)", (unsigned)want, (unsigned)got);
         }
     }
-    uint32_t n_ctx = opt && opt->n_ctx ? opt->n_ctx : hdr.n_positions;
-    if (n_ctx > hdr.n_positions) {
-        return fail(err, TG_E_ARG, "n_ctx %u is larger than the model's n_positions %u",
-                    (unsigned)n_ctx, (unsigned)hdr.n_positions);
+    rc = check_values(buf, &hdr, err);
+    if (rc) {
+        return rc;
     }
     uint32_t batch = opt && opt->max_batch ? opt->max_batch : 32;
     if (batch > n_ctx) {
         batch = n_ctx;
     }
+    uint32_t max_draft = opt && opt->max_draft ? opt->max_draft : (batch < 8 ? batch : 8);
+    if (max_draft > batch) {
+        return fail(err, TG_E_ARG, "max_draft %u is larger than max_batch %u (a draft is checked "
+                    "in one batch)", (unsigned)max_draft, (unsigned)batch);
+    }
     hdr.n_ctx = n_ctx;
     hdr.max_batch = batch;
+    hdr.max_draft = max_draft;
 
     tg_model *m = (tg_model *)tg_port_alloc(sizeof(tg_model));
     if (!m) {
@@ -994,15 +1079,32 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
     memset(m, 0, sizeof(*m));
     m->info = hdr;
     rc = alloc_state(m, err);
-    if (!rc) {
-        rc = check_directory(m, buf, err);
-    }
     if (rc) {
         tg_free(m);
         return rc;
     }
+    bind_tensors(m, buf);
     tg_seed(m, 0);
     *out = m;
+    return ok(err);
+}
+
+int tg_read_size(const uint8_t *head, size_t head_len, uint64_t file_len, size_t *nread,
+                 tg_error *err) {
+    if (!head || !nread) {
+        return fail(err, TG_E_ARG, "no header or output");
+    }
+    uint64_t n = file_len < TG_HEADER_SIZE ? file_len : TG_HEADER_SIZE;
+    if (head_len >= 16 && memcmp(head, "TGPT", 4) == 0 && rd32(head + 12) >= TG_HEADER_SIZE) {
+        uint32_t file_size = rd32(head + 12);
+        if (file_size > file_len) {
+            char t[21];
+            return fail(err, TG_E_TRUNCATED, "file is %s bytes but its header says %u "
+                        "(truncated?)", u64_text(t, file_len), (unsigned)file_size);
+        }
+        n = file_size;
+    }
+    *nread = (size_t)n;
     return ok(err);
 }
 
@@ -1017,6 +1119,7 @@ uint32_t tg_pos(const tg_model *m) {
 void tg_reset(tg_model *m) {
     m->pos = 0;
     m->has_logits = 0;
+    m->verify_n = 0;
 }
 
 void tg_set_poll(tg_model *m, tg_poll_fn fn, void *ctx) {
@@ -1058,6 +1161,7 @@ static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, fl
     const float *sk = m->sk + (size_t)layer * h->n_ctx * H;
     const float *sv = m->sv + (size_t)layer * h->n_ctx * H;
     float inv_sqrt_d = 1.0f / sqrtf((float)D);
+    m->counters.macs += 2u * (uint64_t)E * (p + 1); /* q.k and the sum of v, over all heads */
     for (uint32_t hd = 0; hd < H; hd++) {
         uint32_t c = hd * D;
         float sq = quantize(m->q8, qkv + c, D);
@@ -1090,6 +1194,15 @@ static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, fl
     }
 }
 
+/* matmul, counted: the nb rows share one read of the matrix, its scales and biases. */
+static void linear(tg_model *m, float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
+                   const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
+                   uint32_t n_in, uint32_t n_out) {
+    m->counters.weight_bytes += (uint64_t)n_out * n_in + 4u * (uint64_t)n_out * (b ? 2u : 1u);
+    m->counters.macs += (uint64_t)nb * n_in * n_out;
+    matmul(y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out);
+}
+
 /* One transformer layer for nb tokens at positions p0 .. p0+nb-1 (residual in m->x). */
 static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
     const tg_info *h = &m->info;
@@ -1106,7 +1219,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "xq1", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs1", li, p0 + t, &m->xs[t], 1, 2);
     }
-    matmul(m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, 3 * E);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, 3 * E);
     for (uint32_t t = 0; t < nb; t++) {
         uint32_t p = p0 + t;
         const float *qkv = m->buf + (size_t)t * wide;
@@ -1126,7 +1239,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "aq", li, p, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "as", li, p, &m->xs[t], 1, 2);
     }
-    matmul(m->att, E, m->xq, qwide, m->xs, nb, L->proj_w, L->proj_s, L->proj_b, E, E);
+    linear(m, m->att, E, m->xq, qwide, m->xs, nb, L->proj_w, L->proj_s, L->proj_b, E, E);
     for (uint32_t t = 0; t < nb; t++) {
         float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
         for (uint32_t i = 0; i < E; i++) {
@@ -1142,7 +1255,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "xq2", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs2", li, p0 + t, &m->xs[t], 1, 2);
     }
-    matmul(m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, I);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, I);
     for (uint32_t t = 0; t < nb; t++) {
         float *f = m->buf + (size_t)t * wide;
         TRACE(m, "fc", li, p0 + t, f, I, 2);
@@ -1153,7 +1266,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "gq", li, p0 + t, m->xq + (size_t)t * qwide, I, 1);
         TRACE(m, "gs", li, p0 + t, &m->xs[t], 1, 2);
     }
-    matmul(m->att, E, m->xq, qwide, m->xs, nb, L->mproj_w, L->mproj_s, L->mproj_b, I, E);
+    linear(m, m->att, E, m->xq, qwide, m->xs, nb, L->mproj_w, L->mproj_s, L->mproj_b, I, E);
     for (uint32_t t = 0; t < nb; t++) {
         float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
         for (uint32_t i = 0; i < E; i++) {
@@ -1163,26 +1276,63 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
     }
 }
 
-/* Final LayerNorm and the tied output head, for the token whose residual is row t of m->x. */
-static void head_forward(tg_model *m, uint32_t t, uint32_t p) {
+/* Final LayerNorm and the tied output head for the nb tokens whose residuals are rows t0.. of
+ * m->x (positions p..), in one pass over the head's weights; logits to out[nb][V]. */
+static void head_forward(tg_model *m, uint32_t t0, uint32_t nb, uint32_t p, float *out) {
     const tg_info *h = &m->info;
-    uint32_t E = h->n_embd;
+    uint32_t E = h->n_embd, V = h->n_vocab;
     float *tmp = m->att;
-    layernorm(tmp, m->x + (size_t)t * E, m->lnf_g, m->lnf_b, E, h->layer_norm_epsilon);
-    float xs = quantize(m->xq, tmp, E);
-    TRACE(m, "fq", -1, p, m->xq, E, 1);
-    TRACE(m, "fs", -1, p, &xs, 1, 2);
-    matmul(m->logits, h->n_vocab, m->xq, E, &xs, 1, m->wte_q, m->wte_s, NULL, E, h->n_vocab);
-    TRACE(m, "logits", -1, p, m->logits, h->n_vocab, 2);
+    for (uint32_t t = 0; t < nb; t++) {
+        layernorm(tmp, m->x + (size_t)(t0 + t) * E, m->lnf_g, m->lnf_b, E, h->layer_norm_epsilon);
+        m->xs[t] = quantize(m->xq + (size_t)t * E, tmp, E);
+        TRACE(m, "fq", -1, p + t, m->xq + (size_t)t * E, E, 1);
+        TRACE(m, "fs", -1, p + t, &m->xs[t], 1, 2);
+    }
+    m->counters.weight_bytes += 8u * (uint64_t)E; /* lnf gain and bias */
+    linear(m, out, V, m->xq, E, m->xs, nb, m->wte_q, m->wte_s, NULL, E, V);
+    for (uint32_t t = 0; t < nb; t++) {
+        TRACE(m, "logits", -1, p + t, out + (size_t)t * V, V, 2);
+    }
 }
 
-int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err) {
+/* Embed nb tokens at positions p.. and run them through every layer: one forward pass, the
+ * residuals left in m->x. Returns nonzero when the poll (between layers) asked to stop; the
+ * model's pos, tokens and logits are not touched. */
+static int forward_layers(tg_model *m, const int32_t *ids, uint32_t nb, uint32_t p) {
+    const tg_info *h = &m->info;
+    uint32_t E = h->n_embd;
+    for (uint32_t t = 0; t < nb; t++) {
+        uint32_t tok = (uint32_t)ids[t];
+        const int8_t *wq = m->wte_q + (size_t)tok * E;
+        const float *pe = m->wpe + (size_t)(p + t) * E;
+        float s = m->wte_s[tok];
+        float *x = m->x + (size_t)t * E;
+        for (uint32_t i = 0; i < E; i++) {
+            x[i] = (float)wq[i] * s + pe[i];
+        }
+    }
+    m->counters.passes++;
+    m->counters.tokens += nb;
+    m->counters.weight_bytes += (uint64_t)nb * (E + 4u + 4u * E); /* wte row and scale, wpe */
+    for (uint32_t l = 0; l < h->n_layer; l++) {
+        if (m->poll && m->poll(m->poll_ctx)) {
+            return 1;
+        }
+        m->counters.weight_bytes += 16u * (uint64_t)E; /* ln1 and ln2 gains and biases */
+        layer_forward(m, l, p, nb);
+    }
+    return 0;
+}
+
+/* The checks of tg_prefill and tg_verify: n >= 1 valid ids that fit in the context. */
+static int check_ids(const tg_model *m, const int32_t *ids, uint32_t n, const char *what,
+                     tg_error *err) {
     if (!m || (!ids && n)) {
         return fail(err, TG_E_ARG, "no model or no token ids");
     }
     const tg_info *h = &m->info;
     if (n == 0) {
-        return fail(err, TG_E_ARG, "prefill needs at least one token");
+        return fail(err, TG_E_ARG, "%s needs at least one token", what);
     }
     if (n > h->n_ctx - m->pos) {
         return fail(err, TG_E_CONTEXT, "%u tokens do not fit: %u of the context's %u positions "
@@ -1194,31 +1344,28 @@ int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err) {
                         (long)ids[i], (unsigned)i, (unsigned)(h->n_vocab - 1));
         }
     }
-    uint32_t E = h->n_embd, p0 = m->pos;
+    return TG_OK;
+}
+
+int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err) {
+    int rc = check_ids(m, ids, n, "prefill", err);
+    if (rc) {
+        return rc;
+    }
+    const tg_info *h = &m->info;
+    uint32_t p0 = m->pos;
     /* The model's pos and logits change only at the end: an interrupted prefill leaves the
      * context as it was (cache rows past pos are overwritten by the next call). */
     for (uint32_t start = 0; start < n; start += h->max_batch) {
         uint32_t nb = n - start < h->max_batch ? n - start : h->max_batch;
         uint32_t p = p0 + start;
-        for (uint32_t t = 0; t < nb; t++) {
-            uint32_t tok = (uint32_t)ids[start + t];
-            const int8_t *wq = m->wte_q + (size_t)tok * E;
-            const float *pe = m->wpe + (size_t)(p + t) * E;
-            float s = m->wte_s[tok];
-            float *x = m->x + (size_t)t * E;
-            for (uint32_t i = 0; i < E; i++) {
-                x[i] = (float)wq[i] * s + pe[i];
-            }
-        }
-        for (uint32_t l = 0; l < h->n_layer; l++) {
-            if (m->poll && m->poll(m->poll_ctx)) {
-                m->has_logits = 0;
-                return fail(err, TG_E_INTERRUPTED, "interrupted; the context is unchanged");
-            }
-            layer_forward(m, l, p, nb);
+        if (forward_layers(m, ids + start, nb, p)) {
+            /* pos, tokens and logits are untouched until the head runs, after the last
+             * poll: the previous logits stay valid */
+            return fail(err, TG_E_INTERRUPTED, "interrupted; the context is unchanged");
         }
         if (start + nb == n) {
-            head_forward(m, nb - 1, p + nb - 1);
+            head_forward(m, nb - 1, 1, p + nb - 1, m->logits);
         }
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -1226,6 +1373,7 @@ int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err) {
     }
     m->pos = p0 + n;
     m->has_logits = 1;
+    m->verify_n = 0;
     return ok(err);
 }
 
@@ -1309,13 +1457,10 @@ static void sort_by_prob(int32_t *idx, const float *p, uint32_t n) {
     }
 }
 
-int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) {
-    if (!m || !s || !out_id) {
-        return fail(err, TG_E_ARG, "no model, sampler or output");
-    }
-    if (!m->has_logits) {
-        return fail(err, TG_E_NO_LOGITS, "no logits yet: prefill or step first");
-    }
+/* Sample from logits, the repetition penalty counting tokens[0..n_hist); with a draft token
+ * (draft >= 0), the draft-checking rule of tg_sample_at. */
+static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const tg_sampler *s,
+                       int32_t draft, int32_t *out_id, tg_error *err) {
     if (!(s->temperature >= 0.0f && s->temperature <= FLT_MAX)) {
         return fail(err, TG_E_ARG, "temperature must be finite and >= 0");
     }
@@ -1327,11 +1472,11 @@ int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) 
     }
     uint32_t V = m->info.n_vocab;
     float *w = m->probs;
-    memcpy(w, m->logits, 4 * (size_t)V);
+    memcpy(w, logits, 4 * (size_t)V);
     if (s->repetition_penalty != 1.0f) {
         int32_t *seen = m->order;
         memset(seen, 0, 4 * (size_t)V);
-        for (uint32_t i = 0; i < m->pos; i++) {
+        for (uint32_t i = 0; i < n_hist; i++) {
             int32_t t = m->tokens[i];
             if (!seen[t]) {
                 seen[t] = 1;
@@ -1339,19 +1484,25 @@ int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) 
             }
         }
     }
-    if (s->temperature == 0.0f) {
-        int32_t best = 0;
-        for (uint32_t i = 1; i < V; i++) {
-            if (w[i] > w[best]) {
-                best = (int32_t)i;
-            }
+    int32_t best = 0; /* greedy: the smallest id with the largest (penalized) logit */
+    for (uint32_t i = 1; i < V; i++) {
+        if (w[i] > w[best]) {
+            best = (int32_t)i;
         }
+    }
+    if (s->temperature == 0.0f) {
         *out_id = best;
         return ok(err);
     }
     float mx = -FLT_MAX;
     for (uint32_t i = 0; i < V; i++) {
         w[i] = w[i] / s->temperature;
+        if (!(w[i] >= -FLT_MAX && w[i] <= FLT_MAX)) {
+            /* a tiny temperature (or penalty) overflowed float32: the distribution is a spike
+             * on the largest logit, i.e. greedy, and the softmax below would give NaN */
+            *out_id = best;
+            return ok(err);
+        }
         if (w[i] > mx) {
             mx = w[i];
         }
@@ -1392,13 +1543,34 @@ int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) 
             n = keep;
         }
     }
-    float kept = 0.0f;
+    float kept = 0.0f, p_draft = 0.0f;
     for (uint32_t i = 0; i < n; i++) {
         kept += w[idx[i]];
+        if (idx[i] == draft) {
+            p_draft = w[draft];
+        }
     }
     float target = rng_uniform(m) * kept, cum = 0.0f;
+    if (draft >= 0) {
+        if (target < p_draft) { /* accepted with probability p(draft) */
+            *out_id = draft;
+            return ok(err);
+        }
+        /* rejected: draw from p without the draft (the loop below skips it), renormalised */
+        float rest = 0.0f;
+        for (uint32_t i = 0; i < n; i++) {
+            rest += idx[i] == draft ? 0.0f : w[idx[i]];
+        }
+        target = rng_uniform(m) * rest;
+    }
     int32_t pick = idx[n - 1];
+    if (pick == draft && n > 1) {
+        pick = idx[n - 2];
+    }
     for (uint32_t i = 0; i < n; i++) {
+        if (idx[i] == draft) {
+            continue;
+        }
         cum += w[idx[i]];
         if (cum > target) {
             pick = idx[i];
@@ -1407,4 +1579,117 @@ int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) 
     }
     *out_id = pick;
     return ok(err);
+}
+
+int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err) {
+    if (!m || !s || !out_id) {
+        return fail(err, TG_E_ARG, "no model, sampler or output");
+    }
+    if (!m->has_logits) {
+        return fail(err, TG_E_NO_LOGITS, "no logits yet: prefill or step first");
+    }
+    return sample_from(m, m->logits, m->pos, s, -1, out_id, err);
+}
+
+/* The kept logits of position at, or NULL. */
+static const float *logits_at(const tg_model *m, uint32_t at) {
+    if (at >= m->pos) {
+        return NULL;
+    }
+    if (at + 1 == m->pos && m->has_logits) {
+        return m->logits;
+    }
+    if (at >= m->verify_p0 && at - m->verify_p0 < m->verify_n) {
+        return m->draft_logits + (size_t)(at - m->verify_p0) * m->info.n_vocab;
+    }
+    return NULL;
+}
+
+int tg_sample_at(tg_model *m, const tg_sampler *s, uint32_t at, int32_t draft, int32_t *out_id,
+                 tg_error *err) {
+    if (!m || !s || !out_id) {
+        return fail(err, TG_E_ARG, "no model, sampler or output");
+    }
+    if (draft >= 0 && (uint32_t)draft >= m->info.n_vocab) {
+        return fail(err, TG_E_TOKEN, "draft token id %ld is outside 0..%u", (long)draft,
+                    (unsigned)(m->info.n_vocab - 1));
+    }
+    const float *lg = logits_at(m, at);
+    if (!lg) {
+        return fail(err, TG_E_NO_LOGITS, "no logits kept for position %u (the context holds %u "
+                    "tokens; kept: the last one and the last verify's)", (unsigned)at,
+                    (unsigned)m->pos);
+    }
+    return sample_from(m, lg, at + 1, s, draft < 0 ? -1 : draft, out_id, err);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 7. Drafts: check several tokens in one pass, roll back                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+int tg_verify(tg_model *m, const int32_t *ids, uint32_t n, float repetition_penalty,
+              int32_t *choice, tg_error *err) {
+    int rc = check_ids(m, ids, n, "verify", err);
+    if (rc) {
+        return rc;
+    }
+    if (n > m->info.max_draft) {
+        return fail(err, TG_E_ARG, "verify takes at most max_draft = %u tokens, got %u",
+                    (unsigned)m->info.max_draft, (unsigned)n);
+    }
+    if (!(repetition_penalty > 0.0f && repetition_penalty <= FLT_MAX)) {
+        return fail(err, TG_E_ARG, "repetition_penalty must be finite and > 0");
+    }
+    uint32_t p0 = m->pos, V = m->info.n_vocab;
+    if (forward_layers(m, ids, n, p0)) {
+        return fail(err, TG_E_INTERRUPTED, "interrupted; the context is unchanged");
+    }
+    head_forward(m, 0, n, p0, m->draft_logits);
+    for (uint32_t i = 0; i < n; i++) {
+        m->tokens[p0 + i] = ids[i];
+    }
+    memcpy(m->logits, m->draft_logits + (size_t)(n - 1) * V, 4 * (size_t)V);
+    m->pos = p0 + n;
+    m->has_logits = 1;
+    m->verify_p0 = p0;
+    m->verify_n = n;
+    if (choice) {
+        tg_sampler greedy = {0.0f, 0, 1.0f, repetition_penalty};
+        for (uint32_t i = 0; i < n; i++) {
+            sample_from(m, m->draft_logits + (size_t)i * V, p0 + i + 1, &greedy, -1, &choice[i],
+                        NULL);
+        }
+    }
+    return ok(err);
+}
+
+int tg_rewind(tg_model *m, uint32_t pos, tg_error *err) {
+    if (!m) {
+        return fail(err, TG_E_ARG, "no model");
+    }
+    if (pos > m->pos) {
+        return fail(err, TG_E_ARG, "cannot rewind to position %u: the context holds %u tokens",
+                    (unsigned)pos, (unsigned)m->pos);
+    }
+    if (pos == m->pos) {
+        return ok(err);
+    }
+    const float *lg = pos > 0 ? logits_at(m, pos - 1) : NULL;
+    if (lg) {
+        memcpy(m->logits, lg, 4 * (size_t)m->info.n_vocab);
+    }
+    m->has_logits = lg != NULL;
+    m->pos = pos;
+    /* rows of the last verify at or past pos are forgotten with their tokens */
+    m->verify_n = pos > m->verify_p0 ? (pos - m->verify_p0 < m->verify_n
+                                        ? pos - m->verify_p0 : m->verify_n) : 0;
+    return ok(err);
+}
+
+void tg_get_counters(const tg_model *m, tg_counters *c) {
+    *c = m->counters;
+}
+
+void tg_reset_counters(tg_model *m) {
+    memset(&m->counters, 0, sizeof(m->counters));
 }

@@ -51,6 +51,7 @@ typedef struct {
     uint32_t n_ctx;     /* KV cache length; 0 = n_positions. Must be <= n_positions. */
     uint32_t max_batch; /* tokens per prefill chunk; 0 = min(n_ctx, 32) */
     int skip_crc;       /* nonzero: skip the CRC32 check (faster load on a device) */
+    uint32_t max_draft; /* tokens per tg_verify; 0 = min(8, max_batch). Must be <= max_batch. */
 } tg_options;
 
 typedef struct {
@@ -64,7 +65,17 @@ typedef struct {
     uint64_t kv_bytes;      /* KV cache at n_ctx */
     uint64_t scratch_bytes; /* activations, logits, sampling buffers */
     uint32_t tokenizer_bytes;
+    uint32_t max_draft;     /* tokens per tg_verify (their logits are in scratch_bytes) */
 } tg_info;
+
+/* What the forward passes did since the load or tg_reset_counters (tg_reset keeps them). */
+typedef struct {
+    uint64_t passes;       /* forward passes: one per batch (prefill chunk, step, verify) */
+    uint64_t tokens;       /* token positions computed */
+    uint64_t weight_bytes; /* model-file bytes read: each matrix with its scales and biases and
+                            * each LayerNorm once per pass, embedding rows once per token */
+    uint64_t macs;         /* multiply-adds: the linear layers, the output head, attention */
+} tg_counters;
 
 typedef struct {
     float temperature;        /* 0 = greedy */
@@ -88,6 +99,13 @@ typedef void (*tg_trace_fn)(void *ctx, const char *name, int layer, uint32_t pos
 int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **out, tg_error *err);
 void tg_free(tg_model *m);
 
+/* How many bytes of a file_len-byte file to read and hand to tg_load, from its first head_len
+ * bytes: the header's file_size for a model file, else up to the 128 header bytes (tg_load then
+ * names what is wrong). Fails (TG_E_TRUNCATED) when the header claims more than the file holds,
+ * so a loader never reads or checksums bytes that are not there. */
+int tg_read_size(const uint8_t *head, size_t head_len, uint64_t file_len, size_t *nread,
+                 tg_error *err);
+
 void tg_get_info(const tg_model *m, tg_info *info);
 uint32_t tg_pos(const tg_model *m);
 void tg_reset(tg_model *m);
@@ -95,13 +113,38 @@ void tg_set_poll(tg_model *m, tg_poll_fn fn, void *ctx);
 void tg_set_trace(tg_model *m, tg_trace_fn fn, void *ctx);
 
 /* Process tokens at the next positions; afterwards tg_logits() holds the last position's logits.
- * On any error nothing is added to the context. */
+ * On any error (an interruption included) nothing changes: context, position and logits stay
+ * as they were. */
 int tg_prefill(tg_model *m, const int32_t *ids, uint32_t n, tg_error *err);
 int tg_step(tg_model *m, int32_t id, tg_error *err);
 const float *tg_logits(const tg_model *m); /* NULL until a token was processed */
 
+/* Check a draft: process ids[0..n) as ONE forward pass at the next positions (1 <= n <=
+ * max_draft), keeping every position's logits. choice (NULL or n entries) gets the greedy token
+ * after each position, the repetition penalty counting every token up to and including that
+ * position. Afterwards the tokens are in the context (tg_rewind drops the rejected ones) and
+ * tg_logits() is the last position's. On error nothing changes, as for tg_prefill. */
+int tg_verify(tg_model *m, const int32_t *ids, uint32_t n, float repetition_penalty,
+              int32_t *choice, tg_error *err);
+
+/* Forget the tokens at positions >= pos (0 <= pos <= tg_pos). The logits become position
+ * pos-1's when the last tg_verify computed them and it is still in the context, else there are
+ * none (tg_logits NULL) until the next prefill/step/verify. */
+int tg_rewind(tg_model *m, uint32_t pos, tg_error *err);
+
+/* Forward-pass counters (cumulative; tg_reset_counters zeroes them). */
+void tg_get_counters(const tg_model *m, tg_counters *c);
+void tg_reset_counters(tg_model *m);
+
 void tg_seed(tg_model *m, uint64_t seed);
 int tg_sample(tg_model *m, const tg_sampler *s, int32_t *out_id, tg_error *err);
+
+/* Sample the token after position `at` (< tg_pos; its logits must be kept: at = pos-1, or a
+ * position of the last tg_verify), the repetition penalty counting tokens 0..at. With a draft
+ * token (draft >= 0) the result keeps the distribution p exactly: draft with probability p(draft),
+ * else a token drawn from p without the draft, renormalised. draft < 0: as tg_sample. */
+int tg_sample_at(tg_model *m, const tg_sampler *s, uint32_t at, int32_t draft, int32_t *out_id,
+                 tg_error *err);
 
 const uint8_t *tg_tokenizer(const tg_model *m, uint32_t *len);
 
