@@ -144,8 +144,31 @@ def test_convert_and_eval_piped_show_no_bars_or_library_warnings(converted, tmp_
     assert r.stdout.splitlines()[1].startswith("2 questions (the first 2 of 4) from ")
     r = _cli(["eval", str(hf), "--questions", str(q), "--limit", "0"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --limit must be >= 1"
+    r = _cli(["eval", str(hf), "--questions", str(q), "--threads", "0"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --threads must be >= 1"
     r = _cli(["eval", "--help"], tmp_path)
-    assert "Q/A pairs" in r.stdout and "40x faster" in r.stdout and "--limit N" in r.stdout
+    text = " ".join(r.stdout.split())
+    assert "Q/A pairs" in text and "INT8 only, which is about 10x faster" in text and "--limit N" in text
+    assert "--threads THREADS CPU threads of the float model (default 1" in text
+
+
+def test_eval_float_threads_are_restored(converted, tmp_path):
+    import torch
+
+    from tinygpt import evaluate
+
+    hf, _model = converted("v509_hd16_gelunew")
+    q = tmp_path / "q.txt"
+    q.write_text(CORPUS)
+    before = torch.get_num_threads()
+    seen = []
+    real = evaluate.generate
+    evaluate.generate = lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
+    try:
+        evaluate.evaluate(hf, q, int8_model=False, limit=1, max_new_tokens=2, log=None, progress=False, threads=1)
+    finally:
+        evaluate.generate = real
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_eval_shows_mismatches_in_full():

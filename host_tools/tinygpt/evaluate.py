@@ -1,7 +1,7 @@
 """Exact-match evaluation of a trained model: the float Hugging Face model and the INT8 engine.
 
     evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True, limit=None) -> dict
+             max_new_tokens=80, log=print, progress=True, limit=None, threads=1) -> dict
 
 ``run_dir_or_model`` is a training run directory (Hugging Face GPT-2: config.json, weights,
 tokenizer.json) or a tinygpt model file. ``questions_file`` is in the corpus format; every
@@ -9,8 +9,9 @@ Q/A and Q/Do entry is a question with its expected answer (tinygpt.corpus.load_q
 prose paragraphs are not questions and are skipped. ``limit=N`` takes the first N questions.
 
 Speed: the float model (PyTorch, one token per forward call) is much slower than the INT8
-engine; on the 22-layer hw1 preset an INT8-only run (a model file) was about 40x faster than
-a float-only run (see README, "Convert, evaluate, measure").
+engine (README, "Convert, evaluate, measure", has the measurement). ``threads`` is torch's CPU
+threads for the float model (default 1, as in training: on a busy 2-core machine 2 threads made
+a float eval 10x slower; None: all cores), restored afterwards.
 
 For each question the prompt ``"Q: {question}\\nA:"`` is tokenized with the Hugging Face
 tokenizer (``tokenizer``, else tokenizer.json of the run directory; for a model file alone,
@@ -115,11 +116,13 @@ def _load_hf_tokenizer(tokenizer):
 class _FloatRunner:
     """Greedy KV-cached decoding with the Hugging Face model (eager attention)."""
 
-    def __init__(self, hf_dir):
+    def __init__(self, hf_dir, threads=1):
         import torch
         from transformers import GPT2LMHeadModel
 
         self.torch = torch
+        self.prev_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         from .train import quiet_hf
 
         with quiet_hf():
@@ -200,7 +203,7 @@ def generate(runner, tok, prompt_ids, max_new_tokens=80) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True, limit=None) -> dict:
+             max_new_tokens=80, log=print, progress=True, limit=None, threads=1) -> dict:
     """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
     often the two answer alike. See the module docstring."""
     log = log or (lambda *a, **k: None)
@@ -212,6 +215,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     hf_dir = src if src.is_dir() else None
     if hf_dir is not None and not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
@@ -254,11 +259,11 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         if model_file is not None:
             from .engine import Model
             int8 = Model(model_file)
+        runners = {}
         try:
             tok = _HFTokenizer(hf_tok) if hf_tok is not None else _SectionTokenizer(int8)
-            runners = {}
             if hf_dir is not None:
-                runners["float"] = _FloatRunner(hf_dir)
+                runners["float"] = _FloatRunner(hf_dir, threads)
             if int8 is not None:
                 runners["int8"] = _Int8Runner(int8)
             results = []
@@ -282,6 +287,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         finally:
             if int8 is not None:
                 int8.close()
+            if "float" in runners:
+                runners["float"].torch.set_num_threads(runners["float"].prev_threads)
 
     n = len(results)
     model_label = None
