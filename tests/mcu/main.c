@@ -65,7 +65,8 @@ int main(void) {
     }
     printf("model: %lu bytes at 0x%08lx\n", (unsigned long)len, (unsigned long)(uintptr_t)data);
 
-    tg_options opt = {0, 0, 0}; /* n_ctx = n_positions, default batch, CRC checked */
+    tg_options opt;
+    memset(&opt, 0, sizeof(opt)); /* n_ctx = n_positions, defaults, CRC checked */
     uint64_t t0 = mcu_ticks();
     if (tg_load(data, len, &opt, &m, &err) != TG_OK) {
         return die("tg_load", &err);

@@ -331,6 +331,23 @@ static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, ui
 #define DOT_ROWS 3
 #define DSP_CHUNK 256u
 
+/* The lanes of an activation word (four int8): (a0 * 256, a2 * 256) and (a1, a3). */
+static int16x2_t lanes_02(uint32_t v) {
+    return (int16x2_t)((v << 8) & 0xFF00FF00u);
+}
+
+static int16x2_t lanes_13(uint32_t v) {
+    return __sxtb16((v >> 8) | (v << 24));
+}
+
+/* acc + 256 x (four weights at w) . (the activations of lanes x02, x13); w is 4-byte aligned. */
+static int32_t smlad_word(int32_t acc, const uint8_t *w, int16x2_t x02, int16x2_t x13) {
+    uint32_t u;
+    memcpy(&u, w, 4); /* aligned: one LDR */
+    acc = __smlad(__sxtb16(u), x02, acc);                   /* (w0, w2) */
+    return __smlad((int16x2_t)(u & 0xFF00FF00u), x13, acc); /* (w1 * 256, w3 * 256) */
+}
+
 static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, uint32_t n) {
     if (n % 4 != 0 || (((uintptr_t)x | (uintptr_t)w) & 3u) != 0) {
         for (uint32_t r = 0; r < DOT_ROWS; r++) { /* word loads would be misaligned */
@@ -344,19 +361,12 @@ static void dot_rows(int32_t acc[DOT_ROWS], const int8_t *x, const int8_t *w, ui
         const uint8_t *end = xp + (n - done < DSP_CHUNK ? n - done : DSP_CHUNK);
         int32_t a0 = 0, a1 = 0, a2 = 0; /* 256 x this chunk's dot products */
         while (xp < end) {
-            uint32_t v, u;
-            memcpy(&v, xp, 4); /* aligned: one LDR */
-            int16x2_t x02 = (int16x2_t)((v << 8) & 0xFF00FF00u); /* (a0 * 256, a2 * 256) */
-            int16x2_t x13 = __sxtb16((v >> 8) | (v << 24));      /* (a1, a3) */
-            memcpy(&u, w0, 4);
-            a0 = __smlad(__sxtb16(u), x02, a0);
-            a0 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a0);
-            memcpy(&u, w1, 4);
-            a1 = __smlad(__sxtb16(u), x02, a1);
-            a1 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a1);
-            memcpy(&u, w2, 4);
-            a2 = __smlad(__sxtb16(u), x02, a2);
-            a2 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a2);
+            uint32_t v;
+            memcpy(&v, xp, 4);
+            int16x2_t x02 = lanes_02(v), x13 = lanes_13(v);
+            a0 = smlad_word(a0, w0, x02, x13);
+            a1 = smlad_word(a1, w1, x02, x13);
+            a2 = smlad_word(a2, w2, x02, x13);
             xp += 4;
             w0 += 4;
             w1 += 4;
@@ -386,8 +396,8 @@ static int matvec_dsp(float *y, const int8_t *x, float xs, const int8_t *w, cons
     for (uint32_t i = 0; i < n_in / 4; i++) {
         uint32_t v;
         memcpy(&v, x + 4 * i, 4);
-        lanes[2 * i] = (int16x2_t)((v << 8) & 0xFF00FF00u); /* as in dot_rows */
-        lanes[2 * i + 1] = __sxtb16((v >> 8) | (v << 24));
+        lanes[2 * i] = lanes_02(v);
+        lanes[2 * i + 1] = lanes_13(v);
     }
     uint32_t o = 0;
     for (; o + DOT_ROWS <= n_out; o += DOT_ROWS) {
@@ -399,17 +409,9 @@ static int matvec_dsp(float *y, const int8_t *x, float xs, const int8_t *w, cons
             const int16x2_t *end = lp + (n_in - done < DSP_CHUNK ? n_in - done : DSP_CHUNK) / 2;
             int32_t a0 = 0, a1 = 0, a2 = 0;
             while (lp < end) {
-                int16x2_t x02 = lp[0], x13 = lp[1];
-                uint32_t u;
-                memcpy(&u, w0, 4);
-                a0 = __smlad(__sxtb16(u), x02, a0);
-                a0 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a0);
-                memcpy(&u, w1, 4);
-                a1 = __smlad(__sxtb16(u), x02, a1);
-                a1 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a1);
-                memcpy(&u, w2, 4);
-                a2 = __smlad(__sxtb16(u), x02, a2);
-                a2 = __smlad((int16x2_t)(u & 0xFF00FF00u), x13, a2);
+                a0 = smlad_word(a0, w0, lp[0], lp[1]);
+                a1 = smlad_word(a1, w1, lp[0], lp[1]);
+                a2 = smlad_word(a2, w2, lp[0], lp[1]);
                 lp += 2;
                 w0 += 4;
                 w1 += 4;
