@@ -283,8 +283,8 @@ static void store_outputs(float *y, const int32_t *acc, uint32_t n, float xs, co
  *      activation byte is loaded once for four rows and the loop overhead is shared, leaving
  *      one load and one multiply-add per weight.
  *   3  Armv7E-M DSP (Cortex-M4/M7/M33): SMLAD, two 16-bit multiply-adds per instruction.
- * tests/test_bench.py checks every version against a plain loop (versions 1 and 2 on the PC,
- * 2 and 3 on the emulated Cortex-M4F). */
+ * tests/test_kernel.py (tests/mcu/kernel_check.c) checks every version against a plain loop:
+ * 1 and 2 on the PC, 2 and 3 on the emulated Cortex-M4F. docs/performance.md has their counts. */
 #ifndef TG_DOT_KERNEL
 #if defined(__ARM_FEATURE_SIMD32)
 #define TG_DOT_KERNEL 3
