@@ -12,14 +12,23 @@
  * The multi-megabyte buffers (the model file when it is not memory-mapped, the KV cache,
  * activations) come from the port layer (tg_port.h: PSRAM on the ESP32, malloc on unix), not
  * from the GC heap, so the collector never scans them; __del__ gives them back.
+ *
+ * What Python gets back owns its memory: logits() is a memoryview of a fresh GC copy and
+ * tokenizer_blob() is bytes (a copy: on the ESP32 the section may lie in a flash mapping that
+ * close() unmaps), so nothing handed out reads engine memory after close() or a collection.
+ * Every integer crossing into C is range-checked with the messages of the host binding
+ * (host_tools/tinygpt/engine.py): nothing wraps, on a 32-bit board or a 64-bit PC.
  */
+#include <errno.h>
 #include <string.h>
 
+#include "extmod/vfs.h"
 #include "py/binary.h"
 #include "py/builtin.h"
 #include "py/mperrno.h"
 #include "py/obj.h"
 #include "py/objstr.h"
+#include "py/nlr.h"
 #include "py/runtime.h"
 #include "py/stream.h"
 
@@ -32,6 +41,7 @@ typedef struct _tinygpt_model_obj_t {
     uint8_t *file;     /* the model bytes, when read from a file into port memory */
     void *map_handle;  /* the model bytes, when memory-mapped by the port (flash partition) */
     int32_t *ids;      /* [n_ctx] scratch for prefill ids */
+    int32_t *choices;  /* [max_draft] greedy choices of verify() */
     uint32_t n_ctx, n_vocab;
 } tinygpt_model_obj_t;
 
@@ -42,6 +52,8 @@ static void release(tinygpt_model_obj_t *self) {
     }
     tg_port_free(self->ids);
     self->ids = NULL;
+    tg_port_free(self->choices);
+    self->choices = NULL;
     tg_port_free(self->file);
     self->file = NULL;
     if (self->map_handle) {
@@ -75,8 +87,104 @@ static int poll_pending(void *ctx) {
     return MP_STATE_THREAD(mp_pending_exception) != MP_OBJ_NULL;
 }
 
-/* Read a whole file through the VFS into port memory (PSRAM on the ESP32). */
+/* Raise exc_type with a message built by the caller in vstr. */
+static NORETURN void raise_vstr(const mp_obj_type_t *exc_type, vstr_t *vstr) {
+    nlr_raise(mp_obj_new_exception_arg1(exc_type, mp_obj_new_str_from_vstr(vstr)));
+}
+
+static void print_u64(const mp_print_t *print, uint64_t v) {
+    mp_obj_print_helper(print, mp_obj_new_int_from_ull(v), PRINT_STR);
+}
+
+/* An integer argument in lo..hi (lo is 0 or 1), or TypeError/ValueError naming `what` and the
+ * real value however large: engine.py int_arg, same rules and messages. A bool is refused. */
+static uint64_t int_arg(mp_obj_t o, const char *what, uint64_t lo, uint64_t hi) {
+    vstr_t vstr;
+    mp_print_t print;
+    if (!mp_obj_is_int(o)) {
+        vstr_init_print(&vstr, 48, &print);
+        mp_printf(&print, "%s must be an int, not %s", what, mp_obj_get_type_str(o));
+        raise_vstr(&mp_type_TypeError, &vstr);
+    }
+    bool outside;
+    if (mp_obj_is_small_int(o)) {
+        mp_int_t v = MP_OBJ_SMALL_INT_VALUE(o);
+        outside = v < 0 || (uint64_t)v < lo || (uint64_t)v > hi;
+    } else { /* a big int: compare as Python does */
+        outside = mp_obj_is_true(mp_binary_op(MP_BINARY_OP_LESS, o, mp_obj_new_int_from_ull(lo))) ||
+                  mp_obj_is_true(mp_binary_op(MP_BINARY_OP_MORE, o, mp_obj_new_int_from_ull(hi)));
+    }
+    if (outside) {
+        vstr_init_print(&vstr, 64, &print);
+        mp_printf(&print, "%s ", what);
+        mp_obj_print_helper(&print, o, PRINT_STR);
+        mp_printf(&print, " is outside ");
+        print_u64(&print, lo);
+        mp_printf(&print, "..");
+        print_u64(&print, hi);
+        raise_vstr(&mp_type_ValueError, &vstr);
+    }
+    if (mp_obj_is_small_int(o)) {
+        return (uint64_t)MP_OBJ_SMALL_INT_VALUE(o);
+    }
+    /* in 0..2^64-1 but not a small int: two 32-bit halves, right on 32- and 64-bit ports */
+    mp_obj_t low = mp_binary_op(MP_BINARY_OP_AND, o, mp_obj_new_int_from_uint(0xFFFFFFFFu));
+    mp_obj_t high = mp_binary_op(MP_BINARY_OP_RSHIFT, o, MP_OBJ_NEW_SMALL_INT(32));
+    return ((uint64_t)(uint32_t)mp_obj_get_int_truncated(high) << 32) |
+           (uint32_t)mp_obj_get_int_truncated(low);
+}
+
+static const char *file_kind(mp_int_t mode) {
+    switch (mode & 0xF000) {
+        case 0x4000: return "a directory";
+        case 0x1000: return "a FIFO";
+        case 0x2000: return "a character device";
+        case 0x6000: return "a block device";
+        case 0xC000: return "a socket";
+        default: return "not a plain file";
+    }
+}
+
+/* Read a model file through the VFS into port memory (PSRAM on the ESP32): only a regular file
+ * (a FIFO would block in open(), a directory has no size), and only the header's file_size
+ * bytes, after checking that the file holds them (engine.py read_model_file does the same). */
 static void read_file(tinygpt_model_obj_t *self, mp_obj_t path, size_t *len) {
+    const char *name = mp_obj_str_get_str(path);
+    mp_obj_t st;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        st = mp_vfs_stat(path);
+        nlr_pop();
+    } else { /* say which file: a symlink loop (ELOOP) or a missing file, by name */
+        mp_obj_t exc = MP_OBJ_FROM_PTR(nlr.ret_val);
+        if (mp_obj_is_subclass_fast(MP_OBJ_FROM_PTR(mp_obj_get_type(exc)), MP_OBJ_FROM_PTR(&mp_type_OSError))) {
+            mp_obj_t errno_obj = mp_load_attr(exc, MP_QSTR_errno);
+            #ifdef ELOOP
+            if (errno_obj == MP_OBJ_NEW_SMALL_INT(ELOOP)) { /* MicroPython has no name for it */
+                vstr_t vstr;
+                vstr_init(&vstr, 64);
+                vstr_printf(&vstr, "%s: too many levels of symbolic links (a symlink loop)", name);
+                mp_obj_t exc_args[2] = {errno_obj, mp_obj_new_str_from_vstr(&vstr)};
+                nlr_raise(mp_obj_exception_make_new(&mp_type_OSError, 2, 0, exc_args));
+            }
+            #endif
+            if (mp_obj_is_small_int(errno_obj)) {
+                mp_raise_OSError_with_filename(MP_OBJ_SMALL_INT_VALUE(errno_obj), name);
+            }
+        }
+        nlr_jump(nlr.ret_val);
+    }
+    size_t n_items;
+    mp_obj_t *items;
+    mp_obj_get_array(st, &n_items, &items);
+    mp_int_t mode = mp_obj_get_int(items[0]);
+    vstr_t vstr;
+    mp_print_t print;
+    if ((mode & 0xF000) != 0x8000) {
+        vstr_init_print(&vstr, 64, &print);
+        mp_printf(&print, "%s: not a regular file (%s), not a tinygpt model", name, file_kind(mode));
+        raise_vstr(&mp_type_ValueError, &vstr);
+    }
     mp_obj_t args[2] = {path, MP_OBJ_NEW_QSTR(MP_QSTR_rb)};
     mp_obj_t f = mp_builtin_open(2, args, (mp_map_t *)&mp_const_empty_map);
     int errcode = 0;
@@ -89,18 +197,36 @@ static void read_file(tinygpt_model_obj_t *self, mp_obj_t path, size_t *len) {
         if (errcode) {
             mp_raise_OSError(errcode);
         }
-        mp_raise_ValueError(MP_ERROR_TEXT("empty file, not a tinygpt model"));
+        vstr_init_print(&vstr, 64, &print);
+        mp_printf(&print, "%s: empty file, not a tinygpt model", name);
+        raise_vstr(&mp_type_ValueError, &vstr);
     }
-    self->file = tg_port_alloc((size_t)size);
+    uint8_t head[TG_HEADER_SIZE];
+    mp_uint_t n_head = mp_stream_rw(f, head, sizeof(head), &errcode, MP_STREAM_RW_READ);
+    size_t need;
+    tg_error err;
+    if (errcode == 0 && tg_read_size(head, n_head, (uint64_t)size, &need, &err) != TG_OK) {
+        mp_stream_close(f);
+        raise_error(&err);
+    }
+    self->file = errcode ? NULL : tg_port_alloc(need);
     if (!self->file) {
         mp_stream_close(f);
+        if (errcode != 0) {
+            mp_raise_OSError(errcode);
+        }
         mp_raise_msg_varg(&mp_type_MemoryError,
                           MP_ERROR_TEXT("out of memory reading the %u-byte model file"),
-                          (unsigned)size);
+                          (unsigned)need);
     }
-    mp_uint_t got = mp_stream_rw(f, self->file, (mp_uint_t)size, &errcode, MP_STREAM_RW_READ);
+    size_t got = n_head < need ? n_head : need;
+    memcpy(self->file, head, got);
+    if (got < need) {
+        got += mp_stream_rw(f, self->file + got, (mp_uint_t)(need - got), &errcode,
+                            MP_STREAM_RW_READ);
+    }
     mp_stream_close(f);
-    if (errcode != 0 || got != (mp_uint_t)size) {
+    if (errcode != 0 || got != need) {
         tg_port_free(self->file);
         self->file = NULL;
         if (errcode != 0) {
@@ -108,30 +234,31 @@ static void read_file(tinygpt_model_obj_t *self, mp_obj_t path, size_t *len) {
         }
         mp_raise_ValueError(MP_ERROR_TEXT("short read of the model file"));
     }
-    *len = (size_t)size;
+    *len = need;
 }
 
 static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw,
                                        const mp_obj_t *all_args) {
-    enum { ARG_path, ARG_n_ctx, ARG_check_crc, ARG_max_batch };
+    enum { ARG_path, ARG_n_ctx, ARG_check_crc, ARG_max_batch, ARG_max_draft };
     static const mp_arg_t allowed[] = {
         {MP_QSTR_path, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
         {MP_QSTR_n_ctx, MP_ARG_OBJ, {.u_obj = mp_const_none}},
         {MP_QSTR_check_crc, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = true}},
-        {MP_QSTR_max_batch, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 0}},
+        {MP_QSTR_max_batch, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
+        {MP_QSTR_max_draft, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
     };
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all_kw_array(n_args, n_kw, all_args, MP_ARRAY_SIZE(allowed), allowed, args);
     const char *path = mp_obj_str_get_str(args[ARG_path].u_obj);
-    mp_int_t n_ctx = 0;
+    uint32_t n_ctx = 0, max_batch = 0, max_draft = 0; /* 0: the engine's default */
     if (args[ARG_n_ctx].u_obj != mp_const_none) {
-        n_ctx = mp_obj_get_int(args[ARG_n_ctx].u_obj);
-        if (n_ctx < 1) {
-            mp_raise_ValueError(MP_ERROR_TEXT("n_ctx must be a positive int"));
-        }
+        n_ctx = (uint32_t)int_arg(args[ARG_n_ctx].u_obj, "n_ctx", 1, 0xFFFFFFFFu);
     }
-    if (args[ARG_max_batch].u_int < 0) {
-        mp_raise_ValueError(MP_ERROR_TEXT("max_batch must be >= 0"));
+    if (args[ARG_max_batch].u_obj != mp_const_none) {
+        max_batch = (uint32_t)int_arg(args[ARG_max_batch].u_obj, "max_batch", 1, 0xFFFFFFFFu);
+    }
+    if (args[ARG_max_draft].u_obj != mp_const_none) {
+        max_draft = (uint32_t)int_arg(args[ARG_max_draft].u_obj, "max_draft", 1, 0xFFFFFFFFu);
     }
 
     tinygpt_model_obj_t *self = mp_obj_malloc_with_finaliser(tinygpt_model_obj_t, type);
@@ -139,6 +266,7 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
     self->file = NULL;
     self->map_handle = NULL;
     self->ids = NULL;
+    self->choices = NULL;
 
     const uint8_t *data;
     size_t len;
@@ -147,8 +275,7 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
         read_file(self, args[ARG_path].u_obj, &len);
         data = self->file;
     }
-    tg_options opt = {(uint32_t)n_ctx, (uint32_t)args[ARG_max_batch].u_int,
-                      !args[ARG_check_crc].u_bool};
+    tg_options opt = {n_ctx, max_batch, !args[ARG_check_crc].u_bool, max_draft};
     tg_error err;
     if (tg_load(data, len, &opt, &self->model, &err) != TG_OK) {
         release(self);
@@ -159,7 +286,8 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
     self->n_ctx = info.n_ctx;
     self->n_vocab = info.n_vocab;
     self->ids = tg_port_alloc(4 * (size_t)info.n_ctx);
-    if (!self->ids) {
+    self->choices = tg_port_alloc(4 * (size_t)info.max_draft);
+    if (!self->ids || !self->choices) {
         release(self);
         mp_raise_msg(&mp_type_MemoryError, MP_ERROR_TEXT("out of memory allocating token ids"));
     }
@@ -190,6 +318,7 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
     dict_int(d, MP_QSTR_n_inner, h.n_inner);
     dict_int(d, MP_QSTR_n_ctx, h.n_ctx);
     dict_int(d, MP_QSTR_max_batch, h.max_batch);
+    dict_int(d, MP_QSTR_max_draft, h.max_draft);
     dict_int(d, MP_QSTR_head_dim, h.head_dim);
     dict_int(d, MP_QSTR_eos_id, h.eos_id);
     dict_int(d, MP_QSTR_bos_id, h.bos_id);
@@ -219,28 +348,51 @@ static mp_obj_t tinygpt_model_reset(mp_obj_t self_in) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_reset_obj, tinygpt_model_reset);
 
-static void run_checked(tinygpt_model_obj_t *self, uint32_t n) {
-    tg_error err;
-    int rc = tg_prefill(self->model, self->ids, n, &err);
+/* An engine call's result: a Ctrl-C that stopped it is raised as KeyboardInterrupt. */
+static void raise_if_failed(int rc, const tg_error *err) {
     if (rc == TG_E_INTERRUPTED) {
         mp_handle_pending(true); /* raises the pending KeyboardInterrupt */
     }
     if (rc != TG_OK) {
-        raise_error(&err);
+        raise_error(err);
     }
 }
 
+static void run_checked(tinygpt_model_obj_t *self, uint32_t n) {
+    tg_error err;
+    int rc = tg_prefill(self->model, self->ids, n, &err);
+    raise_if_failed(rc, &err);
+}
+
+/* A token id: engine.py token_id, same rules and messages (a bool is refused). */
 static int32_t id_from_obj(tinygpt_model_obj_t *self, mp_obj_t o, size_t index) {
+    vstr_t vstr;
+    mp_print_t print;
     if (!mp_obj_is_int(o)) {
-        mp_raise_msg_varg(&mp_type_TypeError, MP_ERROR_TEXT("token id at index %u is not an int"),
-                          (unsigned)index);
+        vstr_init_print(&vstr, 48, &print);
+        mp_printf(&print, "token id at index %u must be an int, not %s", (unsigned)index,
+                  mp_obj_get_type_str(o));
+        raise_vstr(&mp_type_TypeError, &vstr);
     }
-    mp_int_t v = mp_obj_get_int(o);
-    if (v < 0 || (mp_uint_t)v >= self->n_vocab) {
-        mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("token id %d is outside 0..%u"),
-                          (int)v, (unsigned)(self->n_vocab - 1));
+    if (!mp_obj_is_small_int(o) || MP_OBJ_SMALL_INT_VALUE(o) < 0 ||
+        (mp_uint_t)MP_OBJ_SMALL_INT_VALUE(o) >= self->n_vocab) {
+        vstr_init_print(&vstr, 48, &print);
+        mp_printf(&print, "token id ");
+        mp_obj_print_helper(&print, o, PRINT_STR); /* the real value, however large */
+        mp_printf(&print, " is outside 0..%u", (unsigned)(self->n_vocab - 1));
+        raise_vstr(&mp_type_ValueError, &vstr);
     }
-    return (int32_t)v;
+    return (int32_t)MP_OBJ_SMALL_INT_VALUE(o);
+}
+
+/* Checked before any id is converted; the engine's wording (tg_prefill checks again). */
+static void check_room(tinygpt_model_obj_t *self, size_t n) {
+    uint32_t used = tg_pos(self->model);
+    if (n > self->n_ctx - used) {
+        mp_raise_msg_varg(&mp_type_RuntimeError,
+                          MP_ERROR_TEXT("%u tokens do not fit: %u of the context's %u positions are used"),
+                          (unsigned)n, (unsigned)used, (unsigned)self->n_ctx);
+    }
 }
 
 static mp_obj_t tinygpt_model_prefill(mp_obj_t self_in, mp_obj_t ids_in) {
@@ -251,11 +403,7 @@ static mp_obj_t tinygpt_model_prefill(mp_obj_t self_in, mp_obj_t ids_in) {
         /* array('i'/'h'/'H'/'I'/'b'/'B') of ids: read in place */
         size_t item = mp_binary_get_size('@', buf.typecode, NULL);
         n = buf.len / item;
-        if (n > self->n_ctx) {
-            mp_raise_msg_varg(&mp_type_RuntimeError,
-                              MP_ERROR_TEXT("%u tokens do not fit in the %u-token context"),
-                              (unsigned)n, (unsigned)self->n_ctx);
-        }
+        check_room(self, n);
         for (size_t i = 0; i < n; i++) {
             self->ids[i] = id_from_obj(self, mp_binary_get_val_array(buf.typecode, buf.buf, i), i);
         }
@@ -267,11 +415,7 @@ static mp_obj_t tinygpt_model_prefill(mp_obj_t self_in, mp_obj_t ids_in) {
         }
         mp_obj_get_array(ids_in, &len, &items);
         n = len;
-        if (n > self->n_ctx) {
-            mp_raise_msg_varg(&mp_type_RuntimeError,
-                              MP_ERROR_TEXT("%u tokens do not fit in the %u-token context"),
-                              (unsigned)n, (unsigned)self->n_ctx);
-        }
+        check_room(self, n);
         for (size_t i = 0; i < n; i++) {
             self->ids[i] = id_from_obj(self, items[i], i);
         }
@@ -283,62 +427,150 @@ static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_prefill_obj, tinygpt_model_prefil
 
 static mp_obj_t tinygpt_model_step(mp_obj_t self_in, mp_obj_t id_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
+    check_room(self, 1);
     self->ids[0] = id_from_obj(self, id_in, 0);
     run_checked(self, 1);
     return mp_const_none;
 }
 static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_step_obj, tinygpt_model_step);
 
-/* A memoryview of float32 over the engine's logits: no copy; valid until the next
- * step/prefill/close. */
+/* A memoryview of float32 over a copy of the logits in the GC heap: it keeps its memory alive
+ * after the next step, close() or the collection of the Model. */
 static mp_obj_t tinygpt_model_logits(mp_obj_t self_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
     const float *lg = tg_logits(self->model);
     if (!lg) {
         mp_raise_msg(&mp_type_RuntimeError, MP_ERROR_TEXT("no logits yet: prefill or step first"));
     }
-    return mp_obj_new_memoryview('f', self->n_vocab, (void *)lg);
+    float *copy = m_new(float, self->n_vocab);
+    memcpy(copy, lg, 4 * (size_t)self->n_vocab);
+    return mp_obj_new_memoryview('f', self->n_vocab, copy);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_logits_obj, tinygpt_model_logits);
 
 static mp_obj_t tinygpt_model_sample(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_temperature, ARG_top_k, ARG_top_p, ARG_repetition_penalty, ARG_seed };
+    enum { ARG_temperature, ARG_top_k, ARG_top_p, ARG_repetition_penalty, ARG_seed, ARG_at, ARG_draft };
     static const mp_arg_t allowed[] = {
         {MP_QSTR_temperature, MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
-        {MP_QSTR_top_k, MP_ARG_INT, {.u_int = 0}},
+        {MP_QSTR_top_k, MP_ARG_OBJ, {.u_obj = MP_OBJ_NEW_SMALL_INT(0)}},
         {MP_QSTR_top_p, MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
         {MP_QSTR_repetition_penalty, MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
         {MP_QSTR_seed, MP_ARG_OBJ, {.u_obj = mp_const_none}},
+        {MP_QSTR_at, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
+        {MP_QSTR_draft, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
     };
     tinygpt_model_obj_t *self = get_open(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
-    if (args[ARG_top_k].u_int < 0) {
-        mp_raise_ValueError(MP_ERROR_TEXT("top_k must be >= 0"));
-    }
     tg_sampler s;
+    s.top_k = (uint32_t)int_arg(args[ARG_top_k].u_obj, "top_k", 0, 0xFFFFFFFFu);
     s.temperature = args[ARG_temperature].u_obj ? (float)mp_obj_get_float(args[ARG_temperature].u_obj) : 0.0f;
-    s.top_k = (uint32_t)args[ARG_top_k].u_int;
     s.top_p = args[ARG_top_p].u_obj ? (float)mp_obj_get_float(args[ARG_top_p].u_obj) : 1.0f;
     s.repetition_penalty = args[ARG_repetition_penalty].u_obj
         ? (float)mp_obj_get_float(args[ARG_repetition_penalty].u_obj) : 1.0f;
     if (args[ARG_seed].u_obj != mp_const_none) {
-        tg_seed(self->model, (uint64_t)mp_obj_get_int_truncated(args[ARG_seed].u_obj));
+        tg_seed(self->model, int_arg(args[ARG_seed].u_obj, "seed", 0, UINT64_MAX));
     }
+    /* at: the token after that position (its logits kept); draft: engine.py sample() */
+    mp_obj_t at_obj = args[ARG_at].u_obj, draft_obj = args[ARG_draft].u_obj;
+    uint32_t at = 0;
+    if (at_obj != mp_const_none) {
+        at = (uint32_t)int_arg(at_obj, "at", 0, 0xFFFFFFFFu);
+    }
+    int32_t draft = draft_obj == mp_const_none ? -1 : id_from_obj(self, draft_obj, 0);
     int32_t id;
     tg_error err;
-    if (tg_sample(self->model, &s, &id, &err) != TG_OK) {
+    int rc;
+    if (at_obj == mp_const_none && draft < 0) {
+        rc = tg_sample(self->model, &s, &id, &err);
+    } else {
+        uint32_t pos = tg_pos(self->model);
+        rc = tg_sample_at(self->model, &s, at_obj != mp_const_none ? at : pos ? pos - 1 : 0xFFFFFFFFu,
+                          draft, &id, &err);
+    }
+    if (rc != TG_OK) {
         raise_error(&err);
     }
     return MP_OBJ_NEW_SMALL_INT(id);
 }
 static MP_DEFINE_CONST_FUN_OBJ_KW(tinygpt_model_sample_obj, 1, tinygpt_model_sample);
 
+/* verify(ids, repetition_penalty=1.0): engine.py Model.verify, same checks and messages. */
+static mp_obj_t tinygpt_model_verify(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_ids, ARG_repetition_penalty };
+    static const mp_arg_t allowed[] = {
+        {MP_QSTR_ids, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
+        {MP_QSTR_repetition_penalty, MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
+    };
+    tinygpt_model_obj_t *self = get_open(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mp_obj_t ids_in = args[ARG_ids].u_obj;
+    if (!mp_obj_is_type(ids_in, &mp_type_list) && !mp_obj_is_type(ids_in, &mp_type_tuple)) {
+        mp_raise_msg_varg(&mp_type_TypeError, MP_ERROR_TEXT("verify takes a list or tuple of token ids, got %s"),
+                          mp_obj_get_type_str(ids_in));
+    }
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_get_array(ids_in, &n, &items);
+    tg_info h;
+    tg_get_info(self->model, &h);
+    if (n > h.max_draft) {
+        mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("verify takes at most max_draft = %u tokens, got %u"),
+                          (unsigned)h.max_draft, (unsigned)n);
+    }
+    for (size_t i = 0; i < n; i++) {
+        self->ids[i] = id_from_obj(self, items[i], i);
+    }
+    float penalty = args[ARG_repetition_penalty].u_obj
+        ? (float)mp_obj_get_float(args[ARG_repetition_penalty].u_obj) : 1.0f;
+    tg_error err;
+    raise_if_failed(tg_verify(self->model, self->ids, (uint32_t)n, penalty, self->choices, &err), &err);
+    mp_obj_t out = mp_obj_new_list(n, NULL);
+    for (size_t i = 0; i < n; i++) {
+        mp_obj_list_store(out, MP_OBJ_NEW_SMALL_INT(i), MP_OBJ_NEW_SMALL_INT(self->choices[i]));
+    }
+    return out;
+}
+static MP_DEFINE_CONST_FUN_OBJ_KW(tinygpt_model_verify_obj, 2, tinygpt_model_verify);
+
+static mp_obj_t tinygpt_model_rewind(mp_obj_t self_in, mp_obj_t pos_in) {
+    tinygpt_model_obj_t *self = get_open(self_in);
+    uint32_t pos = (uint32_t)int_arg(pos_in, "pos", 0, 0xFFFFFFFFu);
+    tg_error err;
+    if (tg_rewind(self->model, pos, &err) != TG_OK) {
+        raise_error(&err);
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_rewind_obj, tinygpt_model_rewind);
+
+/* counters(): the engine's forward-pass counts, a dict (engine.py Model.counters). */
+static mp_obj_t tinygpt_model_counters(mp_obj_t self_in) {
+    tg_counters c;
+    tg_get_counters(get_open(self_in)->model, &c);
+    mp_obj_t d = mp_obj_new_dict(4);
+    const uint64_t values[4] = {c.passes, c.tokens, c.weight_bytes, c.macs};
+    const qstr keys[4] = {MP_QSTR_passes, MP_QSTR_tokens, MP_QSTR_weight_bytes, MP_QSTR_macs};
+    for (int i = 0; i < 4; i++) {
+        mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(keys[i]), mp_obj_new_int_from_ull(values[i]));
+    }
+    return d;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_counters_obj, tinygpt_model_counters);
+
+static mp_obj_t tinygpt_model_reset_counters(mp_obj_t self_in) {
+    tg_reset_counters(get_open(self_in)->model);
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_reset_counters_obj, tinygpt_model_reset_counters);
+
+/* bytes, a copy: on the ESP32 the section may be in a flash mapping that close() unmaps. */
 static mp_obj_t tinygpt_model_tokenizer_blob(mp_obj_t self_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
     uint32_t n;
     const uint8_t *p = tg_tokenizer(self->model, &n);
-    return mp_obj_new_memoryview('B', n, (void *)p);
+    return mp_obj_new_bytes(p, n);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_tokenizer_blob_obj, tinygpt_model_tokenizer_blob);
 
@@ -360,6 +592,10 @@ static const mp_rom_map_elem_t tinygpt_model_locals_table[] = {
     {MP_ROM_QSTR(MP_QSTR_step), MP_ROM_PTR(&tinygpt_model_step_obj)},
     {MP_ROM_QSTR(MP_QSTR_logits), MP_ROM_PTR(&tinygpt_model_logits_obj)},
     {MP_ROM_QSTR(MP_QSTR_sample), MP_ROM_PTR(&tinygpt_model_sample_obj)},
+    {MP_ROM_QSTR(MP_QSTR_verify), MP_ROM_PTR(&tinygpt_model_verify_obj)},
+    {MP_ROM_QSTR(MP_QSTR_rewind), MP_ROM_PTR(&tinygpt_model_rewind_obj)},
+    {MP_ROM_QSTR(MP_QSTR_counters), MP_ROM_PTR(&tinygpt_model_counters_obj)},
+    {MP_ROM_QSTR(MP_QSTR_reset_counters), MP_ROM_PTR(&tinygpt_model_reset_counters_obj)},
     {MP_ROM_QSTR(MP_QSTR_tokenizer_blob), MP_ROM_PTR(&tinygpt_model_tokenizer_blob_obj)},
 };
 static MP_DEFINE_CONST_DICT(tinygpt_model_locals, tinygpt_model_locals_table);
