@@ -17,8 +17,10 @@ The tools come from Debian packages: `bash scripts/install-ci-deps` (as root) in
 Where that script could have (a Debian machine), a missing tool fails the test; elsewhere the
 test is skipped.
 """
+import ctypes
 import re
 import shutil
+import struct
 import subprocess
 
 import numpy as np
@@ -26,7 +28,7 @@ import pytest
 
 from conftest import REPO
 
-from tinygpt import bench, mcu, modelfile
+from tinygpt import bench, engine, mcu, modelfile
 from tinygpt.presets import PRESETS
 
 ENGINE = REPO / "usercmodule" / "tinygpt"
@@ -159,3 +161,50 @@ def test_qemu_misaligned_load_faults(arm_builds):
     assert "no fault" not in out, out
     assert rc == 3, "expected the fault handler's exit status 3, got %d:\n%s" % (rc, out)
     assert re.search(r"^FAULT UsageFault CFSR=\w+ .* UNALIGNED$", out, re.M), out
+
+
+def test_messages_under_newlib_nano(tmp_path):
+    """The engine's messages keep their numbers under newlib-nano's printf (the ESP32 build's
+    libc, no %llu): tests/mcu/messages.c, linked with --specs=nano.specs, must print exactly
+    what the host engine says for the same calls."""
+    require_mcu_tools()
+    cc = mcu.find_tool("arm-none-eabi-gcc")
+    harness = REPO / "tests" / "mcu"
+    objects = [mcu.compile_source(harness / "startup.c", tmp_path, defines=["TG_ALLOW_UNALIGNED"])]
+    objects += [mcu.compile_source(src, tmp_path) for src in
+                (harness / "messages.c", ENGINE / "tinygpt.c", ENGINE / "tg_port_arena.c")]
+    elf = tmp_path / "messages.elf"
+    run([cc] + mcu.CFLAGS + objects + ["--specs=nano.specs", "--specs=nosys.specs", "-nostartfiles", "-T",
+                                       harness / "mps2_an386.ld", "-Wl,--gc-sections", "-o", elf, "-lm"])
+    rc, out = mcu.run_qemu(elf, timeout=60)
+    assert rc == 0 and out.rstrip().endswith("done"), out
+    got = dict(re.findall(r"^msg ([^:]+): (.*)$", out, re.M))
+
+    lib = engine.lib()
+    err = engine._Error()
+
+    def msg():
+        return err.msg.decode()
+    sec = bytearray(32)
+    sec[:4] = b"TTOK"
+    struct.pack_into("<IIIIII", sec, 4, 1, 256, 0xFFFFFFFF, 0, 1, 0)
+    lib.tg_check_tokenizer(bytes(sec), 32, 256, ctypes.byref(err))
+    want = {"tokenizer counts": msg()}
+    struct.pack_into("<II", sec, 12, 0, 0)
+    struct.pack_into("<I", sec, 28, 7)
+    lib.tg_check_tokenizer(bytes(sec), 32, 256, ctypes.byref(err))
+    want["tokenizer reserved"] = msg()
+    head = b"TGPT" + bytes(8) + struct.pack("<I", 0xFFFFFFF0)
+    lib.tg_read_size(head, 16, 1000, ctypes.byref(ctypes.c_size_t()), ctypes.byref(err))
+    want["read size"] = msg()
+    buf = (ctypes.c_char * 256)()
+    ctypes.memmove(buf, head, 16)
+    lib.tg_load(ctypes.addressof(buf), 100, None, ctypes.byref(ctypes.c_void_p()), ctypes.byref(err))
+    want["short file"] = msg()
+
+    assert want["tokenizer counts"] == "tokenizer section is 32 bytes but its counts need 51539608600"
+    assert want["read size"] == "file is 1000 bytes but its header says 4294967280 (truncated?)"
+    assert want["short file"] == "file is 100 bytes, shorter than the 128-byte header"
+    for k, v in want.items():
+        assert got.get(k) == v, (k, got.get(k), v)
+    assert re.fullmatch(r"model buffer at 0x[0-9a-f]+ is not 16-byte aligned", got["misaligned"]), got

@@ -94,7 +94,11 @@ void Reset_Handler(void) {
     for (uint32_t *dst = _sbss; dst < _ebss;) {
         *dst++ = 0;
     }
+#ifdef TG_ALLOW_UNALIGNED /* messages.c: links newlib-nano's printf, which makes them */
+    SCB_CCR |= SCB_CCR_DIV_0_TRP;
+#else
     SCB_CCR |= SCB_CCR_UNALIGN_TRP | SCB_CCR_DIV_0_TRP;
+#endif
     SCB_SHCSR |= (1u << 16) | (1u << 17) | (1u << 18); /* MEMFAULTENA, BUSFAULTENA, USGFAULTENA */
     __asm__ volatile("dsb\n\tisb" ::: "memory");
     /* SysTick on the processor clock, full 24-bit range, interrupt on every wrap */
