@@ -34,7 +34,8 @@ class _Error(ctypes.Structure):
 
 
 class _Options(ctypes.Structure):
-    _fields_ = [("n_ctx", ctypes.c_uint32), ("max_batch", ctypes.c_uint32), ("skip_crc", ctypes.c_int)]
+    _fields_ = [("n_ctx", ctypes.c_uint32), ("max_batch", ctypes.c_uint32), ("skip_crc", ctypes.c_int),
+                ("max_draft", ctypes.c_uint32)]
 
 
 class _Info(ctypes.Structure):
@@ -45,7 +46,11 @@ class _Info(ctypes.Structure):
                 ("eos_id", "bos_id", "q_id", "a_id", "do_id", "n_ctx", "max_batch", "head_dim")] + \
                [(name, ctypes.c_uint64) for name in
                 ("file_bytes", "weight_bytes", "kv_bytes", "scratch_bytes")] + \
-               [("tokenizer_bytes", ctypes.c_uint32)]
+               [("tokenizer_bytes", ctypes.c_uint32), ("max_draft", ctypes.c_uint32)]
+
+
+class _Counters(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("passes", "tokens", "weight_bytes", "macs")]
 
 
 class _Sampler(ctypes.Structure):
@@ -81,6 +86,13 @@ def _load_library():
         "tg_seed": (None, [ctypes.c_void_p, ctypes.c_uint64]),
         "tg_sample": (ctypes.c_int, [ctypes.c_void_p, P(_Sampler), P(ctypes.c_int32), P(_Error)]),
         "tg_tokenizer": (ctypes.c_void_p, [ctypes.c_void_p, P(ctypes.c_uint32)]),
+        "tg_verify": (ctypes.c_int, [ctypes.c_void_p, P(ctypes.c_int32), ctypes.c_uint32, ctypes.c_float,
+                                     P(ctypes.c_int32), P(_Error)]),
+        "tg_rewind": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32, P(_Error)]),
+        "tg_sample_at": (ctypes.c_int, [ctypes.c_void_p, P(_Sampler), ctypes.c_uint32, ctypes.c_int32,
+                                        P(ctypes.c_int32), P(_Error)]),
+        "tg_get_counters": (None, [ctypes.c_void_p, P(_Counters)]),
+        "tg_reset_counters": (None, [ctypes.c_void_p]),
         "tg_read_size": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64, P(ctypes.c_size_t),
                                          P(_Error)]),
         "tg_check_tokenizer": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, P(_Error)]),
@@ -188,7 +200,7 @@ class Model:
     ``n_ctx`` shortens the KV cache (default: the model's n_positions).
     """
 
-    def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None):
+    def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None, max_draft=None):
         self._m = None
         self._lock = threading.RLock()
         self._busy = False      # an engine call is running: only its callbacks can get here
@@ -200,6 +212,8 @@ class Model:
             n_ctx = int_arg(n_ctx, "n_ctx", 1, U32_MAX)
         if max_batch is not None:
             max_batch = int_arg(max_batch, "max_batch", 1, U32_MAX)
+        if max_draft is not None:
+            max_draft = int_arg(max_draft, "max_draft", 1, U32_MAX)
         if isinstance(path, (str, os.PathLike)):
             self._buf = read_model_file(path)
             size = len(self._buf)
@@ -208,7 +222,7 @@ class Model:
             size = len(data)
             self._buf = (ctypes.c_char * max(size, 1))()  # malloc'd: 16-byte aligned
             ctypes.memmove(self._buf, bytes(data), size)
-        opts = _Options(n_ctx or 0, max_batch or 0, 0 if check_crc else 1)
+        opts = _Options(n_ctx or 0, max_batch or 0, 0 if check_crc else 1, max_draft or 0)
         handle = ctypes.c_void_p()
         err = _Error()
         if lib().tg_load(ctypes.addressof(self._buf), size, ctypes.byref(opts), ctypes.byref(handle),
@@ -352,20 +366,73 @@ class Model:
             ctypes.memmove(out, ptr, 4 * self._n_vocab)
         return memoryview(out).cast("B").cast("f")
 
-    def sample(self, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
-        """Next token id from the last logits. seed=None continues the generator; an int reseeds it."""
+    def sample(self, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, at=None,
+               draft=None):
+        """Next token id from the last logits. seed=None continues the generator; an int reseeds it.
+        at: the token after that position instead (its logits kept: pos-1 or the last verify's).
+        draft: a drafted token id, returned with probability p(draft), else a token drawn from p
+        without it (the distribution stays p exactly)."""
         top_k = int_arg(top_k, "top_k", 0, U32_MAX)
         if seed is not None:
             seed = int_arg(seed, "seed", 0, U64_MAX)
+        if at is not None:
+            at = int_arg(at, "at", 0, U32_MAX)
+        if draft is not None:
+            draft = token_id(draft, self._n_vocab, 0)
         s = _Sampler(float(temperature), top_k, float(top_p), float(repetition_penalty))
         with self._engine() as handle:
             if seed is not None:
                 lib().tg_seed(handle, seed)
             out = ctypes.c_int32()
             err = _Error()
-            if lib().tg_sample(handle, ctypes.byref(s), ctypes.byref(out), ctypes.byref(err)):
+            if at is None and draft is None:
+                rc = lib().tg_sample(handle, ctypes.byref(s), ctypes.byref(out), ctypes.byref(err))
+            else:
+                if at is None:
+                    at = lib().tg_pos(handle) - 1 if lib().tg_pos(handle) else U32_MAX
+                rc = lib().tg_sample_at(handle, ctypes.byref(s), at, -1 if draft is None else draft,
+                                        ctypes.byref(out), ctypes.byref(err))
+            if rc:
                 _raise(err)
             return out.value
+
+    def verify(self, ids, repetition_penalty=1.0):
+        """Check drafted tokens: ids (1..max_draft of them) go through the model as ONE forward pass
+        at the next positions and stay in the context; returns the greedy choice after each of
+        them (repetition penalty counting the tokens up to that position). The logits of every
+        position are kept for sample(at=...) until the next prefill/step/verify."""
+        with self._engine() as handle:
+            if not isinstance(ids, (list, tuple)):
+                raise TypeError("verify takes a list or tuple of token ids, got %s" % type(ids).__name__)
+            n = len(ids)
+            if n > self._info["max_draft"]:
+                raise ValueError("verify takes at most max_draft = %d tokens, got %d" % (self._info["max_draft"], n))
+            arr = (ctypes.c_int32 * max(n, 1))(*[token_id(t, self._n_vocab, i) for i, t in enumerate(ids)])
+            choice = (ctypes.c_int32 * max(n, 1))()
+            penalty = float(repetition_penalty)
+            self._run(lambda h, a, k, e: lib().tg_verify(h, a, k, penalty, choice, e), handle, arr, n)
+            return list(choice[:n])
+
+    def rewind(self, pos):
+        """Forget the tokens at positions >= pos (pos <= self.pos). The logits become position
+        pos-1's if the last verify kept them, else there are none until the next step."""
+        pos = int_arg(pos, "pos", 0, U32_MAX)
+        with self._engine() as handle:
+            err = _Error()
+            if lib().tg_rewind(handle, pos, ctypes.byref(err)):
+                _raise(err)
+
+    def counters(self):
+        """What the forward passes did since load or reset_counters(): passes, tokens, weight_bytes
+        (model-file bytes read), macs (multiply-adds), all counted by the engine."""
+        with self._engine(allow_busy=True) as handle:
+            c = _Counters()
+            lib().tg_get_counters(handle, ctypes.byref(c))
+            return {name: getattr(c, name) for name, _ in _Counters._fields_}
+
+    def reset_counters(self):
+        with self._engine() as handle:
+            lib().tg_reset_counters(handle)
 
     def tokenizer_blob(self):
         """The tokenizer section of the model file (bytes, a copy)."""
