@@ -12,6 +12,7 @@ Build: see BUILD_HINT (the ASan build adds CFLAGS_EXTRA="-fsanitize=address" LDF
 "-fsanitize=address" BUILD=build-asan).
 """
 import os
+import struct
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ from tinygpt.presets import PRESETS
 PROBES = r'''
 import sys
 import tinygpt
-path, directory, fifo, loop = sys.argv[-4:]
+path, directory, fifo, loop, sparse, claims_more = sys.argv[-6:]
 
 
 def probe(name, f):
@@ -78,6 +79,8 @@ probe("max_batch 0", lambda: tinygpt.Model(path, max_batch=0))
 probe("a directory", lambda: tinygpt.Model(directory))
 probe("a FIFO", lambda: tinygpt.Model(fifo))
 probe("a symlink loop", lambda: tinygpt.Model(loop))
+probe("a sparse file past its tensors", lambda: tinygpt.Model(sparse))
+probe("a header claiming more", lambda: tinygpt.Model(claims_more))
 print("done")
 '''
 
@@ -139,7 +142,14 @@ def probe_args(tmp_path):
     os.symlink(loop, loop)
     d = tmp_path / "dir"
     d.mkdir()
-    return [str(model), str(d), str(fifo), str(loop)]
+    data = bytearray(model.read_bytes())
+    struct.pack_into("<I", data, 12, 3 << 30)  # file_size 3 GiB
+    sparse, claims_more = tmp_path / "sparse.bin", tmp_path / "claims_more.bin"
+    claims_more.write_bytes(data)
+    with open(sparse, "wb") as f:
+        f.write(data)
+        f.truncate(3 << 30)  # a sparse file: the header and the size agree, the tensors do not
+    return [str(model), str(d), str(fifo), str(loop), str(sparse), str(claims_more)]
 
 
 def run(cmd, script, args, tmp_path, env=None):
@@ -167,6 +177,11 @@ def test_same_behaviour_on_pc_and_micropython(micropy_bin, probe_args, tmp_path)
     assert lines["a directory"] == "ValueError: %s: not a regular file (a directory), not a tinygpt model" % probe_args[1]
     assert lines["a FIFO"] == "ValueError: %s: not a regular file (a FIFO), not a tinygpt model" % probe_args[2]
     assert lines["a symlink loop"] == "OSError 40 True"
+    size = os.path.getsize(probe_args[5])
+    assert lines["a sparse file past its tensors"] == \
+        "ValueError: file_size 3221225472, but the tensors end at byte %d" % size
+    assert lines["a header claiming more"] == \
+        "ValueError: file is %d bytes but its header says 3221225472 (truncated?)" % size
     assert all(lines["temperature %s is greedy" % t] == "True" for t in ("1e-38", "1e-39", "1e-45"))
 
 

@@ -390,8 +390,14 @@ def test_file_size_past_the_tensors_fails_before_the_crc(tmp_path):
     with open(p, "wb") as f:
         f.write(data)
         f.truncate(3 << 30)
-    with pytest.raises(ValueError, match="file_size 3221225472, but the tensors end at byte %d" % real):
-        Model(p)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="file_size 3221225472, but the tensors end at byte %d" % real):
+            Model(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, "%d bytes allocated: the file was read before its layout was checked" % peak
     with open(p, "r+b") as f:
         f.truncate(real)  # the header claims more than the file holds: nothing is read
     with pytest.raises(ValueError, match="file is %d bytes but its header says 3221225472" % real):

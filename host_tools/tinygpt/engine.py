@@ -93,7 +93,7 @@ def _load_library():
                                         P(ctypes.c_int32), P(_Error)]),
         "tg_get_counters": (None, [ctypes.c_void_p, P(_Counters)]),
         "tg_reset_counters": (None, [ctypes.c_void_p]),
-        "tg_read_size": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64, P(ctypes.c_size_t),
+        "tg_read_size": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64, P(ctypes.c_size_t),
                                          P(_Error)]),
         "tg_check_tokenizer": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, P(_Error)]),
         "tg_crc32": (ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]),
@@ -160,8 +160,10 @@ def read_model_file(path):
 
     Read, not memory-mapped: a model in use must not die (SIGBUS) because its file was truncated
     or replaced meanwhile; reading costs the file's size in memory and a few ms at load.
-    Only regular files: a FIFO or a device would block or never end. Only the header's file_size
-    bytes are read, and a header that claims more than the file holds fails before any reading.
+    Only regular files: a FIFO or a device would block or never end. The header, then the
+    directory, then the header's file_size bytes are read (tg_read_size): a header claiming more
+    than the file holds, or a file_size past its tensors (a sparse file), fails before the bulk.
+    Returns (buffer, length of the model in it).
     """
     name = os.fspath(path)
     # O_NONBLOCK: opening a FIFO with no writer returns at once (fstat then refuses it); it
@@ -175,21 +177,22 @@ def read_model_file(path):
     with os.fdopen(fd, "rb", buffering=0) as f:
         if st.st_size == 0:
             raise ValueError("%s: empty file, not a tinygpt model" % name)
-        head = f.read(HEADER_SIZE)
-        need = ctypes.c_size_t()
+        buf, have = (ctypes.c_char * 0)(), 0
+        need = ctypes.c_size_t(min(st.st_size, HEADER_SIZE))
         err = _Error()
-        if lib().tg_read_size(head, len(head), st.st_size, ctypes.byref(need), ctypes.byref(err)):
-            _raise(err)
-        buf = (ctypes.c_char * need.value)()  # malloc'd: 16-byte aligned
-        view = memoryview(buf).cast("B")
-        view[:len(head)] = head[:need.value]
-        got = min(len(head), need.value)
-        while got < need.value:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError("%s: the file shrank to %d bytes while it was read (header says %d)"
-                                 % (name, got, need.value))
-            got += n
+        while need.value > have:
+            grown = (ctypes.c_char * max(need.value, 32))()  # > 16 bytes: malloc'd, 16-byte aligned
+            ctypes.memmove(grown, buf, have)
+            view = memoryview(grown).cast("B")
+            while have < need.value:
+                n = f.readinto(view[have:])
+                if not n:
+                    raise ValueError("%s: the file shrank to %d bytes while it was read" % (name, have))
+                have += n
+            buf = grown
+            if lib().tg_read_size(buf, have, st.st_size, ctypes.byref(need), ctypes.byref(err)):
+                _raise(err)
+    return buf, need.value
     return buf
 
 
@@ -215,8 +218,7 @@ class Model:
         if max_draft is not None:
             max_draft = int_arg(max_draft, "max_draft", 1, U32_MAX)
         if isinstance(path, (str, os.PathLike)):
-            self._buf = read_model_file(path)
-            size = len(self._buf)
+            self._buf, size = read_model_file(path)
         else:
             data = memoryview(path).cast("B")
             size = len(data)

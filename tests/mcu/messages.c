@@ -45,8 +45,10 @@ int main(void) {
 
     /* a header claiming more than the file: the file length is a 64-bit count */
     memcpy(model, "TGPT", 4);
+    put_u32(model + 4, 1);   /* version */
+    put_u32(model + 8, 128); /* header_size */
     put_u32(model + 12, 0xFFFFFFF0u);
-    tg_read_size(model, 16, 1000, &n, &err);
+    tg_read_size(model, 128, 1000, &n, &err);
     show("read size", &err);
 
     /* %lu and %p */

@@ -201,39 +201,41 @@ static void read_file(tinygpt_model_obj_t *self, mp_obj_t path, size_t *len) {
         mp_printf(&print, "%s: empty file, not a tinygpt model", name);
         raise_vstr(&mp_type_ValueError, &vstr);
     }
-    uint8_t head[TG_HEADER_SIZE];
-    mp_uint_t n_head = mp_stream_rw(f, head, sizeof(head), &errcode, MP_STREAM_RW_READ);
-    size_t need;
+    /* the header, then the directory, then the whole file: tg_read_size checks each first */
+    size_t have = 0, need = (uint64_t)size < TG_HEADER_SIZE ? (size_t)size : TG_HEADER_SIZE;
     tg_error err;
-    if (errcode == 0 && tg_read_size(head, n_head, (uint64_t)size, &need, &err) != TG_OK) {
-        mp_stream_close(f);
-        raise_error(&err);
-    }
-    self->file = errcode ? NULL : tg_port_alloc(need);
-    if (!self->file) {
-        mp_stream_close(f);
-        if (errcode != 0) {
-            mp_raise_OSError(errcode);
+    while (need > have) {
+        uint8_t *grown = tg_port_alloc(need);
+        if (!grown) {
+            mp_stream_close(f);
+            release(self);
+            mp_raise_msg_varg(&mp_type_MemoryError,
+                              MP_ERROR_TEXT("out of memory reading the %u-byte model file"),
+                              (unsigned)need);
         }
-        mp_raise_msg_varg(&mp_type_MemoryError,
-                          MP_ERROR_TEXT("out of memory reading the %u-byte model file"),
-                          (unsigned)need);
-    }
-    size_t got = n_head < need ? n_head : need;
-    memcpy(self->file, head, got);
-    if (got < need) {
-        got += mp_stream_rw(f, self->file + got, (mp_uint_t)(need - got), &errcode,
-                            MP_STREAM_RW_READ);
+        if (self->file) {
+            memcpy(grown, self->file, have);
+            tg_port_free(self->file);
+        }
+        self->file = grown;
+        mp_uint_t got = mp_stream_rw(f, grown + have, (mp_uint_t)(need - have), &errcode,
+                                     MP_STREAM_RW_READ);
+        if (errcode != 0 || got != need - have) {
+            mp_stream_close(f);
+            release(self);
+            if (errcode != 0) {
+                mp_raise_OSError(errcode);
+            }
+            mp_raise_ValueError(MP_ERROR_TEXT("short read of the model file"));
+        }
+        have = need;
+        if (tg_read_size(grown, have, (uint64_t)size, &need, &err) != TG_OK) {
+            mp_stream_close(f);
+            release(self);
+            raise_error(&err);
+        }
     }
     mp_stream_close(f);
-    if (errcode != 0 || got != need) {
-        tg_port_free(self->file);
-        self->file = NULL;
-        if (errcode != 0) {
-            mp_raise_OSError(errcode);
-        }
-        mp_raise_ValueError(MP_ERROR_TEXT("short read of the model file"));
-    }
     *len = need;
 }
 

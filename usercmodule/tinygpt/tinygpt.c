@@ -1096,17 +1096,26 @@ int tg_read_size(const uint8_t *head, size_t head_len, uint64_t file_len, size_t
     if (!head || !nread) {
         return fail(err, TG_E_ARG, "no header or output");
     }
-    uint64_t n = file_len < TG_HEADER_SIZE ? file_len : TG_HEADER_SIZE;
-    if (head_len >= 16 && memcmp(head, "TGPT", 4) == 0 && rd32(head + 12) >= TG_HEADER_SIZE) {
-        uint32_t file_size = rd32(head + 12);
-        if (file_size > file_len) {
-            char t[21];
-            return fail(err, TG_E_TRUNCATED, "file is %s bytes but its header says %u "
-                        "(truncated?)", u64_text(t, file_len), (unsigned)file_size);
-        }
-        n = file_size;
+    size_t len = file_len > SIZE_MAX ? SIZE_MAX : (size_t)file_len;
+    *nread = len < TG_HEADER_SIZE ? len : TG_HEADER_SIZE;
+    if (head_len < *nread || head_len < TG_HEADER_SIZE || memcmp(head, "TGPT", 4) != 0) {
+        return ok(err); /* the header first; not a model file: tg_load names the problem */
     }
-    *nread = (size_t)n;
+    tg_info h;
+    int rc = check_header(head, len, &h, err); /* reads the 128 header bytes only */
+    if (rc) {
+        return rc;
+    }
+    size_t dir_end = (size_t)rd32(head + 80) + 16 * (size_t)rd32(head + 76); /* <= file_size */
+    if (head_len < dir_end) {
+        *nread = dir_end; /* then the directory */
+        return ok(err);
+    }
+    rc = check_layout(head, &h, err);
+    if (rc) {
+        return rc;
+    }
+    *nread = (size_t)h.file_bytes; /* then the whole file */
     return ok(err);
 }
 

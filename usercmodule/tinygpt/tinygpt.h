@@ -99,10 +99,13 @@ typedef void (*tg_trace_fn)(void *ctx, const char *name, int layer, uint32_t pos
 int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **out, tg_error *err);
 void tg_free(tg_model *m);
 
-/* How many bytes of a file_len-byte file to read and hand to tg_load, from its first head_len
- * bytes: the header's file_size for a model file, else up to the 128 header bytes (tg_load then
- * names what is wrong). Fails (TG_E_TRUNCATED) when the header claims more than the file holds,
- * so a loader never reads or checksums bytes that are not there. */
+/* How a loader reads a file_len-byte model file without reading what is not a model: head holds
+ * the first head_len bytes read so far; *nread is how many leading bytes it must hold next.
+ * Read up to *nread and call again until *nread <= head_len, then tg_load(head, *nread): first
+ * the 128 header bytes, then the directory, then the whole file. The header and the directory
+ * layout are checked on the way (a header claiming more than the file holds, or a file_size
+ * past the tensors, fails before the bulk is read); a file that is not a model stops at its
+ * header bytes and tg_load names the problem. */
 int tg_read_size(const uint8_t *head, size_t head_len, uint64_t file_len, size_t *nread,
                  tg_error *err);
 
