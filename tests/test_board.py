@@ -1110,3 +1110,39 @@ def test_ask_port_cli(vboard, models):
     r = subprocess.run([sys.executable, "-m", "tinygpt.cli", "ask", "--port", vboard.port, "--max-new-tokens", "0", "x"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --max-new-tokens must be an int >= 1, not 0"
+
+
+def test_flash_has_a_time_limit(tmp_path, monkeypatch, capsys):
+    model = make_model(tmp_path / "m.bin", seed=1)
+    cmd = flash.plan("P", model=model, version=(5,))
+    assert flash.flash_timeout(cmd) == 60.0 + model.stat().st_size / 20_000
+    seen = {}
+
+    def hung_esptool(cmd, timeout=None):
+        seen["timeout"] = timeout
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    monkeypatch.setattr(flash.subprocess, "run", hung_esptool)
+    port = tmp_path / "ttyUSB0"
+    port.write_bytes(b"")  # a port that exists
+    with pytest.raises(SystemExit):
+        cli.main(["flash", "--port", str(port), "--model", str(model)])
+    assert seen["timeout"] == flash.flash_timeout(cmd)
+    assert "esptool did not finish in 62 s: the board stopped answering?" in capsys.readouterr().err
+
+
+@BOARD_TIMEOUT
+def test_a_virtual_board_that_fails_closes_its_port(tmp_path, models):
+    """If the virtual board's relay fails (e.g. the interpreter does not come back from a soft
+    reset), the tools on its port fail at once instead of waiting forever."""
+    _need_micropython()
+    with VirtualBoard(tmp_path / "vb", fs_size=64 * 1024) as b:
+        def broken(data):
+            raise RuntimeError("virtual board did not come back: test")
+        b._from_board = broken
+        import time
+        t0 = time.monotonic()
+        with pytest.raises(serial_chat.SerialChatError):
+            serial_chat.ask_board(b.port, "Anyone there?", timeout=30)
+        assert time.monotonic() - t0 < 20
+        b._thread.join(5)
+        assert isinstance(b.error, RuntimeError) and not os.path.exists(b.port)

@@ -211,6 +211,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the esptool command, do not run it")
 
 
+def flash_timeout(cmd) -> float:
+    """Seconds allowed for an esptool run: 60 s to connect, erase and reset, plus the image bytes
+    at 20 KB/s (esptool writes compressed at 921600 baud several times faster; the margin is for
+    slow USB-serial bridges and --baud 115200)."""
+    nbytes = sum(Path(f).stat().st_size for off, f in zip(cmd, cmd[1:]) if off.startswith("0x"))
+    return 60.0 + nbytes / 20_000
+
+
 def default_firmware(cwd=None) -> Path:
     """The firmware at the documented build location, under the current directory or this
     repository; FlashError naming where it looked and how to build it."""
@@ -237,7 +245,12 @@ def run_cli(args) -> None:
     print(" ".join(cmd))
     if args.dry_run:
         return
-    r = subprocess.run(cmd)
+    limit = flash_timeout(cmd)
+    try:
+        r = subprocess.run(cmd, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise FlashError("esptool did not finish in %.0f s: the board stopped answering? Reset it into download "
+                         "mode (hold BOOT, press RESET) and flash again" % limit)
     if r.returncode != 0:
         raise FlashError("esptool failed (exit status %d): see its output above; is the board in download "
                          "mode (hold BOOT, press RESET) and the port right?" % r.returncode)

@@ -300,7 +300,7 @@ class VirtualBoard:
                 os.unlink(self.port)
             except OSError:
                 pass
-            raise
+            sys.stderr.write("virtual board: relay stopped: %s\n" % e)
 
     def _relay_loop(self):
         while not self._stop.is_set():
