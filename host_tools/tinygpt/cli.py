@@ -130,6 +130,13 @@ def cmd_convert(args):
                              progress=not args.quiet and is_terminal())  # no bar fragments in pipes/logs
     if not args.quiet:
         convert.print_report(report)
+    # drafts (issue 12): the corpus answers' token ids after the model, for speculative decoding
+    corpus = None if args.no_drafts else args.drafts or convert.run_corpus(hf_dir)
+    if corpus is not None:
+        d = convert.add_drafts(args.output, _existing_file(corpus, "corpus"))
+        if not args.quiet:
+            print("drafts: %d answers (%d token ids, %d bytes) from %s" % (d["answers"], d["ids"], d["bytes"],
+                                                                       d["corpus"]))
     if args.no_check:
         return
     _print_agreement(hf_dir, Path(args.output), args.tokenizer, args.prompt)
@@ -426,6 +433,9 @@ def build_parser():
     c.add_argument("--tokenizer", help="tokenizer directory (default: HF_DIR)")
     c.add_argument("--prompt", default="Q: What is PSRAM?\nA:", help="sample prompt for the float vs INT8 check")
     c.add_argument("--no-check", action="store_true", help="skip the float vs INT8 logit check")
+    c.add_argument("--drafts", metavar="CORPUS", help="store CORPUS's answers in the model file for drafting "
+                   "(faster answers; default: the corpus of a training run directory, if it still exists)")
+    c.add_argument("--no-drafts", action="store_true", help="store no drafts, even for a training run")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
 

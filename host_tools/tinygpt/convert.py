@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -479,3 +480,53 @@ def print_report(report: dict, file=None, all_tensors: bool = False) -> None:
           f"Do: {tid(hp['do_id'])}  tokenizer section {tk['nbytes']} bytes ({tk['n_merges']} merges, "
           f"{tk['n_special']} special)  KV cache at n_ctx={hp['n_positions']}: "
           f"{_fmt_bytes(report['kv_cache_bytes'])}", file=file)
+
+
+# ----------------------------------------------------------------------------- drafts
+def run_corpus(hf_dir):
+    """The corpus a training run (or its best/ directory) was trained on, from its
+    train_log.json, when that file still exists; else None."""
+    for d in (Path(hf_dir), Path(hf_dir).parent):
+        log = d / "train_log.json"
+        if log.is_file():
+            try:
+                corpus = json.loads(log.read_text(encoding="utf-8"))["args"]["corpus"]
+            except (ValueError, KeyError, TypeError):
+                return None
+            return Path(corpus) if corpus and Path(corpus).is_file() else None
+    return None
+
+
+def answer_ids(model_path, corpus_path) -> list[list[int]]:
+    """The token ids the model generates for each distinct corpus answer (the target after
+    "A:", e.g. " PSRAM is ..."), encoded with the model file's own tokenizer by py/bpe.py:
+    exactly what chat.py sees on the board."""
+    from . import corpus
+    from .engine import Model
+    py_dir = str(Path(__file__).resolve().parents[2] / "py")
+    if py_dir not in sys.path:
+        sys.path.insert(0, py_dir)
+    from bpe import Tokenizer
+
+    with Model(model_path) as m:
+        tok = Tokenizer(m.tokenizer_blob())
+    seen, out = set(), []
+    for e in corpus.parse(corpus_path):
+        if e.kind == "prose" or e.target in seen:
+            continue
+        seen.add(e.target)
+        out.append(tok.encode(" " + e.target))
+    return out
+
+
+def add_drafts(model_path, corpus_path) -> dict:
+    """Write the drafts section (docs/model-format.md section 7) of corpus_path's answers into
+    the model file. Returns counts for the report."""
+    from .engine import Model
+    answers = answer_ids(model_path, corpus_path)
+    with Model(model_path) as m:
+        info = m.info()
+    section = modelfile.drafts_section(answers, info["eos_id"], info["n_vocab"])
+    modelfile.write_drafts(model_path, section)
+    return {"answers": len(answers), "ids": sum(len(a) + 1 for a in answers), "bytes": len(section),
+            "corpus": str(corpus_path)}

@@ -400,3 +400,63 @@ def format_info(info: dict, path=None) -> str:
             ("weights are", "mapped" if info.get("mapped") else "loaded",
              "(read in place from the file)" if info.get("mapped") else "(copied into memory)")]
     return format_rows(rows)
+
+
+# ----------------------------------------------------------------------------- drafts section
+# Optional, after the model's file_size bytes (docs/model-format.md section 7): engines and
+# readers that do not know it read only file_size bytes and never see it. py/draft.py reads it.
+DRAFTS_MAGIC = b"TDRF"
+DRAFTS_VERSION = 1
+DRAFTS_HEADER = struct.Struct("<4s5I")  # magic, version, n_answers, n_ids, crc32, reserved
+
+
+def drafts_section(answers, eos_id: int, n_vocab: int) -> bytes:
+    """The drafts section for answers (lists of token ids): each answer's ids then eos_id, as
+    u16 little-endian, after the 24-byte header."""
+    ids = []
+    for i, a in enumerate(answers):
+        for t in list(a) + [eos_id]:
+            if not (isinstance(t, (int, np.integer)) and 0 <= t < n_vocab and t < 65536):
+                raise ValueError(f"answer {i}: token id {t!r} is outside 0..{min(n_vocab, 65536) - 1}")
+            ids.append(int(t))
+    data = np.asarray(ids, dtype="<u2").tobytes()
+    return DRAFTS_HEADER.pack(DRAFTS_MAGIC, DRAFTS_VERSION, len(answers), len(ids),
+                              zlib.crc32(data) & 0xFFFFFFFF, 0) + data
+
+
+def model_file_size(data: bytes) -> int:
+    if len(data) < HEADER_SIZE or bytes(data[:4]) != MAGIC:
+        raise ValueError("not a tinygpt model file")
+    size = struct.unpack_from("<I", data, 12)[0]
+    if size > len(data):
+        raise ValueError(f"model file is {len(data)} bytes but its header says {size} (truncated?)")
+    return size
+
+
+def write_drafts(path, section: bytes | None) -> None:
+    """Put the drafts section after the model in the file at path (replacing one that is
+    there; None removes it), atomically. The model's bytes and CRC are unchanged."""
+    with open(path, "rb") as f:
+        data = f.read()
+    size = model_file_size(data)
+    atomic_write_bytes(path, bytes(data[:size]) + (section or b""))
+
+
+def read_drafts(path) -> tuple[int, list[int]] | None:
+    """(n_answers, ids) of the drafts section of the model file at path, or None without one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    rest = data[model_file_size(data):]
+    if not rest:
+        return None
+    if len(rest) < DRAFTS_HEADER.size or rest[:4] != DRAFTS_MAGIC:
+        raise ValueError(f"{path}: {len(rest)} bytes after the model are not a drafts section")
+    _, version, n_answers, n_ids, crc, reserved = DRAFTS_HEADER.unpack_from(rest)
+    body = rest[DRAFTS_HEADER.size:]
+    if version != DRAFTS_VERSION or reserved:
+        raise ValueError(f"{path}: drafts section version {version}, this reader knows {DRAFTS_VERSION}")
+    if len(body) != 2 * n_ids:
+        raise ValueError(f"{path}: drafts section says {n_ids} ids but holds {len(body)} bytes")
+    if zlib.crc32(body) & 0xFFFFFFFF != crc:
+        raise ValueError(f"{path}: drafts section CRC32 mismatch (damaged file)")
+    return n_answers, np.frombuffer(body, dtype="<u2").astype(int).tolist()
