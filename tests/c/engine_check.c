@@ -51,7 +51,7 @@ static uint8_t *read_file(const char *path, size_t *len) {
 static int load_copy(const uint8_t *buf, size_t len, int skip_crc, tg_error *err) {
     uint8_t *copy = aligned_alloc(16, (len + 15) & ~(size_t)15);
     memcpy(copy, buf, len);
-    tg_options opt = {0, 0, skip_crc};
+    tg_options opt = {.skip_crc = skip_crc};
     tg_model *m = NULL;
     int rc = tg_load(copy, len, &opt, &m, err);
     if (rc == TG_OK) {
@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
 
     /* batch size does not change a bit */
     for (uint32_t b = 1; b <= 3; b++) {
-        tg_options opt = {0, b, 0};
+        tg_options opt = {.max_batch = b};
         tg_model *mb;
         tg_load(buf, len, &opt, &mb, &err);
         tg_prefill(mb, ids, n, &err);
@@ -190,7 +190,7 @@ int main(int argc, char **argv) {
     tg_free(m);
 
     /* load options */
-    tg_options big = {info.n_positions + 1, 0, 0};
+    tg_options big = {.n_ctx = info.n_positions + 1};
     check(tg_load(buf, len, &big, &m, &err) == TG_E_ARG, "n_ctx > n_positions", err.msg);
     uint8_t *shifted = malloc(len + 16);
     memcpy(shifted + 4, buf, len);

@@ -65,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t alloc;
     uint8_t *buf = fuzz_aligned_copy(data, size, &alloc);
     for (int skip_crc = 1; skip_crc >= 0; skip_crc--) {
-        tg_options opt = {0, 0, skip_crc};
+        tg_options opt = {.skip_crc = skip_crc};
         tg_model *m = (tg_model *)(uintptr_t)1; /* must be set to NULL on failure */
         tg_error err;
         int rc = tg_load(buf, size, &opt, &m, &err);
