@@ -35,6 +35,14 @@
 #include "tg_port.h"
 #include "tinygpt.h"
 
+/* Ports whose threads run without a GIL (unix) need a lock per model; with a GIL (ESP32) every
+ * call, the engine's included, already runs alone. */
+#define MODEL_LOCKS (MICROPY_PY_THREAD && !MICROPY_PY_THREAD_GIL)
+#if MODEL_LOCKS
+#include "py/mpthread.h"
+#endif
+
+
 typedef struct _tinygpt_model_obj_t {
     mp_obj_base_t base;
     tg_model *model;
@@ -43,6 +51,9 @@ typedef struct _tinygpt_model_obj_t {
     int32_t *ids;      /* [n_ctx] scratch for prefill ids */
     int32_t *choices;  /* [max_draft] greedy choices of verify() */
     uint32_t n_ctx, n_vocab;
+    #if MODEL_LOCKS
+    mp_thread_mutex_t lock; /* one call at a time: see run_locked */
+    #endif
 } tinygpt_model_obj_t;
 
 static void release(tinygpt_model_obj_t *self) {
@@ -79,6 +90,65 @@ static tinygpt_model_obj_t *get_open(mp_obj_t self_in) {
     }
     return self;
 }
+
+/* Every method runs through here: with the model's lock held where threads run without a GIL,
+ * so a model used from several threads runs one call at a time and close() from another thread
+ * waits for the running step instead of freeing memory under it (issue 9 D2). An exception
+ * unlocks and propagates. */
+typedef mp_obj_t (*model_call_fn)(mp_obj_t self_in, size_t n_args, const mp_obj_t *args, mp_map_t *kw);
+
+static mp_obj_t run_locked(model_call_fn fn, mp_obj_t self_in, size_t n_args, const mp_obj_t *args,
+                           mp_map_t *kw) {
+    #if MODEL_LOCKS
+    tinygpt_model_obj_t *self = MP_OBJ_TO_PTR(self_in);
+    mp_thread_mutex_lock(&self->lock, 1);
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_obj_t result = fn(self_in, n_args, args, kw);
+        nlr_pop();
+        mp_thread_mutex_unlock(&self->lock);
+        return result;
+    }
+    mp_thread_mutex_unlock(&self->lock);
+    nlr_jump(nlr.ret_val);
+    #else
+    return fn(self_in, n_args, args, kw);
+    #endif
+}
+
+/* The method objects: `fn` wrapped by run_locked, for each calling convention. */
+#define LOCKED_METHOD_1(fn)                                                                     \
+    static mp_obj_t fn##_call(mp_obj_t self_in, size_t n, const mp_obj_t *args, mp_map_t *kw) { \
+        (void)n;                                                                                \
+        (void)args;                                                                             \
+        (void)kw;                                                                               \
+        return fn(self_in);                                                                     \
+    }                                                                                           \
+    static mp_obj_t fn##_locked(mp_obj_t self_in) {                                             \
+        return run_locked(fn##_call, self_in, 0, NULL, NULL);                                   \
+    }                                                                                           \
+    static MP_DEFINE_CONST_FUN_OBJ_1(fn##_obj, fn##_locked)
+
+#define LOCKED_METHOD_2(fn)                                                                     \
+    static mp_obj_t fn##_call(mp_obj_t self_in, size_t n, const mp_obj_t *args, mp_map_t *kw) { \
+        (void)n;                                                                                \
+        (void)kw;                                                                               \
+        return fn(self_in, args[0]);                                                            \
+    }                                                                                           \
+    static mp_obj_t fn##_locked(mp_obj_t self_in, mp_obj_t arg) {                               \
+        return run_locked(fn##_call, self_in, 1, &arg, NULL);                                   \
+    }                                                                                           \
+    static MP_DEFINE_CONST_FUN_OBJ_2(fn##_obj, fn##_locked)
+
+#define LOCKED_METHOD_KW(fn, n_min)                                                             \
+    static mp_obj_t fn##_call(mp_obj_t self_in, size_t n, const mp_obj_t *args, mp_map_t *kw) { \
+        (void)self_in;                                                                          \
+        return fn(n, args, kw);                                                                 \
+    }                                                                                           \
+    static mp_obj_t fn##_locked(size_t n, const mp_obj_t *args, mp_map_t *kw) {                 \
+        return run_locked(fn##_call, args[0], n, args, kw);                                     \
+    }                                                                                           \
+    static MP_DEFINE_CONST_FUN_OBJ_KW(fn##_obj, n_min, fn##_locked)
 
 /* Called by the engine between layers: a pending Ctrl-C stops the step cleanly (the engine
  * leaves the context as it was) and is raised once the engine has returned. */
@@ -264,6 +334,9 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
     }
 
     tinygpt_model_obj_t *self = mp_obj_malloc_with_finaliser(tinygpt_model_obj_t, type);
+    #if MODEL_LOCKS
+    mp_thread_mutex_init(&self->lock);
+    #endif
     self->model = NULL;
     self->file = NULL;
     self->map_handle = NULL;
@@ -277,7 +350,8 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
         read_file(self, args[ARG_path].u_obj, &len);
         data = self->file;
     }
-    tg_options opt = {n_ctx, max_batch, !args[ARG_check_crc].u_bool, max_draft};
+    tg_options opt = {.n_ctx = n_ctx, .max_batch = max_batch, .skip_crc = !args[ARG_check_crc].u_bool,
+                      .max_draft = max_draft}; /* fields added later stay 0: their default */
     tg_error err;
     if (tg_load(data, len, &opt, &self->model, &err) != TG_OK) {
         release(self);
@@ -301,7 +375,7 @@ static mp_obj_t tinygpt_model_close(mp_obj_t self_in) {
     release(MP_OBJ_TO_PTR(self_in));
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_close_obj, tinygpt_model_close);
+LOCKED_METHOD_1(tinygpt_model_close);
 
 static void dict_int(mp_obj_t d, qstr key, mp_int_t v) {
     mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(key), mp_obj_new_int(v));
@@ -342,13 +416,13 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
     mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_mapped), mp_obj_new_bool(self->map_handle != NULL));
     return d;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_info_obj, tinygpt_model_info);
+LOCKED_METHOD_1(tinygpt_model_info);
 
 static mp_obj_t tinygpt_model_reset(mp_obj_t self_in) {
     tg_reset(get_open(self_in)->model);
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_reset_obj, tinygpt_model_reset);
+LOCKED_METHOD_1(tinygpt_model_reset);
 
 /* An engine call's result: a Ctrl-C that stopped it is raised as KeyboardInterrupt. */
 static void raise_if_failed(int rc, const tg_error *err) {
@@ -425,7 +499,7 @@ static mp_obj_t tinygpt_model_prefill(mp_obj_t self_in, mp_obj_t ids_in) {
     run_checked(self, (uint32_t)n);
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_prefill_obj, tinygpt_model_prefill);
+LOCKED_METHOD_2(tinygpt_model_prefill);
 
 static mp_obj_t tinygpt_model_step(mp_obj_t self_in, mp_obj_t id_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
@@ -434,7 +508,7 @@ static mp_obj_t tinygpt_model_step(mp_obj_t self_in, mp_obj_t id_in) {
     run_checked(self, 1);
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_step_obj, tinygpt_model_step);
+LOCKED_METHOD_2(tinygpt_model_step);
 
 /* A memoryview of float32 over a copy of the logits in the GC heap: it keeps its memory alive
  * after the next step, close() or the collection of the Model. */
@@ -448,7 +522,7 @@ static mp_obj_t tinygpt_model_logits(mp_obj_t self_in) {
     memcpy(copy, lg, 4 * (size_t)self->n_vocab);
     return mp_obj_new_memoryview('f', self->n_vocab, copy);
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_logits_obj, tinygpt_model_logits);
+LOCKED_METHOD_1(tinygpt_model_logits);
 
 static mp_obj_t tinygpt_model_sample(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     enum { ARG_temperature, ARG_top_k, ARG_top_p, ARG_repetition_penalty, ARG_seed, ARG_at, ARG_draft };
@@ -495,7 +569,7 @@ static mp_obj_t tinygpt_model_sample(size_t n_args, const mp_obj_t *pos_args, mp
     }
     return MP_OBJ_NEW_SMALL_INT(id);
 }
-static MP_DEFINE_CONST_FUN_OBJ_KW(tinygpt_model_sample_obj, 1, tinygpt_model_sample);
+LOCKED_METHOD_KW(tinygpt_model_sample, 1);
 
 /* verify(ids, repetition_penalty=1.0): engine.py Model.verify, same checks and messages. */
 static mp_obj_t tinygpt_model_verify(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
@@ -534,7 +608,7 @@ static mp_obj_t tinygpt_model_verify(size_t n_args, const mp_obj_t *pos_args, mp
     }
     return out;
 }
-static MP_DEFINE_CONST_FUN_OBJ_KW(tinygpt_model_verify_obj, 2, tinygpt_model_verify);
+LOCKED_METHOD_KW(tinygpt_model_verify, 2);
 
 static mp_obj_t tinygpt_model_rewind(mp_obj_t self_in, mp_obj_t pos_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
@@ -545,7 +619,7 @@ static mp_obj_t tinygpt_model_rewind(mp_obj_t self_in, mp_obj_t pos_in) {
     }
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_2(tinygpt_model_rewind_obj, tinygpt_model_rewind);
+LOCKED_METHOD_2(tinygpt_model_rewind);
 
 /* counters(): the engine's forward-pass counts, a dict (engine.py Model.counters). */
 static mp_obj_t tinygpt_model_counters(mp_obj_t self_in) {
@@ -559,13 +633,13 @@ static mp_obj_t tinygpt_model_counters(mp_obj_t self_in) {
     }
     return d;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_counters_obj, tinygpt_model_counters);
+LOCKED_METHOD_1(tinygpt_model_counters);
 
 static mp_obj_t tinygpt_model_reset_counters(mp_obj_t self_in) {
     tg_reset_counters(get_open(self_in)->model);
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_reset_counters_obj, tinygpt_model_reset_counters);
+LOCKED_METHOD_1(tinygpt_model_reset_counters);
 
 /* bytes, a copy: on the ESP32 the section may be in a flash mapping that close() unmaps. */
 static mp_obj_t tinygpt_model_tokenizer_blob(mp_obj_t self_in) {
@@ -574,12 +648,19 @@ static mp_obj_t tinygpt_model_tokenizer_blob(mp_obj_t self_in) {
     const uint8_t *p = tg_tokenizer(self->model, &n);
     return mp_obj_new_bytes(p, n);
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(tinygpt_model_tokenizer_blob_obj, tinygpt_model_tokenizer_blob);
+LOCKED_METHOD_1(tinygpt_model_tokenizer_blob);
+
+static mp_obj_t tinygpt_model_pos_call(mp_obj_t self_in, size_t n, const mp_obj_t *args, mp_map_t *kw) {
+    (void)n;
+    (void)args;
+    (void)kw;
+    return mp_obj_new_int(tg_pos(get_open(self_in)->model));
+}
 
 /* `pos` as a read-only attribute; everything else from the locals dict. */
 static void tinygpt_model_attr(mp_obj_t self_in, qstr attr, mp_obj_t *dest) {
     if (attr == MP_QSTR_pos && dest[0] == MP_OBJ_NULL) {
-        dest[0] = mp_obj_new_int(tg_pos(get_open(self_in)->model));
+        dest[0] = run_locked(tinygpt_model_pos_call, self_in, 0, NULL, NULL);
         return;
     }
     dest[1] = MP_OBJ_SENTINEL;
