@@ -654,12 +654,18 @@ def test_parse_round_trip(small):
     assert mf.tokenizer_section == make_tokenizer_section(
         tok["vocab_bytes"], tok["merges"], tok["special_ids"])
     assert mf.tokenizer.decode([mf.hparams["q_id"], ord(" ")]) == b"Q: "
-    # a memoryview, a buffer longer than file_size, and non-canonical placement also parse
+    # a memoryview, a buffer longer than file_size, and a directory further out also parse
     ref.parse_model(memoryview(buf))
     ref.parse_model(buf + b"\xff" * 100)
-    buf2 = make_model_bytes(hp, t, tok, dir_offset=256, gap=48)
+    buf2 = make_model_bytes(hp, t, tok, dir_offset=256)
     mf2 = ref.parse_model(buf2)
     assert all(np.array_equal(mf2.tensors[k], v) for k, v in t.items())
+    # the spec packs the tensors: a gap between them, or bytes after the last one inside
+    # file_size, is an error (the engine refuses both, so a sparse file is caught early)
+    _raises(make_model_bytes(hp, t, tok, gap=48), "leaves a gap")
+    tail = bytearray(buf + b"\0" * 16)
+    struct.pack_into("<I", tail, 12, len(tail))
+    _raises(bytes(refix_crc(tail)), "not the end of the last tensor")
 
 
 def test_load(tmp_path, small):

@@ -562,6 +562,10 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
         end = e_off + e_nb
         if end > fs:
             raise FormatError("%s: [%d, %d) runs past file_size %d" % (where, e_off, end, fs))
+        packed = (prev_end + 15) // 16 * 16  # spec section 3: no gaps beyond alignment padding
+        if e_off != packed:
+            raise FormatError("%s: offset %d leaves a gap after %s (packed, it starts at %d)"
+                              % (where, e_off, prev_name, packed))
         prev_end, prev_name = end, "tensor '%s'" % name
         directory.append(DirEntry(name, e_id, e_dt, e_off, e_nb))
         if dt == DTYPE_RAW:
@@ -582,6 +586,9 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
                     raise FormatError("%s: scale %d is negative (%r)"
                                       % (where, j, float(arr.reshape(-1)[j])))
         tensors[name] = arr
+    if prev_end != fs:
+        raise FormatError("file_size %d is not the end of the last tensor (%d): the spec "
+                          "packs the tensors up to file_size" % (fs, prev_end))
     tok = parse_tokenizer(tok_sec, hd["n_vocab"])
     return ModelFile(hparams=hp, tensors=tensors, tokenizer_section=tok_sec, tokenizer=tok,
                      header=hd, directory=directory)
