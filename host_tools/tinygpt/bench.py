@@ -8,6 +8,7 @@ executed instructions per token: counts that do not depend on the machine, for C
 estimating a microcontroller's speed (docs/performance.md).
 """
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -103,18 +104,45 @@ def bench_model(model, n_prompt=16, n_decode=32, repeats=3):
     }
 
 
-def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print):
+def bench_threads(source, n_threads, n_ctx=None, rounds=3):
+    """bench_model with n_threads matmul workers, and the speedup over 1 thread measured in the
+    same process: the two models take turns (best of `rounds` turns each), so a machine that
+    other work slows down slows both alike. Also the load average at the end: on a busy machine
+    threads wait for cores and the ratio says so."""
+    from .engine import Model
+
+    runs = {1: [], n_threads: []}
+    with Model(source, n_ctx=n_ctx) as one, Model(source, n_ctx=n_ctx, n_threads=n_threads) as many:
+        for _ in range(rounds):
+            runs[1].append(bench_model(one))
+            runs[n_threads].append(bench_model(many))
+    best = {n: {k: max(r[k] for r in rs) for k in ("decode_tok_s", "prefill_tok_s")} for n, rs in runs.items()}
+    r = dict(runs[n_threads][0], **best[n_threads])
+    r.update(threads=n_threads, decode_tok_s_1_thread=best[1]["decode_tok_s"],
+             prefill_tok_s_1_thread=best[1]["prefill_tok_s"],
+             decode_speedup=r["decode_tok_s"] / best[1]["decode_tok_s"],
+             prefill_speedup=r["prefill_tok_s"] / best[1]["prefill_tok_s"],
+             load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    return r
+
+
+def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print, threads=None):
     from .engine import Model
 
     results = {}
+    sources = {}
     if model_path:
-        with Model(model_path, n_ctx=n_ctx) as m:
-            results[str(model_path)] = bench_model(m)
+        sources[str(model_path)] = model_path
     else:
         for name in presets or list(PRESETS):
             hp = dict(PRESETS[name])
             hp["n_vocab"] = hp.pop("vocab_size")
-            with Model(random_model_bytes(hp), n_ctx=n_ctx) as m:
+            sources[name] = random_model_bytes(hp)
+    for name, source in sources.items():
+        if threads and threads > 1:
+            results[name] = bench_threads(source, threads, n_ctx=n_ctx)
+        else:
+            with Model(source, n_ctx=n_ctx) as m:
                 results[name] = bench_model(m)
     if as_json:
         out(json.dumps(results, indent=2))
@@ -128,6 +156,16 @@ def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print):
                 _mb(r["scratch_bytes"])))
         out("(host CPU, best of 3; prefill = %d-token prompt; sizes in MB = 10^6 bytes)"
             % next(iter(results.values()))["prefill_tokens"])
+        if threads and threads > 1:
+            out("%-10s %10s %10s %10s %10s" % ("model", "decode/s", "1 thread", "speedup", "prefill x"))
+            for name, r in results.items():
+                out("%-10s %10.1f %10.1f %9.2fx %9.2fx" % (
+                    name[-10:], r["decode_tok_s"], r["decode_tok_s_1_thread"], r["decode_speedup"],
+                    r["prefill_speedup"]))
+            load = next(iter(results.values()))["load_average"]
+            out("(%d threads vs 1 in this process, alternating; load average %s on %d CPUs: threads "
+                "only help when cores are free)" % (threads, "%.1f" % load if load is not None else "?",
+                                                    os.cpu_count() or 0))
     return results
 
 

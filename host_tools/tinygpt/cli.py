@@ -205,12 +205,16 @@ def cmd_bench(args):
 
         if args.n_ctx is not None:
             raise UserError("--n-ctx does not apply to --mcu (the emulated run uses n_positions)")
+        if args.threads is not None:
+            raise UserError("--threads does not apply to --mcu (the emulated board has one core)")
         try:
             bench.run_mcu(presets=args.preset, model_path=model, as_json=args.json)
         except McuError as e:
             raise UserError(str(e)) from e
         return
-    bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx)
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1, got %d" % args.threads)
+    bench.run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx, threads=args.threads)
 
 
 # -- corpus, tokenizer, train, eval: from a Q&A text file to a model ------------------------
@@ -553,6 +557,9 @@ def build_parser():
     b.add_argument("model", nargs="?", help="a model file (default: random models of the presets)")
     b.add_argument("--preset", action="append", help="only this preset (repeatable)")
     b.add_argument("--n-ctx", type=int, default=None)
+    b.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="split each matmul between N threads and report the speedup over 1 thread, measured in "
+                        "the same run (logits are bit-identical for any N)")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--mcu", action="store_true",
                    help="instructions per token on an emulated Cortex-M4F (QEMU) instead of host speed; needs the "

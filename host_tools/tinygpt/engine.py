@@ -35,7 +35,7 @@ class _Error(ctypes.Structure):
 
 class _Options(ctypes.Structure):
     _fields_ = [("n_ctx", ctypes.c_uint32), ("max_batch", ctypes.c_uint32), ("skip_crc", ctypes.c_int),
-                ("max_draft", ctypes.c_uint32)]
+                ("max_draft", ctypes.c_uint32), ("n_threads", ctypes.c_uint32)]
 
 
 class _Info(ctypes.Structure):
@@ -46,7 +46,7 @@ class _Info(ctypes.Structure):
                 ("eos_id", "bos_id", "q_id", "a_id", "do_id", "n_ctx", "max_batch", "head_dim")] + \
                [(name, ctypes.c_uint64) for name in
                 ("file_bytes", "weight_bytes", "kv_bytes", "scratch_bytes")] + \
-               [("tokenizer_bytes", ctypes.c_uint32), ("max_draft", ctypes.c_uint32)]
+               [(name, ctypes.c_uint32) for name in ("tokenizer_bytes", "max_draft", "n_threads")]
 
 
 class _Counters(ctypes.Structure):
@@ -201,9 +201,11 @@ class Model:
 
     ``path`` is a model file (read into memory) or a bytes-like object holding one.
     ``n_ctx`` shortens the KV cache (default: the model's n_positions).
+    ``n_threads`` splits every large matmul's output rows between that many threads (default 1);
+    the logits are bit-identical for any number.
     """
 
-    def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None, max_draft=None):
+    def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None, max_draft=None, n_threads=None):
         self._m = None
         self._lock = threading.RLock()
         self._busy = False      # an engine call is running: only its callbacks can get here
@@ -217,6 +219,8 @@ class Model:
             max_batch = int_arg(max_batch, "max_batch", 1, U32_MAX)
         if max_draft is not None:
             max_draft = int_arg(max_draft, "max_draft", 1, U32_MAX)
+        if n_threads is not None:
+            n_threads = int_arg(n_threads, "n_threads", 1, U32_MAX)
         if isinstance(path, (str, os.PathLike)):
             self._buf, size = read_model_file(path)
         else:
@@ -224,7 +228,7 @@ class Model:
             size = len(data)
             self._buf = (ctypes.c_char * max(size, 1))()  # malloc'd: 16-byte aligned
             ctypes.memmove(self._buf, bytes(data), size)
-        opts = _Options(n_ctx or 0, max_batch or 0, 0 if check_crc else 1, max_draft or 0)
+        opts = _Options(n_ctx or 0, max_batch or 0, 0 if check_crc else 1, max_draft or 0, n_threads or 0)
         handle = ctypes.c_void_p()
         err = _Error()
         if lib().tg_load(ctypes.addressof(self._buf), size, ctypes.byref(opts), ctypes.byref(handle),

@@ -42,7 +42,6 @@
 #include "py/mpthread.h"
 #endif
 
-
 typedef struct _tinygpt_model_obj_t {
     mp_obj_base_t base;
     tg_model *model;
@@ -311,18 +310,19 @@ static void read_file(tinygpt_model_obj_t *self, mp_obj_t path, size_t *len) {
 
 static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw,
                                        const mp_obj_t *all_args) {
-    enum { ARG_path, ARG_n_ctx, ARG_check_crc, ARG_max_batch, ARG_max_draft };
+    enum { ARG_path, ARG_n_ctx, ARG_check_crc, ARG_max_batch, ARG_max_draft, ARG_n_threads };
     static const mp_arg_t allowed[] = {
         {MP_QSTR_path, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_obj = MP_OBJ_NULL}},
         {MP_QSTR_n_ctx, MP_ARG_OBJ, {.u_obj = mp_const_none}},
         {MP_QSTR_check_crc, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = true}},
         {MP_QSTR_max_batch, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
         {MP_QSTR_max_draft, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
+        {MP_QSTR_n_threads, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_obj = mp_const_none}},
     };
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all_kw_array(n_args, n_kw, all_args, MP_ARRAY_SIZE(allowed), allowed, args);
     const char *path = mp_obj_str_get_str(args[ARG_path].u_obj);
-    uint32_t n_ctx = 0, max_batch = 0, max_draft = 0; /* 0: the engine's default */
+    uint32_t n_ctx = 0, max_batch = 0, max_draft = 0, n_threads = 0; /* 0: the engine's default */
     if (args[ARG_n_ctx].u_obj != mp_const_none) {
         n_ctx = (uint32_t)int_arg(args[ARG_n_ctx].u_obj, "n_ctx", 1, 0xFFFFFFFFu);
     }
@@ -331,6 +331,10 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
     }
     if (args[ARG_max_draft].u_obj != mp_const_none) {
         max_draft = (uint32_t)int_arg(args[ARG_max_draft].u_obj, "max_draft", 1, 0xFFFFFFFFu);
+    }
+    if (args[ARG_n_threads].u_obj != mp_const_none) {
+        /* matmul workers (the ESP32's second core); they run engine code only, never Python */
+        n_threads = (uint32_t)int_arg(args[ARG_n_threads].u_obj, "n_threads", 1, 0xFFFFFFFFu);
     }
 
     tinygpt_model_obj_t *self = mp_obj_malloc_with_finaliser(tinygpt_model_obj_t, type);
@@ -351,7 +355,7 @@ static mp_obj_t tinygpt_model_make_new(const mp_obj_type_t *type, size_t n_args,
         data = self->file;
     }
     tg_options opt = {.n_ctx = n_ctx, .max_batch = max_batch, .skip_crc = !args[ARG_check_crc].u_bool,
-                      .max_draft = max_draft}; /* fields added later stay 0: their default */
+                      .max_draft = max_draft, .n_threads = n_threads}; /* others stay 0: their default */
     tg_error err;
     if (tg_load(data, len, &opt, &self->model, &err) != TG_OK) {
         release(self);
@@ -395,6 +399,7 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
     dict_int(d, MP_QSTR_n_ctx, h.n_ctx);
     dict_int(d, MP_QSTR_max_batch, h.max_batch);
     dict_int(d, MP_QSTR_max_draft, h.max_draft);
+    dict_int(d, MP_QSTR_n_threads, h.n_threads);
     dict_int(d, MP_QSTR_head_dim, h.head_dim);
     dict_int(d, MP_QSTR_eos_id, h.eos_id);
     dict_int(d, MP_QSTR_bos_id, h.bos_id);

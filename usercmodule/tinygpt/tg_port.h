@@ -22,4 +22,20 @@ void tg_port_free(void *p);         /* p may be NULL */
 int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **handle);
 void tg_port_unmap(void *handle);
 
+/* Workers for the matmuls (tinygpt.c splits each matrix's output rows between them).
+ * tg_port_workers_start(n) starts n - 1 helpers; the caller is the n-th worker. It runs at load,
+ * the helpers wait between jobs, and tg_port_workers_stop (at tg_free) ends and joins them: no
+ * thread is created or memory allocated while tokens are computed. tg_port_workers_run calls
+ * fn(ctx, i, n_parts) exactly once for every part i in [0, n_parts), on any of the workers (the
+ * caller included), and returns when all have returned. fn touches only the engine's buffers:
+ * it never calls into MicroPython. tg_port_max_workers() is how many workers the port can run
+ * (1: no threads, start is never called); start returns NULL when it could not start them. */
+typedef void (*tg_work_fn)(void *ctx, uint32_t part, uint32_t n_parts);
+typedef struct tg_workers tg_workers;
+
+uint32_t tg_port_max_workers(void);
+tg_workers *tg_port_workers_start(uint32_t n);
+void tg_port_workers_run(tg_workers *w, tg_work_fn fn, void *ctx, uint32_t n_parts);
+void tg_port_workers_stop(tg_workers *w); /* w may be NULL */
+
 #endif

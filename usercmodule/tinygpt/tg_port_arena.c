@@ -142,3 +142,24 @@ void tg_port_arena_stats(tg_arena_stats *s) {
     s->live_blocks = live_blocks;
     s->bad_frees = bad_frees;
 }
+
+/* Bare metal: no threads, so the caller is the only worker (tg_port.h). */
+uint32_t tg_port_max_workers(void) {
+    return 1;
+}
+
+tg_workers *tg_port_workers_start(uint32_t n) {
+    (void)n;
+    return NULL;
+}
+
+void tg_port_workers_run(tg_workers *w, tg_work_fn fn, void *ctx, uint32_t n_parts) {
+    (void)w;
+    for (uint32_t i = 0; i < n_parts; i++) {
+        fn(ctx, i, n_parts);
+    }
+}
+
+void tg_port_workers_stop(tg_workers *w) {
+    (void)w;
+}

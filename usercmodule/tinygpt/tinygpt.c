@@ -434,34 +434,83 @@ static int matvec_dsp(float *y, const int8_t *x, float xs, const int8_t *w, cons
 #error "TG_DOT_KERNEL must be 1, 2 or 3"
 #endif
 
-/* y[t][o] = (float)(xq[t] . W[o]) * (xs[t] * sw[o]) + b[o] for nb tokens (spec 4.4).
- * The weight rows are the outer loop, DOT_ROWS at a time, so each row is read once for the
- * whole batch: on the device the weights stream from PSRAM or flash, the activations and the
- * few rows in use stay in cache. */
-static void matmul(float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
-                   const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
-                   uint32_t n_in, uint32_t n_out) {
+/* One matmul: y[t][o] = (float)(xq[t] . W[o]) * (xs[t] * sw[o]) + b[o] for nb tokens (spec 4.4),
+ * W being n_out rows of n_in int8. */
+typedef struct {
+    float *y;
+    uint32_t y_stride;
+    const int8_t *xq;
+    uint32_t x_stride;
+    const float *xs;
+    uint32_t nb;
+    const int8_t *w;
+    const float *sw, *b;
+    uint32_t n_in, n_out;
+} matmul_job;
+
+/* Output rows o0 .. o1-1 of a matmul. The weight rows are the outer loop, DOT_ROWS at a time,
+ * so each row is read once for the whole batch: on the device the weights stream from PSRAM or
+ * flash, the activations and the few rows in use stay in cache. */
+static void matmul_rows(const matmul_job *j, uint32_t o0, uint32_t o1) {
+    const uint32_t n_in = j->n_in;
+    const float *b = j->b;
 #if TG_DOT_KERNEL == 3
-    if (nb == 1 && matvec_dsp(y, xq, xs[0], w, sw, b, n_in, n_out)) {
+    if (j->nb == 1 && matvec_dsp(j->y + o0, j->xq, j->xs[0], j->w + (size_t)o0 * n_in, j->sw + o0,
+                                 b ? b + o0 : NULL, n_in, o1 - o0)) {
         return;
     }
 #endif
-    uint32_t o = 0;
-    for (; o + DOT_ROWS <= n_out; o += DOT_ROWS) {
-        const int8_t *rows = w + (size_t)o * n_in;
-        for (uint32_t t = 0; t < nb; t++) {
+    uint32_t o = o0;
+    for (; o + DOT_ROWS <= o1; o += DOT_ROWS) {
+        const int8_t *rows = j->w + (size_t)o * n_in;
+        for (uint32_t t = 0; t < j->nb; t++) {
             int32_t acc[DOT_ROWS];
-            dot_rows(acc, xq + (size_t)t * x_stride, rows, n_in);
-            store_outputs(y + (size_t)t * y_stride + o, acc, DOT_ROWS, xs[t], sw + o,
+            dot_rows(acc, j->xq + (size_t)t * j->x_stride, rows, n_in);
+            store_outputs(j->y + (size_t)t * j->y_stride + o, acc, DOT_ROWS, j->xs[t], j->sw + o,
                           b ? b + o : NULL);
         }
     }
-    for (; o < n_out; o++) {
-        const int8_t *row = w + (size_t)o * n_in;
-        for (uint32_t t = 0; t < nb; t++) {
-            int32_t acc = dot_i8(xq + (size_t)t * x_stride, row, n_in);
-            store_outputs(y + (size_t)t * y_stride + o, &acc, 1, xs[t], sw + o, b ? b + o : NULL);
+    for (; o < o1; o++) {
+        const int8_t *row = j->w + (size_t)o * n_in;
+        for (uint32_t t = 0; t < j->nb; t++) {
+            int32_t acc = dot_i8(j->xq + (size_t)t * j->x_stride, row, n_in);
+            store_outputs(j->y + (size_t)t * j->y_stride + o, &acc, 1, j->xs[t], j->sw + o,
+                          b ? b + o : NULL);
         }
+    }
+}
+
+/* Part `part` of `n_parts` of a matmul's output rows: equal shares cut at multiples of
+ * DOT_ROWS, so that every row goes through the same code as in a single-threaded run (the
+ * leftover rows of a shape that is not a multiple of DOT_ROWS stay with the last part). Each
+ * output is computed and stored by exactly one worker, so the logits are bit-identical for
+ * any number of workers. */
+static void matmul_part(void *ctx, uint32_t part, uint32_t n_parts) {
+    const matmul_job *j = (const matmul_job *)ctx;
+    uint32_t groups = j->n_out / DOT_ROWS;
+    uint32_t o0 = (uint32_t)((uint64_t)groups * part / n_parts) * DOT_ROWS;
+    uint32_t o1 = part + 1 == n_parts ? j->n_out
+                                      : (uint32_t)((uint64_t)groups * (part + 1) / n_parts) * DOT_ROWS;
+    matmul_rows(j, o0, o1);
+}
+
+/* Matmuls below this many multiply-adds run on the caller alone: handing a job to the workers
+ * costs about as much as a few thousand multiply-adds on a PC (docs/performance.md, measured). */
+#ifndef TG_PARALLEL_MIN_MACS
+#define TG_PARALLEL_MIN_MACS 32768u
+#endif
+
+/* Parts per worker: a worker that finishes early (or a caller whose helper lost its core)
+ * takes the next part, so a slow worker delays a job by one part at most. */
+#define PARTS_PER_WORKER 4u
+
+static void matmul(tg_workers *workers, uint32_t n_workers, matmul_job *j) {
+    uint32_t groups = j->n_out / DOT_ROWS;
+    if (workers && groups >= 2 && (uint64_t)j->nb * j->n_in * j->n_out >= TG_PARALLEL_MIN_MACS) {
+        uint32_t n_parts = n_workers * PARTS_PER_WORKER;
+        tg_port_workers_run(workers, matmul_part, j, n_parts < groups ? n_parts : groups);
+    } else {
+        matmul_rows(j, 0, j->n_out);
     }
 }
 
@@ -515,6 +564,7 @@ struct tg_model {
     float *draft_logits; /* [max_draft][V]: every position of the last tg_verify */
     uint32_t verify_p0, verify_n; /* its first position and how many rows are still valid */
     tg_counters counters;
+    tg_workers *workers; /* NULL: the caller does every matmul alone */
     float *probs;   /* [V] sampling */
     int32_t *order; /* [V] sampling */
     int has_logits;
@@ -547,6 +597,7 @@ void tg_free(tg_model *m) {
     if (!m) {
         return;
     }
+    tg_port_workers_stop(m->workers);
     for (int i = m->n_blocks - 1; i >= 0; i--) {
         tg_port_free(m->blocks[i]);
     }
@@ -1070,9 +1121,15 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
         return fail(err, TG_E_ARG, "max_draft %u is larger than max_batch %u (a draft is checked "
                     "in one batch)", (unsigned)max_draft, (unsigned)batch);
     }
+    uint32_t n_threads = opt && opt->n_threads ? opt->n_threads : 1;
+    if (n_threads > tg_port_max_workers()) {
+        return fail(err, TG_E_ARG, "n_threads %u: this build runs at most %u", (unsigned)n_threads,
+                    (unsigned)tg_port_max_workers());
+    }
     hdr.n_ctx = n_ctx;
     hdr.max_batch = batch;
     hdr.max_draft = max_draft;
+    hdr.n_threads = n_threads;
 
     tg_model *m = (tg_model *)tg_port_alloc(sizeof(tg_model));
     if (!m) {
@@ -1084,6 +1141,13 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
     if (rc) {
         tg_free(m);
         return rc;
+    }
+    if (n_threads > 1) {
+        m->workers = tg_port_workers_start(n_threads);
+        if (!m->workers) {
+            tg_free(m);
+            return fail(err, TG_E_NOMEM, "could not start %u worker threads", (unsigned)n_threads - 1);
+        }
     }
     bind_tensors(m, buf);
     tg_seed(m, 0);
@@ -1211,7 +1275,8 @@ static void linear(tg_model *m, float *y, uint32_t y_stride, const int8_t *xq, u
                    uint32_t n_in, uint32_t n_out) {
     m->counters.weight_bytes += (uint64_t)n_out * n_in + 4u * (uint64_t)n_out * (b ? 2u : 1u);
     m->counters.macs += (uint64_t)nb * n_in * n_out;
-    matmul(y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out);
+    matmul_job job = {y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out};
+    matmul(m->workers, m->info.n_threads, &job);
 }
 
 /* One transformer layer for nb tokens at positions p0 .. p0+nb-1 (residual in m->x). */

@@ -52,6 +52,8 @@ typedef struct {
     uint32_t max_batch; /* tokens per prefill chunk; 0 = min(n_ctx, 32) */
     int skip_crc;       /* nonzero: skip the CRC32 check (faster load on a device) */
     uint32_t max_draft; /* tokens per tg_verify; 0 = min(8, max_batch). Must be <= max_batch. */
+    uint32_t n_threads; /* matmul workers, the caller included; 0 or 1 = the caller only. More
+                         * than the port layer runs (tg_port_max_workers) is an error. */
 } tg_options;
 
 typedef struct {
@@ -66,6 +68,7 @@ typedef struct {
     uint64_t scratch_bytes; /* activations, logits, sampling buffers */
     uint32_t tokenizer_bytes;
     uint32_t max_draft;     /* tokens per tg_verify (their logits are in scratch_bytes) */
+    uint32_t n_threads;     /* matmul workers running (1: the caller only) */
 } tg_info;
 
 /* What the forward passes did since the load or tg_reset_counters (tg_reset keeps them). */

@@ -1,0 +1,151 @@
+"""Matmul workers (issue 12 part 3): each matmul's output rows are split between n_threads
+workers through the port layer (tg_port_posix.c: POSIX threads). Every output row is computed
+by the same code whatever the split, so the logits must be bit-identical for any thread count;
+the workers start at load and stop at close. Speed is a benchmark (`tinygpt bench --threads N`),
+not a test."""
+import gc
+import json
+import shutil
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+from tinygpt.bench import random_model_bytes
+from tinygpt.engine import Model
+
+ENGINE = REPO / "usercmodule" / "tinygpt"
+
+# Odd row counts (vocabularies, n_inner) and matrices on both sides of the engine's
+# TG_PARALLEL_MIN_MACS (32768): at decode the small ones run on the caller alone, in a prefill
+# of 12 tokens every matmul is split.
+SHAPES = {
+    "odd_small": dict(n_vocab=301, n_embd=36, n_head=3, n_layer=2, n_inner=77, n_positions=32),
+    "odd_wide": dict(n_vocab=1001, n_embd=96, n_head=4, n_layer=2, n_inner=387, n_positions=32),
+    "hw1_like": dict(n_vocab=4096, n_embd=128, n_head=4, n_layer=1, n_inner=768, n_positions=32),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: random_model_bytes(hp, seed=3) for name, hp in SHAPES.items()}
+
+
+def run(model_bytes, n_threads, ids):
+    """The logits (bytes) after a prefill, 4 greedy steps and a verify, and the greedy choices."""
+    out = []
+    with Model(model_bytes, n_threads=n_threads) as m:
+        assert m.info()["n_threads"] == n_threads
+        m.prefill(ids)
+        out.append(bytes(m.logits()))
+        for _ in range(4):
+            m.step(m.sample())
+            out.append(bytes(m.logits()))
+        choices = m.verify(ids[:4])
+        out.append(bytes(m.logits()))
+    return out, list(choices)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_logits_bit_identical_for_any_thread_count(models, name):
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, SHAPES[name]["n_vocab"], 12)]
+    one, one_choices = run(models[name], 1, ids)
+    for n in (2, 3):
+        many, many_choices = run(models[name], n, ids)
+        for k, (a, b) in enumerate(zip(one, many)):
+            assert a == b, "%s: logits differ with %d threads at checkpoint %d" % (name, n, k)
+        assert many_choices == one_choices
+
+
+def test_close_and_free_with_workers_waiting(models):
+    b = models["odd_wide"]
+    for _ in range(20):  # workers started and stopped over and over, right after a job
+        m = Model(b, n_threads=3)
+        m.prefill([1, 2, 3])
+        m.close()
+        with pytest.raises(ValueError, match="closed"):
+            m.step(1)
+    m = Model(b, n_threads=2)
+    m.prefill([4, 5])
+    del m  # the last reference: the engine and its workers go at once
+    gc.collect()
+    # models used from several Python threads at once, each with its own workers
+    errors = []
+
+    def use():
+        try:
+            with Model(b, n_threads=2) as m:
+                m.prefill([1, 2, 3, 4])
+                for _ in range(3):
+                    m.step(m.sample())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=use) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_n_threads_checked(models):
+    b = models["odd_small"]
+    with Model(b) as m:
+        assert m.info()["n_threads"] == 1
+    with pytest.raises(ValueError, match="n_threads 0 is outside 1.."):
+        Model(b, n_threads=0)
+    with pytest.raises(TypeError, match="n_threads must be an int"):
+        Model(b, n_threads=True)
+    with pytest.raises(ValueError, match="n_threads 65: this build runs at most 64"):
+        Model(b, n_threads=65)
+
+
+@pytest.mark.parametrize("kernel", ["default", "TG_DOT_KERNEL=2"])
+def test_threads_under_thread_sanitizer(models, tmp_path, kernel):
+    """threads_check (tests/c) built with -fsanitize=thread: a data race between the caller and
+    the workers aborts it; with kernel 2 (four rows per dot_rows) odd row counts split at
+    multiples of 4."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    exe = tmp_path / "threads_check"
+    defines = [] if kernel == "default" else ["-D" + kernel]
+    r = subprocess.run([cc, "-std=c99", "-D_ISOC11_SOURCE", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
+                        "-ffp-contract=off", "-fsanitize=thread", *defines, "-I", str(ENGINE),
+                        str(REPO / "tests" / "c" / "threads_check.c"), str(ENGINE / "tinygpt.c"),
+                        str(ENGINE / "tg_port_posix.c"), "-o", str(exe), "-lm", "-lpthread"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, "ThreadSanitizer build failed:\n" + r.stderr
+    for name in ("odd_small", "odd_wide"):
+        path = tmp_path / (name + ".bin")
+        path.write_bytes(models[name])
+        ids = [str(i) for i in np.random.default_rng(6).integers(0, SHAPES[name]["n_vocab"], 12)]
+        r = subprocess.run([str(exe), str(path), "3"] + ids, capture_output=True, text=True, timeout=600,
+                           env={"TSAN_OPTIONS": "halt_on_error=1"})
+        if r.returncode != 0 and "unexpected memory mapping" in r.stderr:
+            pytest.skip("ThreadSanitizer cannot run on this kernel's memory layout: " + r.stderr[:200])
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-4000:]
+        assert "threads_check: identical" in r.stdout
+        assert "ThreadSanitizer" not in out
+
+
+def test_bench_threads_json(capsys):
+    """`tinygpt bench --threads N` measures 1 and N threads in one run and reports the ratio of
+    the two (its value is a benchmark: docs/performance.md)."""
+    from tinygpt import cli
+
+    assert cli.main(["bench", "--preset", "tiny", "--threads", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["tiny"]
+    assert r["threads"] == 2
+    assert r["decode_tok_s"] > 0 and r["decode_tok_s_1_thread"] > 0
+    assert r["decode_speedup"] == pytest.approx(r["decode_tok_s"] / r["decode_tok_s_1_thread"])
+    assert r["prefill_speedup"] == pytest.approx(r["prefill_tok_s"] / r["prefill_tok_s_1_thread"])
+    for bad, msg in ((["--threads", "0"], "--threads must be at least 1"),
+                     (["--threads", "2", "--mcu"], "--threads does not apply to --mcu")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "--preset", "tiny"] + bad)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
