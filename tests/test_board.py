@@ -1141,8 +1141,38 @@ def test_a_virtual_board_that_fails_closes_its_port(tmp_path, models):
         b._from_board = broken
         import time
         t0 = time.monotonic()
-        with pytest.raises(serial_chat.SerialChatError):
+        with pytest.raises(board.BoardError):  # the port is gone, or is lost while we talk
             serial_chat.ask_board(b.port, "Anyone there?", timeout=30)
         assert time.monotonic() - t0 < 20
         b._thread.join(5)
         assert isinstance(b.error, RuntimeError) and not os.path.exists(b.port)
+
+
+def test_a_tty_that_vanishes_is_a_lost_board(tmp_path, monkeypatch):
+    """pyserial's POSIX port raises termios.error (not an OSError) when the tty goes away under it."""
+    import termios
+
+    import serial
+
+    class Vanished:
+        in_waiting = 0
+
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            pass
+
+        def read(self, n=1):
+            return b""
+
+        def reset_input_buffer(self):
+            raise termios.error(5, "Input/output error")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(serial, "serial_for_url", lambda *a, **k: Vanished())
+    port = tmp_path / "ttyACM0"
+    port.write_bytes(b"")
+    with pytest.raises(serial_chat.SerialChatError, match=r"lost the board on .*ttyACM0: .*Input/output error"):
+        serial_chat.ask_board(str(port), "Anyone there?", timeout=5)

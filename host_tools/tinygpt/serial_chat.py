@@ -80,6 +80,11 @@ class BoardChat:
         except (serial.SerialException, OSError) as e:
             raise SerialChatError("cannot open %s: %s" % (port, e))
         self._serial_errors = (serial.SerialException, OSError)
+        try:  # pyserial's POSIX port raises termios.error (not an OSError) on a vanished tty
+            import termios
+            self._serial_errors += (termios.error,)
+        except ImportError:
+            pass
         self._buf = b""
         self._enter_raw()
         self._loaded = False
@@ -116,7 +121,10 @@ class BoardChat:
     def _enter_raw(self) -> None:
         self._write(b"\r\x03\x03")          # stop whatever runs
         time.sleep(0.1)
-        self.ser.reset_input_buffer()
+        try:
+            self.ser.reset_input_buffer()
+        except self._serial_errors as e:
+            raise SerialChatError("lost the board on %s: %s" % (self.port, e))
         self._buf = b""
         self._write(b"\r\x01")              # Ctrl-A: raw REPL
         try:
