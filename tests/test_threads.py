@@ -5,14 +5,17 @@ the workers start at load and stop at close. Speed is a benchmark (`tinygpt benc
 not a test."""
 import gc
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
 from conftest import REPO
+from test_chat import micropy_bin  # noqa: F401  (the fixture)
 
 from tinygpt.bench import random_model_bytes
 from tinygpt.engine import Model
@@ -149,3 +152,51 @@ def test_bench_threads_json(capsys):
             cli.main(["bench", "--preset", "tiny"] + bad)
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+MP_SCRIPT = r'''
+import sys
+import tinygpt
+path = sys.argv[-1]
+
+
+def logits_after(n_threads):
+    m = tinygpt.Model(path, n_threads=n_threads)
+    print("n_threads", m.info()["n_threads"])
+    m.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    out = [bytes(m.logits())]
+    for _ in range(3):
+        m.step(m.sample())
+        out.append(bytes(m.logits()))
+    m.close()
+    return out
+
+
+one = logits_after(1)
+print("identical", logits_after(2) == one, logits_after(3) == one)
+for bad in (0, True, 65):
+    try:
+        tinygpt.Model(path, n_threads=bad)
+    except Exception as e:
+        print("%s: %s" % (type(e).__name__, e))
+print("done")
+'''
+
+
+def test_micropython_module_threads_like_the_pc(micropy_bin, models, tmp_path):  # noqa: F811
+    """The MicroPython module's n_threads (POSIX threads on the unix port, which never call into
+    MicroPython): the same logits and the same errors as the host binding."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(models["odd_wide"])
+    script = tmp_path / "threads.py"
+    script.write_text(MP_SCRIPT)
+    outs = []
+    for cmd, env in (([micropy_bin], {}), ([sys.executable], {"PYTHONPATH": str(REPO / "host_tools")})):
+        r = subprocess.run(cmd + [str(script), str(path)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, **env))
+        assert r.returncode == 0 and r.stdout.rstrip().endswith("done"), (r.stdout + r.stderr)[-3000:]
+        outs.append(r.stdout.splitlines())
+    assert outs[0] == outs[1]
+    assert "identical True True" in outs[0]
+    assert "n_threads 3" in outs[0]
+    assert "ValueError: n_threads 65: this build runs at most 64" in outs[0]
