@@ -13,6 +13,11 @@ import time
 import tinygpt
 from bpe import Decoder, Tokenizer
 
+try:
+    from draft import Drafter, read_section
+except ImportError:  # a board deployed without draft.py: answers come without drafting
+    Drafter = None
+
 MAX_NEW_TOKENS = 80
 MIN_ANSWER_ROOM = 16  # context positions kept free for the answer when a question is cut
 DO_PREFIX = "Do:"
@@ -26,6 +31,7 @@ DEFAULT_PATHS = ("model", "/model.bin", "model.bin", "models/default/model.bin")
 _model = None
 _tok = None
 _path = None
+_answers = b""  # the corpus answers' ids from the model file's drafts section (draft.py)
 
 
 def load(path=None, n_ctx=None):
@@ -43,15 +49,32 @@ def load(path=None, n_ctx=None):
     _model = tinygpt.Model(path) if n_ctx is None else tinygpt.Model(path, n_ctx)
     _tok = Tokenizer(_model.tokenizer_blob())
     _path = path
+    _load_answers(path)
     return _model
 
 
+def _load_answers(path):
+    """The drafts section of the model file, if it has one (a flash partition label is not a
+    file: then drafts come from the question only)."""
+    global _answers
+    _answers = b""
+    if Drafter is None:
+        return
+    try:
+        found = read_section(path)
+    except OSError:
+        return
+    if found is not None:
+        _answers = found[1]
+
+
 def close():
-    global _model, _tok
+    global _model, _tok, _answers
     if _model is not None:
         _model.close()
     _model = None
     _tok = None
+    _answers = b""
 
 
 def _clean(question, limit):
@@ -140,11 +163,48 @@ def _show(text, printed):
     return printed
 
 
+def _check_draft(m, drafter, tok, k, sampling):
+    """Speculative step: tok (the model's next token, not yet in the context) and up to k
+    drafted tokens after it go through the model in ONE pass; the drafted tokens are accepted
+    while the model agrees (greedy: its own choice; sampling: draft d kept with probability
+    p(d), which keeps the distribution exact), the rest rolled back. Returns the accepted tokens
+    followed by the model's own next token, and the number of drafted tokens."""
+    temperature, top_k, top_p, penalty = sampling
+    drafter.add(tok)
+    guess = drafter.propose(k) if k > 0 else []
+    p0 = m.pos
+    if temperature == 0.0:
+        choice = m.verify([tok] + guess, penalty)
+        j = 0
+        while j < len(guess) and guess[j] == choice[j]:
+            j += 1
+        nxt = choice[j]
+    else:
+        m.verify([tok] + guess, penalty)
+        j = 0
+        nxt = None
+        while j < len(guess):
+            x = m.sample(temperature, top_k, top_p, penalty, at=p0 + j, draft=guess[j])
+            if x != guess[j]:
+                nxt = x
+                break
+            j += 1
+        if nxt is None:
+            nxt = m.sample(temperature, top_k, top_p, penalty, at=p0 + j)
+    m.rewind(p0 + 1 + j)
+    for t in guess[:j]:
+        drafter.add(t)
+    return guess[:j] + [nxt], len(guess)
+
+
 def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
-        repetition_penalty=1.0, seed=None, stream=True, timing=False):
+        repetition_penalty=1.0, seed=None, stream=True, timing=False, draft=True):
     """Answer one question. Streams the answer to the console when stream is True and returns
     the answer text. A command suggestion comes back starting with "Do:"; it is never run.
-    Ctrl-C stops the answer; what was generated so far is returned."""
+    Ctrl-C stops the answer; what was generated so far is returned.
+    draft: guess the next tokens from the corpus answers and the question, and let the model
+    check several in one pass (the same answer as without, token for token when greedy; the
+    same distribution when sampling); False: one pass per token."""
     if _model is None:
         load()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -164,13 +224,19 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     t0 = ticks_us()
     stop = -1
     interrupted = False
+    drafter = None
+    if draft and Drafter is not None and hasattr(m, "verify"):
+        drafter = Drafter(_answers, eos)
+        drafter.start(ids)
+        k_max = info["max_draft"] - 1
+        k = k_max // 2
+    sampling = (temperature, top_k, top_p, repetition_penalty)
+    known = []  # tokens already checked by the model, not yet shown (accepted drafts)
     m.reset()
     try:
         m.prefill(ids)
-        first = True
-        while n_new < max_new_tokens:
-            tok = m.sample(temperature, top_k, top_p, repetition_penalty, seed if first else None)
-            first = False
+        tok = m.sample(temperature, top_k, top_p, repetition_penalty, seed)
+        while True:
             if tok == eos or tok == q_id:
                 break
             n_new += 1
@@ -180,10 +246,26 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
                 text = text[:stop]
             if stream:
                 printed = _show(text, printed)
-            # no step for the last token: its logits would never be used
-            if stop >= 0 or n_new >= max_new_tokens or m.pos >= n_ctx:
+            # no pass for the last token: its logits would never be used. The token just shown
+            # takes position len(ids) + n_new - 1 (drafting may have processed it already).
+            if stop >= 0 or n_new >= max_new_tokens or len(ids) + n_new - 1 >= n_ctx:
                 break
-            m.step(tok)
+            if known:
+                tok = known.pop(0)
+            elif drafter is None:
+                m.step(tok)
+                tok = m.sample(temperature, top_k, top_p, repetition_penalty)
+            else:
+                # at most what the answer and the context can still use
+                room = min(k, max_new_tokens - n_new - 1, n_ctx - m.pos - 1)
+                known, n_drafted = _check_draft(m, drafter, tok, room, sampling)
+                # adaptive: a fully accepted draft grows the next one, a rejection shrinks it
+                # to what was accepted (a wrong drafted token costs a full token's compute)
+                if n_drafted and len(known) > n_drafted:
+                    k = k + 2 if k + 2 < k_max else k_max
+                elif n_drafted:
+                    k = len(known) - 1 if len(known) > 1 else 1
+                tok = known.pop(0)
     except KeyboardInterrupt:
         interrupted = True
     if stop < 0:

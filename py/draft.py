@@ -12,7 +12,9 @@ MAGIC = b"TDRF"
 VERSION = 1
 HEADER = 24       # magic, version, n_answers, n_ids, crc32, reserved
 MAX_MATCH = 12    # longest context suffix looked up (tokens)
-MIN_MATCH = 2     # shorter matches guess too often wrong to be worth a drafted token
+MIN_MATCH = 3     # shorter matches guess wrong too often: on the shipped model's held-out
+                  # questions 2 cost 1.34x plain's multiply-adds per token, 3 1.17x (passes on
+                  # its training questions 0.23 of plain's with 3, 0.20 with 2)
 
 
 def _crc32(data):
@@ -25,11 +27,12 @@ def _crc32(data):
 
 def read_section(path):
     """The drafts section of the model file at path: (n_answers, ids bytes), or None when the
-    file has none. A section that is there but broken raises ValueError naming the problem."""
+    file has none (or is no model file: the engine names that). A section that is there but
+    broken raises ValueError naming the problem."""
     with open(path, "rb") as f:
         head = f.read(16)
         if len(head) < 16 or head[:4] != b"TGPT":
-            raise ValueError("%s: not a tinygpt model file" % path)
+            return None
         file_size = struct.unpack("<I", head[12:16])[0]
         f.seek(file_size)
         h = f.read(HEADER)

@@ -267,27 +267,29 @@ def test_drafts_section_round_trip_and_old_readers(converted, tmp_path):
 def test_drafter_proposes_what_follows_the_longest_match():
     import struct
     draft = _draft_module()
-    ids = [10, 11, 12, 13, 14, 0, 20, 11, 12, 30, 31, 0, 256 + 11, 12, 40, 0]
+    ids = [5, 11, 12, 13, 14, 0, 20, 5, 11, 12, 30, 31, 0, 256 + 11, 12, 40, 0]
     d = draft.Drafter(struct.pack("<%dH" % len(ids), *ids), eos_id=0)
     d.start([1, 7, 8, 9, 2])
-    assert d.propose(4) == []          # no two-token suffix of the prompt occurs anywhere
-    d.add(20)
-    d.add(11)
-    d.add(12)
-    assert d.propose(2) == [30, 31]    # "20 11 12" beats the shorter "11 12" of the first answer
+    assert d.propose(4) == []          # no suffix of 3 or more tokens occurs anywhere
+    for t in (20, 5, 11, 12):
+        d.add(t)
+    assert d.propose(2) == [30, 31]    # "20 5 11 12" beats the shorter "5 11 12" of the first answer
     assert d.propose(9) == [30, 31, 0]  # stops after the answer's eos
-    d.start([1, 7, 8, 9, 5, 7, 8, 2])
-    assert d.propose(3) == []          # "8 2" is only at the end of the question
+    d.start([3, 5, 11, 12])
+    assert d.propose(2) == [13, 14]    # the longest match is "5 11 12" (the prompt's own end: nothing follows)
+    d.start([1, 4, 7, 8, 9, 5, 2])
+    d.add(4)
     d.add(7)
-    assert d.propose(3) == []          # one token (7) is too short a match
+    assert d.propose(3) == []          # "4 7": two tokens are too short a match
     d.add(8)
-    assert d.propose(2) == [9, 5]      # from the question's own tokens
-    # a match must start on a token boundary: bytes 0B 0C 0D 0E first occur at the odd offset 1
-    src = [0x0B00, 0x0D0C, 0x000E, 0x0C0B, 0x0E0D, 99]
-    d2 = draft.Drafter(struct.pack("<6H", *src), eos_id=0)
-    d2.start([1])
-    d2.add(0x0C0B)
-    d2.add(0x0E0D)
+    assert d.propose(2) == [9, 5]      # "4 7 8" from the question's own tokens
+    # a match must start on a token boundary: bytes 0B 0C 0D 0E 0F 10 first occur at offset 1
+    a, b, c = 0x0C0B, 0x0E0D, 0x100F
+    src = [0x0B00, 0x0D0C, 0x0F0E, 0x0010, a, b, c, 99]
+    d2 = draft.Drafter(struct.pack("<8H", *src), eos_id=0)
+    d2.start([a])
+    d2.add(b)
+    d2.add(c)
     assert d2.propose(1) == [99]
 
 
@@ -355,3 +357,160 @@ def test_lookup_runs_the_same_on_micropython(converted, tmp_path):
     assert want.returncode == 0 and got.returncode == 0, (want.stderr, got.stderr)
     assert got.stdout == want.stdout
     assert "[7, 7, 0]" in want.stdout  # the question's "1 2 4" found in the last answer
+
+
+# -- the loop in py/chat.py --------------------------------------------------------------------
+def _chat_module():
+    import importlib
+    import sys
+    from conftest import REPO
+    if str(REPO / "py") not in sys.path:
+        sys.path.insert(0, str(REPO / "py"))
+    return importlib.import_module("chat")
+
+
+class _FixedDrafts:
+    """A drafter that always proposes the same tokens (to test the acceptance rule)."""
+
+    def __init__(self, guess):
+        self.guess = guess
+
+    def add(self, tok):
+        pass
+
+    def propose(self, k):
+        return self.guess[:k]
+
+
+def test_draft_sampling_in_chat_keeps_the_joint_distribution(converted):
+    """Two tokens after a prompt, sampled plainly and through chat._check_draft with a fixed
+    draft (a likely token, then an unlikely one): the joint distribution of the pair must be the
+    same (two-sample chi-square over the pairs)."""
+    chat = _chat_module()
+    _, path = converted(NAME)
+    prompt = seq_ids(509, 5, seed=8)
+    sampling = (1.0, 3, 1.0, 1.0)
+    n = 3000
+    with Model(path) as m:
+        m.prefill(prompt + [7])
+        likely = m.sample()
+        m.step(likely)
+        unlikely = int(np.argmin(np.frombuffer(m.logits(), np.float32)))
+
+        def plain(seed):
+            m.rewind(len(prompt) - 1)
+            m.step(prompt[-1])
+            m.sample(1.0, seed=seed)  # reseed
+            m.step(7)
+            x1 = m.sample(*sampling)
+            m.step(x1)
+            return x1, m.sample(*sampling)
+
+        def drafted(seed):
+            m.rewind(len(prompt) - 1)
+            m.step(prompt[-1])
+            m.sample(1.0, seed=seed)  # reseed
+            got, n_drafted = chat._check_draft(m, _FixedDrafts([likely, unlikely]), 7, 2, sampling)
+            assert n_drafted == 2
+            if len(got) < 2:
+                more, _ = chat._check_draft(m, _FixedDrafts([]), got[0], 0, sampling)
+                got = got + more
+            return got[0], got[1]
+        a = [plain(s) for s in range(n)]
+        b = [drafted(s + 10**6) for s in range(n)]
+    cells = sorted(set(a) | set(b))
+    ca = np.array([a.count(c) for c in cells], float)
+    cb = np.array([b.count(c) for c in cells], float)
+    keep = (ca + cb) >= 10
+    ca, cb = ca[keep], cb[keep]
+    expected_a = (ca + cb) / 2
+    chi2 = float((((ca - expected_a) ** 2 + (cb - expected_a) ** 2) / expected_a).sum())
+    df = int(keep.sum()) - 1
+    assert df >= 3
+    # p = 0.001 critical values of chi-square (df 3..9)
+    assert chi2 < {3: 16.3, 4: 18.5, 5: 20.5, 6: 22.5, 7: 24.3, 8: 26.1, 9: 27.9}[df], (chi2, df)
+    assert sum(x == likely for x, _ in b) > n / 10  # the draft was accepted often
+
+
+def _shipped_questions():
+    import subprocess
+
+    from conftest import REPO
+    from tinygpt import corpus
+    try:  # the shipped model was trained on the first corpus (models/default/README.md)
+        old = subprocess.run(["git", "show", "d67da99:data/corpus.txt"], cwd=str(REPO), capture_output=True,
+                             check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        old = None
+    return old, [q for q, _ in corpus.load_questions(REPO / "data" / "heldout.txt")]
+
+
+def test_greedy_answers_identical_with_drafts(tmp_path):
+    """Every training question of the shipped model and every held-out question: the answer with
+    drafting is the plain greedy answer token for token, in fewer passes."""
+    from conftest import REPO
+    from tinygpt import corpus
+    chat = _chat_module()
+    old, heldout = _shipped_questions()
+    if old is None:
+        pytest.skip("needs the repository's git history (the shipped model's training corpus, d67da99)")
+    (tmp_path / "corpus.txt").write_bytes(old)
+    training = [q for q, _ in corpus.load_questions(tmp_path / "corpus.txt")]
+    chat.load(str(REPO / "models" / "default" / "model.bin"))
+    assert len(chat._answers) > 0  # the shipped model carries its drafts
+    m = chat._model
+    tokens = []
+
+    class Recorder(chat.Decoder):
+        def feed(self, tok):
+            tokens.append(tok)
+            return super().feed(tok)
+    decoder, chat.Decoder = chat.Decoder, Recorder
+    try:
+        for name, questions in (("training", training), ("heldout", heldout)):
+            passes = {}
+            for draft in (False, True):
+                m.reset_counters()
+                got = []
+                for q in questions:
+                    del tokens[:]
+                    chat.ask(q, stream=False, draft=draft)
+                    got.append(list(tokens))
+                passes[draft] = m.counters()["passes"]
+                if draft:
+                    bad = [q for q, x, y in zip(questions, plain, got) if x != y]
+                    assert not bad, (name, len(bad), bad[:3])
+                plain = got
+            assert passes[True] < passes[False], (name, passes)
+    finally:
+        chat.Decoder = decoder
+        chat.close()
+
+
+def test_bench_questions_json(converted, tmp_path, capsys):
+    import json
+    import shutil
+
+    from tinygpt import cli, convert
+    _, path = converted(NAME)
+    model = tmp_path / "m.bin"
+    shutil.copyfile(path, model)
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("Q: what is it\nA: it is a board\n\nQ: why\nA: it is a board\n", encoding="utf-8")
+    convert.add_drafts(model, qfile)
+    assert cli.main(["bench", str(model), "--questions", str(qfile), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["questions"] == 2
+    for mode in ("plain", "draft"):
+        x = r[mode]
+        assert set(x) >= {"passes_per_token", "weight_bytes_per_token", "macs_per_token", "tok_s",
+                          "answers_identical"}
+        assert x["answers_identical"] == 1.0 and x["tokens"] > 0 and x["macs_per_token"] > 0
+    assert 0.9 < r["plain"]["passes_per_token"] <= 1.0  # one step per token (none after the last)
+    assert r["draft"]["passes_per_token"] <= 1.0
+    try:
+        rc = cli.main(["bench", "--questions", str(qfile)])  # needs a MODEL
+    except SystemExit as e:
+        rc = e.code
+    assert rc != 0
+    assert "--questions needs a MODEL file" in capsys.readouterr().err
