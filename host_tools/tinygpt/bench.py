@@ -257,3 +257,81 @@ def run_mcu(presets=None, model_path=None, as_json=False, out=print):
                 first["cpu"], first["compiler"], first["decode_positions"][0], first["decode_positions"][1],
                 first["prefill_tokens"]))
     return results
+
+
+# -- speculative decoding (issue 12): the same questions plainly and with drafts -------------
+def _chat(model_path):
+    """py/chat.py (the loop the board runs), with the model loaded."""
+    import sys
+    py_dir = str(Path(__file__).resolve().parents[2] / "py")
+    if py_dir not in sys.path:
+        sys.path.insert(0, py_dir)
+    import chat
+    chat.load(str(model_path))
+    return chat
+
+
+def question_bench(model_path, questions, out=None):
+    """Every question through chat.ask greedily, plainly and with drafting. Per mode: passes,
+    weight bytes and multiply-adds per generated token (the engine's own counters, the prompt's
+    prefill left out: it is measured on its own and subtracted), tok/s (wall clock, the whole
+    ask), and the fraction of answers identical token for token to the plain ones."""
+    chat = _chat(model_path)
+    m = chat._model
+    generated = []
+
+    class Recorder(chat.Decoder):  # every generated token passes through the decoder
+        def feed(self, tok):
+            generated.append(tok)
+            return super().feed(tok)
+    decoder, chat.Decoder = chat.Decoder, Recorder
+    try:
+        m.reset_counters()
+        for q in questions:  # what ask's prefill costs, to take out of the per-token counts
+            m.reset()
+            m.prefill(chat.prompt_ids(q, m.info()["n_ctx"])[0])
+        prefill = m.counters()
+        results, plain = {}, None
+        for mode in ("plain", "draft"):
+            answers = []
+            m.reset_counters()
+            t0 = time.perf_counter()
+            for q in questions:
+                del generated[:]
+                chat.ask(q, stream=False, draft=mode == "draft")
+                answers.append(list(generated))
+            dt = time.perf_counter() - t0
+            c = m.counters()
+            n = sum(map(len, answers))
+            per = lambda key: (c[key] - prefill[key]) / n if n else None  # noqa: E731
+            plain = plain or answers
+            results[mode] = {"passes_per_token": per("passes"), "weight_bytes_per_token": per("weight_bytes"),
+                             "macs_per_token": per("macs"), "tok_s": n / dt if dt > 0 else None,
+                             "answers_identical": sum(a == b for a, b in zip(answers, plain)) / len(questions),
+                             "tokens": n, "seconds": dt}
+        results["questions"] = len(questions)
+        return results
+    finally:
+        chat.Decoder = decoder
+        chat.close()
+
+
+def run_questions(model_path, questions_path, as_json=False, out=print):
+    """`tinygpt bench MODEL --questions FILE [--json]`."""
+    from . import corpus
+    questions = [q for q, _ in corpus.load_questions(questions_path)]
+    if not questions:
+        raise ValueError("%s holds no questions (Q:/A: pairs)" % questions_path)
+    r = question_bench(model_path, questions)
+    r["model"], r["questions_file"] = str(model_path), str(questions_path)
+    if as_json:
+        out(json.dumps(r, indent=2))
+        return r
+    out("%s, %d questions from %s (greedy)" % (model_path, r["questions"], questions_path))
+    out("%-6s %8s %14s %12s %8s %10s" % ("mode", "passes", "weight MB", "MMACs", "tok/s", "identical"))
+    for mode in ("plain", "draft"):
+        x = r[mode]
+        out("%-6s %8.3f %14.2f %12.2f %8.1f %10.3f" % (mode, x["passes_per_token"], x["weight_bytes_per_token"] / 1e6,
+                                                       x["macs_per_token"] / 1e6, x["tok_s"], x["answers_identical"]))
+    out("(per generated token; passes, weight bytes and multiply-adds counted by the engine, prefill excluded)")
+    return r

@@ -200,6 +200,14 @@ def cmd_bench(args):
         if p not in PRESETS:
             raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(PRESETS)))
     model = _existing_file(args.model, "model file") if args.model else None
+    if args.questions:  # issue 12: plain vs drafted decoding of real questions
+        if not model or args.mcu or args.preset:
+            raise UserError("--questions needs a MODEL file (and no --preset or --mcu)")
+        try:
+            bench.run_questions(model, _existing_file(args.questions, "questions file"), as_json=args.json)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        return
     if args.mcu:
         from .mcu import McuError
 
@@ -561,6 +569,8 @@ def build_parser():
                    help="split each matmul between N threads and report the speedup over 1 thread, measured in "
                         "the same run (logits are bit-identical for any N)")
     b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--questions", metavar="FILE", help="answer FILE's questions (Q:/A: pairs) greedily, plainly and "
+                   "with drafts; report passes, weight bytes and multiply-adds per token and identical answers")
     b.add_argument("--mcu", action="store_true",
                    help="instructions per token on an emulated Cortex-M4F (QEMU) instead of host speed; needs the "
                         "Debian packages gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm")
