@@ -3,14 +3,15 @@
  * bit for bit, on shapes and alignments the models do not cover: every n_in from 1 to 67 and
  * some past the DSP kernel's 256-input chunk and 1024-input lane buffer, n_out 1 to 7 (rows
  * left over after the kernel's groups), batches of 1 to 5 tokens, activation rows at odd
- * strides and offsets, weights at every offset modulo 4, int8 values over the whole range.
+ * strides and offsets, weights at every offset modulo 4, int8 values over the whole range;
+ * each case computed whole or (at random) in the three row ranges of three matmul workers.
  *
  * Built on the PC (tests/test_kernel.py, kernels 1 and 2, with sanitizers) and for the
  * Cortex-M4F under QEMU (kernels 2 and 3), where startup.c makes every misaligned word access
  * fault: a kernel that loads words without checking their alignment fails there.
  * Prints "kernel_check: <n> cases, all equal" and returns 0, or the first difference and 1.
  */
-#include "tinygpt.c" /* matmul and dot_rows are static */
+#include "tinygpt.c" /* matmul_part and dot_rows are static */
 
 #define MAX_IN 1100
 #define MAX_OUT 7
@@ -74,15 +75,21 @@ static int check(uint32_t n_in, uint32_t n_out, uint32_t nb, uint32_t x_extra, u
     const float *b = with_bias ? bias : NULL;
     memset(y, 0, sizeof(y));
     memset(y_ref, 0, sizeof(y_ref));
-    matmul(y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out);
+    /* n_parts 1 is a single-threaded matmul; 3 cuts the rows as three workers would
+     * (tinygpt.c matmul_part), run one after another here */
+    uint32_t n_parts = (rnd() & 1u) ? 3 : 1;
+    matmul_job job = {y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out};
+    for (uint32_t part = 0; part < n_parts; part++) {
+        matmul_part(&job, part, n_parts);
+    }
     matmul_ref(y_ref, y_stride, xq, x_stride, nb, w, b, n_in, n_out);
     if (memcmp(y, y_ref, sizeof(y)) != 0) {
         for (size_t i = 0; i < sizeof(y) / sizeof(y[0]); i++) {
             if (memcmp(&y[i], &y_ref[i], sizeof(float)) != 0) {
-                printf("DIFFERENT n_in %u n_out %u nb %u x_stride %u x_off %u w_off %u bias %d: "
-                       "output %u\n", (unsigned)n_in, (unsigned)n_out, (unsigned)nb,
+                printf("DIFFERENT n_in %u n_out %u nb %u x_stride %u x_off %u w_off %u bias %d "
+                       "parts %u: output %u\n", (unsigned)n_in, (unsigned)n_out, (unsigned)nb,
                        (unsigned)x_stride, (unsigned)x_off, (unsigned)w_off, with_bias,
-                       (unsigned)i);
+                       (unsigned)n_parts, (unsigned)i);
                 break;
             }
         }
