@@ -69,8 +69,8 @@ int main(int argc, char **argv) {
     tg_info info;
     tg_get_info(many, &info);
     if (info.n_threads != n_threads) {
-        fprintf(stderr, "threads_check: info.n_threads %u, asked for %u\n", (unsigned)info.n_threads,
-                (unsigned)n_threads);
+        fprintf(stderr, "threads_check: info.n_threads %u, asked for %u\n",
+                (unsigned)info.n_threads, (unsigned)n_threads);
         return 1;
     }
     tg_error err;

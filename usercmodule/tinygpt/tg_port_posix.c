@@ -89,7 +89,8 @@ struct tg_workers {
 static int run_one_part(tg_workers *w) {
     uint64_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
     for (;;) {
-        uint32_t next = (uint32_t)((s >> PART_SHIFT) & PART_MASK), n_parts = (uint32_t)(s & PART_MASK);
+        uint32_t next = (uint32_t)((s >> PART_SHIFT) & PART_MASK);
+        uint32_t n_parts = (uint32_t)(s & PART_MASK);
         if (next >= n_parts) {
             return 0;
         }

@@ -489,8 +489,10 @@ static void matmul_part(void *ctx, uint32_t part, uint32_t n_parts) {
     const matmul_job *j = (const matmul_job *)ctx;
     uint32_t groups = j->n_out / DOT_ROWS;
     uint32_t o0 = (uint32_t)((uint64_t)groups * part / n_parts) * DOT_ROWS;
-    uint32_t o1 = part + 1 == n_parts ? j->n_out
-                                      : (uint32_t)((uint64_t)groups * (part + 1) / n_parts) * DOT_ROWS;
+    uint32_t o1 = (uint32_t)((uint64_t)groups * (part + 1) / n_parts) * DOT_ROWS;
+    if (part + 1 == n_parts) {
+        o1 = j->n_out;
+    }
     matmul_rows(j, o0, o1);
 }
 
@@ -1146,7 +1148,8 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
         m->workers = tg_port_workers_start(n_threads);
         if (!m->workers) {
             tg_free(m);
-            return fail(err, TG_E_NOMEM, "could not start %u worker threads", (unsigned)n_threads - 1);
+            return fail(err, TG_E_NOMEM, "could not start %u worker threads",
+                        (unsigned)n_threads - 1);
         }
     }
     bind_tensors(m, buf);
