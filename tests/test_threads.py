@@ -7,9 +7,11 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -200,3 +202,46 @@ def test_micropython_module_threads_like_the_pc(micropy_bin, models, tmp_path): 
     assert "identical True True" in outs[0]
     assert "n_threads 3" in outs[0]
     assert "ValueError: n_threads 65: this build runs at most 64" in outs[0]
+
+
+CTRL_C_SCRIPT = r'''
+import sys
+import tinygpt
+m = tinygpt.Model(sys.argv[-1], n_threads=2)
+print("ready")
+try:
+    for _ in range(1000000):
+        m.reset()
+        m.prefill([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+except KeyboardInterrupt:
+    print("interrupted at pos", m.pos)
+m.close()
+print("done")
+'''
+
+
+@pytest.mark.parametrize("python", ["cpython", "micropython"])
+def test_ctrl_c_with_workers_running(request, models, tmp_path, python):
+    """SIGINT while the workers compute: the interpreter's thread gets KeyboardInterrupt, the
+    model is left consistent (no prefill half done) and closes, its workers with it."""
+    if python == "micropython":
+        cmd, env = [request.getfixturevalue("micropy_bin")], {}
+    else:
+        cmd, env = [sys.executable], {"PYTHONPATH": str(REPO / "host_tools")}
+    path = tmp_path / "model.bin"
+    path.write_bytes(models["odd_wide"])
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    p = subprocess.Popen(cmd + [str(script), str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, **env))
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out + err
+    lines = out.splitlines()
+    assert lines[-1] == "done" and lines[-2] in ("interrupted at pos 0", "interrupted at pos 12"), out + err

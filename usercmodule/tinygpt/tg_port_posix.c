@@ -8,6 +8,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -162,13 +163,20 @@ tg_workers *tg_port_workers_start(uint32_t n) {
         tg_port_free(w);
         return NULL;
     }
+    /* The helpers block every signal (they inherit the mask): a Ctrl-C meant for the
+     * interpreter must not run its handler, MicroPython's or Python's, on a helper. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (uint32_t i = 1; i < n; i++) {
         if (pthread_create(&w->threads[i], NULL, helper_main, w) != 0) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
             tg_port_workers_stop(w);
             return NULL;
         }
         w->n_started = i;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return w;
 }
 
