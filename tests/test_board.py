@@ -184,26 +184,27 @@ def test_stock_boards_get_micropythons_automatic_vfs():
 #   total   = kv + scratch + other + tok + 65536 (Python working set) + 262144 (reserve)
 #   MMU     = ceil(1_798_000 / 64K) = 28 firmware + 128 PSRAM + ceil(file / 64K) model pages
 BUDGETS = {
+    # every scratch below includes the draft logits, 4 * max_draft (8) * V: 131,072 (V 4096), 16,384 (tiny)
     # hw1: V 4096, E 128, I 768, L 22, H 4, C 128, B 32, D 32, file 6,758,884
     #   kv 720,896 + 90,112; scratch 16,384 + 98,304 + 16,384 + 24,592 + 128 + 512 + 48 + 49,152;
     #   other 1,408 + 512 + 512 + 512 + 288; tok 12*3836 + 4096; model pages ceil(103.13) = 104
-    "hw1": dict(file=6_758_884, kv=811_008, scratch=205_504, other=3_232, tok=50_128, total=1_397_552, mmu=260),
+    "hw1": dict(file=6_758_884, kv=811_008, scratch=336_576, other=3_232, tok=50_128, total=1_528_624, mmu=260),
     # d192x12: E 192, I 768, L 12, H 6, file 6,502,884
     #   kv 589,824 + 73,728; scratch 24,576 + 98,304 + 24,576 + 24,592 + 128 + 512 + 48 + 49,152;
     #   other 768 + 1,824; pages ceil(99.23) = 100
-    "d192x12": dict(file=6_502_884, kv=663_552, scratch=221_888, other=2_592, tok=50_128, total=1_265_840, mmu=256),
+    "d192x12": dict(file=6_502_884, kv=663_552, scratch=352_960, other=2_592, tok=50_128, total=1_396_912, mmu=256),
     # d192x20: E 192, I 512, L 20, H 6, file 8,172,004
     #   kv 983,040 + 122,880; scratch 24,576 + 4*32*576 (73,728) + 24,576 + 32*512+16 (16,400)
     #   + 128 + 512 + 48 + 49,152; other 1,280 + 1,824; pages ceil(124.69) = 125
-    "d192x20": dict(file=8_172_004, kv=1_105_920, scratch=189_120, other=3_104, tok=50_128, total=1_675_952, mmu=281),
+    "d192x20": dict(file=8_172_004, kv=1_105_920, scratch=320_192, other=3_104, tok=50_128, total=1_807_024, mmu=281),
     # d256x8: E 256, I 768, L 8, H 8, file 6,692,836
     #   kv 524,288 + 65,536; scratch 32,768 + 98,304 + 32,768 + 24,592 + 128 + 512 + 48 + 49,152;
     #   other 512 + 1,824; pages ceil(102.13) = 103
-    "d256x8": dict(file=6_692_836, kv=589_824, scratch=238_272, other=2_336, tok=50_128, total=1_208_240, mmu=259),
+    "d256x8": dict(file=6_692_836, kv=589_824, scratch=369_344, other=2_336, tok=50_128, total=1_339_312, mmu=259),
     # tiny: V 512, E 64, I 256, L 2, H 4, C 64, B 32, D 16, file 168,932, M 252
     #   kv 16,384 + 4,096; scratch 8,192 + 32,768 + 8,192 + 8,208 + 128 + 256 + 32 + 6,144;
     #   other 128 + 256 + 256 + 512 + 288; tok 3,024 + 4,096; pages ceil(2.58) = 3
-    "tiny": dict(file=168_932, kv=20_480, scratch=63_920, other=1_440, tok=7_120, total=420_640, mmu=159),
+    "tiny": dict(file=168_932, kv=20_480, scratch=80_304, other=1_440, tok=7_120, total=437_024, mmu=159),
 }
 
 
@@ -226,27 +227,27 @@ def test_budget_per_preset(preset):
 
 
 def test_budget_says_what_does_not_fit():
-    # hw1 as a file on N16R8: PSRAM 1,397,552 + 6,758,884 = 8,156,436 <= 8,388,608 fits, but the
+    # hw1 as a file on N16R8: PSRAM 1,528,624 + 6,758,884 = 8,287,508 <= 8,388,608 fits, but the
     # filesystem needs ceil(6,758,884/4096) = 1651 blocks + 8 = 6,795,264 bytes > 4,980,736
     r = board.budget("hw1", placement="file")
-    assert r["psram"]["total"] == 8_156_436 and r["psram"]["free"] == 232_172
+    assert r["psram"]["total"] == 8_287_508 and r["psram"]["free"] == 101_100
     assert r["flash"]["model_fs_bytes"] == 6_795_264
     assert not r["fits"] and r["max_n_ctx"] == 0
     assert r["problems"] == ["the model file (6.45 MiB) does not fit the 4.75 MiB filesystem"]
     # N8R2: 2 MiB of PSRAM cannot hold a 6.45 MiB model
     r = board.budget("hw1", board="N8R2")
     assert r["placement"] == "file" and not r["fits"]
-    assert any(p.startswith("PSRAM: needs 7.78 MiB of 2.00 MiB") for p in r["problems"])
+    assert any(p.startswith("PSRAM: needs 7.90 MiB of 2.00 MiB") for p in r["problems"])
     # a longer context: hw1 with n_positions 2048 (file 7.38 MiB still fits the partition).
-    # total(C) = 6,336C (kv) + 204,992 + 4C (scratch) + 2,208 + 8C (other) + 50,128 + 65,536
-    #          + 262,144 = 6,348C + 585,008 <= 8,388,608  ->  C <= 1229.3
+    # total(C) = 6,336C (kv) + 336,064 + 4C (scratch) + 2,208 + 8C (other) + 50,128 + 65,536
+    #          + 262,144 = 6,348C + 716,080 <= 8,388,608  ->  C <= 1208.6
     r = board.budget(dict(vocab_size=4096, n_embd=128, n_head=4, n_layer=22, n_inner=768, n_positions=2048))
-    assert not r["fits"] and r["max_n_ctx"] == 1229
-    assert r["psram"]["total"] == 6348 * 2048 + 585_008
+    assert not r["fits"] and r["max_n_ctx"] == 1208
+    assert r["psram"]["total"] == 6348 * 2048 + 716_080
     assert board.budget(dict(vocab_size=4096, n_embd=128, n_head=4, n_layer=22, n_inner=768, n_positions=2048),
-                        n_ctx=1229)["fits"]
+                        n_ctx=1208)["fits"]
     assert not board.budget(dict(vocab_size=4096, n_embd=128, n_head=4, n_layer=22, n_inner=768,
-                                 n_positions=2048), n_ctx=1230)["fits"]
+                                 n_positions=2048), n_ctx=1209)["fits"]
 
 
 def test_budget_of_a_file_matches_the_engine(tmp_path):
@@ -417,7 +418,7 @@ def test_board_directory():
         assert sum(v == "y" for k, v in s.items() if k.startswith(prefix)) == 1, prefix
 
 
-DEVICE_SCRIPTS = ["bpe.py", "chat.py", "selftest.py"]
+DEVICE_SCRIPTS = ["bpe.py", "chat.py", "draft.py", "selftest.py"]
 
 
 def run_manifest(path):
@@ -451,6 +452,12 @@ def test_manifest_freezes_the_device_scripts():
     assert Path(base) == REPO / "py" and sorted(scripts) == DEVICE_SCRIPTS
     for s in scripts:
         assert (Path(base) / s).is_file()
+
+
+def test_deploy_copies_what_the_firmware_freezes():
+    """A board without the frozen scripts gets the same set by `tinygpt deploy`."""
+    from tinygpt import deploy
+    assert sorted(deploy.SCRIPTS) == DEVICE_SCRIPTS
 
 
 def test_esp32_board_manifest():
@@ -766,17 +773,17 @@ def test_deploy_copies_and_verifies(vboard, models, capsys):
     model, _ = models
     assert cli.main(["deploy", "--port", vboard.port, "--model", str(model)]) == 0
     out = capsys.readouterr().out
-    for name in ("model.bin", "chat.py", "bpe.py"):
+    for name in ["model.bin"] + DEVICE_SCRIPTS:
         assert "%s.new: verified" % name in out and "%s: replaced by the verified copy" % name in out
-    assert "deployed 3 file(s)" in out
+    assert "deployed %d file(s)" % (1 + len(DEVICE_SCRIPTS)) in out
     assert ".new" not in mpremote(vboard.port, "exec", "import os; print(os.listdir())")
     # the board's files, hashed by mpremote's own sha256sum, are the local files
-    for name, local in (("model.bin", model), ("chat.py", REPO / "py" / "chat.py"), ("bpe.py", REPO / "py" / "bpe.py")):
+    for name, local in [("model.bin", model)] + [(s, REPO / "py" / s) for s in DEVICE_SCRIPTS]:
         assert board_sha256(vboard.port, name) == deploy.sha256_file(local)
     # a second deploy finds everything in place and copies nothing
     assert cli.main(["deploy", "--port", vboard.port, "--model", str(model)]) == 0
     out = capsys.readouterr().out
-    assert "copying" not in out and out.count("up to date on the board") == 3
+    assert "copying" not in out and out.count("up to date on the board") == 1 + len(DEVICE_SCRIPTS)
 
 
 @BOARD_TIMEOUT

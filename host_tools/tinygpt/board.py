@@ -462,6 +462,7 @@ TINYGPT_FIRMWARE_BYTES = 48_000    # engine + binding + frozen chat/bpe, estimat
 FIRMWARE_ESTIMATE = FIRMWARE_BASE_BYTES + TINYGPT_FIRMWARE_BYTES
 POINTER_BYTES = 4                  # ESP32-S3 (Xtensa LX7, 32-bit)
 DEFAULT_MAX_BATCH = 32             # tinygpt.c tg_load: max_batch 0 -> min(n_ctx, 32)
+DEFAULT_MAX_DRAFT = 8              # tinygpt.c tg_load: max_draft 0 -> min(max_batch, 8)
 MODEL_STRUCT_BYTES = 512           # struct tg_model on a 32-bit target (~300 bytes), rounded up
 N_ALLOCATIONS = 18                 # model struct + 16 alloc_state blocks + the binding's id buffer
 HEAP_BLOCK_OVERHEAD = 16           # heap_caps header + 16-byte alignment, per allocation
@@ -492,7 +493,8 @@ def engine_scratch_bytes(V, E, I, H, C, B) -> int:
             + 4 * B            # activation scales
             + 4 * C            # attention scores
             + D + 16           # query
-            + 3 * 4 * V)       # logits, sampling probabilities, sampling order
+            + 3 * 4 * V        # logits, sampling probabilities, sampling order
+            + 4 * min(B, DEFAULT_MAX_DRAFT) * V)  # draft logits: every position of a verify
 
 
 def engine_other_bytes(L, C) -> int:

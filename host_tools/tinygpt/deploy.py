@@ -1,6 +1,6 @@
 """`tinygpt deploy`: copy a model (and the on-device scripts) to a MicroPython board, verified.
 
-    tinygpt deploy --port /dev/ttyACM0                      # the default model + py/chat.py, py/bpe.py
+    tinygpt deploy --port /dev/ttyACM0                      # the default model + the py/ scripts
     tinygpt deploy --port /dev/ttyACM0 --model m.bin --no-scripts
     tinygpt deploy --port /dev/ttyACM0 --frozen             # firmware with chat/bpe frozen in
 
@@ -27,8 +27,9 @@ NAME.new complete, which the next deploy renames. An interrupted deploy says whi
 `tinygpt deploy --check` says it any time. With --in-place (old file removed before the copy, for
 when both do not fit) an interrupted copy leaves that file missing until deploy runs again.
 Every mpremote call has a time limit (--timeout, or the defaults below).
-Files go to the board's current directory ("/" on a board): /model.bin, /chat.py, /bpe.py, where
-py/chat.py looks for them (chat.DEFAULT_PATHS).
+Files go to the board's current directory ("/" on a board): /model.bin and the scripts (/chat.py,
+/bpe.py, /draft.py, /selftest.py: what a firmware freezes), where py/chat.py looks for them
+(chat.DEFAULT_PATHS).
 A port given as a symlink (/dev/serial/by-id/...) is resolved again for every connection, so a
 board that comes back under another ttyACM number after a reset is found again.
 """
@@ -45,7 +46,7 @@ from .board import BoardError, check_port, check_regular_file
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
-SCRIPTS = ("chat.py", "bpe.py")
+SCRIPTS = ("chat.py", "bpe.py", "draft.py", "selftest.py")  # micropython_mod/manifest.py freezes these
 MODEL_NAME = "model.bin"
 FS_BLOCK_SLACK = 2  # filesystem blocks per file for littlefs metadata, beyond its data blocks
 TMP_SUFFIX = ".new"  # a file is copied to NAME.new, verified there, then renamed over NAME
@@ -372,7 +373,7 @@ def add_arguments(p, default_model) -> None:
     p.add_argument("--port", required=True, help="serial port of the board (e.g. /dev/ttyACM0)")
     p.add_argument("--model", default=str(default_model), help="model file (default: the shipped model)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--no-scripts", action="store_true", help="copy only the model, not py/chat.py and py/bpe.py")
+    g.add_argument("--no-scripts", action="store_true", help="copy only the model, not the py/ scripts")
     g.add_argument("--frozen", action="store_true",
                    help="the firmware has chat.py and bpe.py frozen in (tinygpt firmware): copy only the model")
     p.add_argument("--retries", type=int, default=3, help="copies of a file that fails to verify (default 3)")
