@@ -617,6 +617,19 @@ def test_flash_refuses_a_model_bigger_than_the_partition(tmp_path):
         flash.plan("P", model=tmp_path / "x.bin", version=(5,))
     with pytest.raises(flash.FlashError, match="no such model file"):
         flash.plan("P", model=tmp_path / "none.bin", version=(5,))
+    # a FIFO would block open() for ever: refused before anything opens it
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(flash.FlashError, match="is a FIFO|not a regular file"):
+        flash.plan("P", model=tmp_path / "fifo", version=(5,))
+    with pytest.raises(flash.FlashError, match="is a FIFO|not a regular file"):
+        flash.plan("P", firmware=tmp_path / "fifo", version=(5,))
+
+
+def test_eval_refuses_a_fifo_before_opening_it(tmp_path, capsys):
+    os.mkfifo(tmp_path / "q.fifo")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path), "--questions", str(tmp_path / "q.fifo")])
+    assert e.value.code == 2 and "q.fifo: is a FIFO" in capsys.readouterr().err
 
 
 def test_flash_firmware_forms(tmp_path):

@@ -302,8 +302,10 @@ def cmd_eval(args):
         raise UserError("--limit must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
-    evaluate.evaluate(args.model, args.questions, tokenizer=args.tokenizer,
-                      int8_model=False if args.no_int8 else args.int8, plot=args.plot,
+    questions = _existing_file(args.questions, "questions file")
+    int8 = _existing_file(args.int8, "model file") if args.int8 and not args.no_int8 else args.int8
+    evaluate.evaluate(args.model, questions, tokenizer=args.tokenizer,
+                      int8_model=False if args.no_int8 else int8, plot=args.plot,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads)
 
 

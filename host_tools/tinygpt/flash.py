@@ -75,8 +75,10 @@ def inspect_firmware(path, parts) -> list[tuple[int, Path]]:
         raise FlashError("the partition table has no app partition")
     if p.is_dir():
         return _inspect_build_dir(p, parts, app)
-    if not p.exists():
-        raise FlashError("%s: no such firmware file" % p)
+    try:
+        boardmod.check_regular_file(p, "firmware file")
+    except BoardError as e:
+        raise FlashError(str(e))
     data = p.read_bytes()
     if len(data) < 24 or data[0] != IMAGE_MAGIC:
         raise FlashError("%s: not an ESP32 firmware image (no 0xE9 image header at the start)" % p)
@@ -142,10 +144,10 @@ def check_model(path, parts) -> tuple[int, Path]:
         model_part = boardmod.find_partition(parts, "model")
     except BoardError as e:
         raise FlashError("%s: this partition table cannot take a model" % e)
-    if not p.exists():
-        raise FlashError("%s: no such model file" % p)
-    if p.is_dir():
-        raise FlashError("%s: is a directory, expected a model file" % p)
+    try:  # a FIFO would block open() for ever, a device never end
+        boardmod.check_regular_file(p, "model file")
+    except BoardError as e:
+        raise FlashError(str(e))
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(16)
