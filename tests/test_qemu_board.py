@@ -231,7 +231,7 @@ def test_model_partition_is_mapped(board):
     with Model(SHIPPED) as m:
         host = m.info()
     assert info["mapped"] is True
-    assert info["file_bytes"] == SHIPPED.stat().st_size
+    assert info["file_bytes"] == host["file_bytes"]  # the header's file_size (drafts may follow it)
     for k in ("n_vocab", "n_layer", "n_embd", "weight_bytes", "kv_bytes", "scratch_bytes"):
         assert info[k] == host[k], k
 
@@ -244,7 +244,7 @@ def test_tokenizer_matches_hf(board):
     hf = tokenizers.Tokenizer.from_file(str(TOKENIZER_JSON))
     want = [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)]
     got = []
-    for i in range(0, len(lines), 8):  # a few lines per exchange: the code must fit the 140 KB GC heap
+    for i in range(0, len(lines), 8):  # a few lines per exchange: the code must fit the 256 KB GC heap
         got += board_eval(board, "import chat\nif chat._tok is None:\n    chat.load()\n"
                                  "print('\\x1e' + repr([chat._tok.encode(s) for s in %r]))\n" % lines[i:i + 8])
     assert len(got) == len(lines)
@@ -271,7 +271,7 @@ def test_selftest_crc_equals_the_pc(board):
     assert re.search(r"^instructions\s+\d+\.\d M per generated token", out, re.M)  # --icount
     assert "0x60000000" in line(out, "memory")
     heap = re.findall(r"(\d+) KB used", line(out, "GC heap"))
-    assert len(heap) == 2 and int(heap[1]) < 140  # the loaded model fits the 140 KB GC heap
+    assert len(heap) == 2 and int(heap[1]) < 256  # the loaded model fits the 256 KB GC heap
     chat.close()
 
 

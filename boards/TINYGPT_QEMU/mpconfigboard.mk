@@ -30,9 +30,11 @@ MPY_CROSS_FLAGS += -march=armv7emsp
 MICROPY_FLOAT_IMPL = float
 SUPPORTS_HARDWARE_FP_SINGLE = 1
 
-# A GC heap the size of what MicroPython gets from an ESP32-S3's internal RAM (the port's
-# default for Arm boards); the model and the engine's buffers live outside it.
-MICROPY_HEAP_SIZE = 143360
+# A 256 KB GC heap: a small ESP32-S3 heap (a board with PSRAM gives MicroPython megabytes). The
+# model and the engine's buffers live outside it. 140 KB (an internal-RAM heap) was enough until
+# Model.tokenizer_blob() returned an owned 57 KB copy (issue 9 D4): the copy, kept by
+# bpe.Tokenizer, plus its merge table no longer fit one.
+MICROPY_HEAP_SIZE = 262144
 
 # The engine: static-arena port layer (usercmodule/tinygpt/tg_port_arena.c) in the PSRAM.
 TINYGPT_PORT = arena
