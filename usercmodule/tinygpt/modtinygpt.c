@@ -42,6 +42,47 @@
 #include "py/mpthread.h"
 #endif
 
+/* Where MicroPython raises KeyboardInterrupt straight from the SIGINT handler (the unix port
+ * without a GIL: MICROPY_ASYNC_KBD_INTR), a Ctrl-C would longjmp out of the engine at any
+ * instruction - out of a matmul whose rows the worker threads are still computing, with the
+ * job on the abandoned stack (a crash), or with a half-updated model. So SIGINT is blocked while
+ * a method runs: the engine's poll sees it pending and stops cleanly between layers, and the
+ * signal is delivered, as KeyboardInterrupt, once the method has returned. */
+#if MICROPY_ASYNC_KBD_INTR
+#include <signal.h>
+#if MICROPY_PY_THREAD
+#include <pthread.h>
+#define SIGMASK pthread_sigmask
+#else
+#define SIGMASK sigprocmask
+#endif
+typedef sigset_t kbd_state_t;
+static void kbd_defer(kbd_state_t *old) {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGINT);
+    SIGMASK(SIG_BLOCK, &s, old);
+}
+static void kbd_restore(const kbd_state_t *old) {
+    SIGMASK(SIG_SETMASK, old, NULL); /* a pending Ctrl-C is raised here */
+}
+static int kbd_pending(void) {
+    sigset_t p;
+    return sigpending(&p) == 0 && sigismember(&p, SIGINT) == 1;
+}
+#else
+typedef int kbd_state_t;
+static void kbd_defer(kbd_state_t *old) {
+    (void)old;
+}
+static void kbd_restore(const kbd_state_t *old) {
+    (void)old;
+}
+static int kbd_pending(void) {
+    return 0;
+}
+#endif
+
 typedef struct _tinygpt_model_obj_t {
     mp_obj_base_t base;
     tg_model *model;
@@ -98,21 +139,27 @@ typedef mp_obj_t (*model_call_fn)(mp_obj_t self_in, size_t n_args, const mp_obj_
 
 static mp_obj_t run_locked(model_call_fn fn, mp_obj_t self_in, size_t n_args, const mp_obj_t *args,
                            mp_map_t *kw) {
+    kbd_state_t kbd;
+    kbd_defer(&kbd);
     #if MODEL_LOCKS
     tinygpt_model_obj_t *self = MP_OBJ_TO_PTR(self_in);
     mp_thread_mutex_lock(&self->lock, 1);
+    #endif
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         mp_obj_t result = fn(self_in, n_args, args, kw);
         nlr_pop();
+        #if MODEL_LOCKS
         mp_thread_mutex_unlock(&self->lock);
+        #endif
+        kbd_restore(&kbd);
         return result;
     }
+    #if MODEL_LOCKS
     mp_thread_mutex_unlock(&self->lock);
-    nlr_jump(nlr.ret_val);
-    #else
-    return fn(self_in, n_args, args, kw);
     #endif
+    kbd_restore(&kbd);
+    nlr_jump(nlr.ret_val);
 }
 
 /* The method objects: `fn` wrapped by run_locked, for each calling convention. */
@@ -153,7 +200,7 @@ static mp_obj_t run_locked(model_call_fn fn, mp_obj_t self_in, size_t n_args, co
  * leaves the context as it was) and is raised once the engine has returned. */
 static int poll_pending(void *ctx) {
     (void)ctx;
-    return MP_STATE_THREAD(mp_pending_exception) != MP_OBJ_NULL;
+    return MP_STATE_THREAD(mp_pending_exception) != MP_OBJ_NULL || kbd_pending();
 }
 
 /* Raise exc_type with a message built by the caller in vstr. */
@@ -433,6 +480,9 @@ LOCKED_METHOD_1(tinygpt_model_reset);
 static void raise_if_failed(int rc, const tg_error *err) {
     if (rc == TG_E_INTERRUPTED) {
         mp_handle_pending(true); /* raises the pending KeyboardInterrupt */
+        if (kbd_pending()) {     /* a deferred Ctrl-C (see kbd_defer) */
+            nlr_raise(MP_OBJ_FROM_PTR(&MP_STATE_VM(mp_kbd_exception)));
+        }
     }
     if (rc != TG_OK) {
         raise_error(err);
