@@ -879,10 +879,11 @@ def test_deploy_interrupted_keeps_a_complete_model(vboard, models, tmp_path):
     model complete (before: model.bin was removed first, an interrupted copy left it cut short
     or missing); deploy --check says what is there; the next deploy removes the partial copy."""
     a, _ = models
-    # ~117 KB: about 9 s over the virtual link, so 2 s in is the middle of the copy
+    # ~525 KB: 2 s in is the middle of the copy however fast the virtual link runs (a 166 KB
+    # model was copied whole within 2 s on an idle machine, about 9 s on a busy one)
     big = tmp_path / "big.bin"
     modelfile.atomic_write_bytes(big, bench.random_model_bytes(modelfile.normalize_hparams(
-        dict(SMALL, n_embd=64, n_layer=2, n_inner=256)), seed=3))
+        dict(SMALL, n_embd=128, n_layer=2, n_inner=512)), seed=3))
     deploy.deploy(vboard.port, a, scripts=False, log=lambda s: None)
     rc, out = _deploy_and_interrupt(vboard.port, big, signal.SIGINT, 2.0)
     assert rc == 130, out
