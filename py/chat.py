@@ -34,19 +34,24 @@ _path = None
 _answers = b""  # the corpus answers' ids from the model file's drafts section (draft.py)
 
 
-def load(path=None, n_ctx=None):
-    """Load the model (and the tokenizer stored inside it). Returns the model."""
+def load(path=None, n_ctx=None, n_threads=None):
+    """Load the model (and the tokenizer stored inside it). Returns the model.
+    n_threads: cores the engine splits each matrix product over (default: the engine's, 1;
+    2 on an ESP32-S3 uses its second core; answers are bit for bit the same)."""
     global _model, _tok, _path
     close()
     if path is None:
         last = None
         for p in DEFAULT_PATHS:
             try:
-                return load(p, n_ctx)
+                return load(p, n_ctx, n_threads)
             except OSError as e:  # not there: try the next place
                 last = e
         raise OSError("no model found (tried %s): %s" % (", ".join(DEFAULT_PATHS), last))
-    _model = tinygpt.Model(path) if n_ctx is None else tinygpt.Model(path, n_ctx)
+    if n_threads is None:
+        _model = tinygpt.Model(path) if n_ctx is None else tinygpt.Model(path, n_ctx)
+    else:
+        _model = tinygpt.Model(path, n_ctx, n_threads=n_threads)
     _tok = Tokenizer(_model.tokenizer_blob())
     _path = path
     _load_answers(path)

@@ -361,6 +361,10 @@ def test_evaluate_run(run, data, tmp_path):
     res2 = evaluate(tmp_path / "m.bin", c, tokenizer=out, max_new_tokens=20, log=None, progress=False)
     assert res2["exact_match_float"] is None and res2["int8_equals_float"] is None
     assert [r["int8"] for r in res2["results"]] == [r["int8"] for r in res["results"]]
+    # checking the expected answer in one pass (the default) finds the answers of token-by-token stepping
+    res3 = evaluate(out, c, max_new_tokens=20, log=None, progress=False, draft=False)
+    assert [r["int8"] for r in res3["results"]] == [r["int8"] for r in res["results"]]
+    assert [r["float"] for r in res3["results"]] == [r["float"] for r in res["results"]]
 
 
 def test_evaluate_generation_stops(tmp_path):
@@ -393,3 +397,55 @@ def test_evaluate_generation_stops(tmp_path):
     assert generate(Runner([5] * 100), Tok, [9], max_new_tokens=7) == "x" * 7
     assert generate(Runner([5] * 100, n_ctx=4), Tok, [9, 9]) == "xxx"  # positions 2, 3 fed, 3rd token not
     assert generate(Runner([5] * 100, n_ctx=4), Tok, [9] * 5) == ""
+
+
+def test_evaluate_generation_with_draft():
+    """A draft (eval's expected answer) checked in one pass gives the answer of plain stepping:
+    a right draft, one wrong from any token on, one too long, and one past the context."""
+    from tinygpt.evaluate import generate
+
+    class Tok:
+        eos_id, q_id = 0, 1
+
+        @staticmethod
+        def decode(ids):
+            return "".join({2: " Do:", 3: " ls", 4: "\n", 5: "x", 6: "y"}[i] for i in ids)
+
+    class Runner:  # the next token is seq[number of tokens after the prompt]
+        def __init__(self, seq, n_plen, n_ctx=64):
+            self.seq, self.n_plen, self.n_ctx, self.pos, self.calls = list(seq), n_plen, n_ctx, 0, []
+
+        def prefill(self, ids):
+            assert len(ids) <= self.n_ctx
+            self.pos = len(ids)
+            self.calls.append("prefill")
+
+        def step(self, t):
+            assert self.pos < self.n_ctx
+            self.pos += 1
+            self.calls.append("step")
+
+        def next(self, i):  # after the sequence: x forever
+            return self.seq[i] if i < len(self.seq) else 5
+
+        def argmax(self):
+            return self.next(self.pos - self.n_plen)
+
+        def predict(self, prompt, draft):
+            assert len(prompt) + len(draft) <= self.n_ctx
+            self.calls.append("predict")
+            return [self.next(i) for i in range(len(draft) + 1)]
+
+    prompt = [9, 9]
+    for seq in ([2, 3, 0], [5, 6, 5, 6, 0], [5, 5, 4, 4, 6], [6] * 80, [1, 5]):
+        for n_ctx in (64, 6):
+            want = generate(Runner(seq, 2, n_ctx), Tok, prompt, max_new_tokens=30)
+            drafts = [seq[:k] for k in range(len(seq) + 1)]
+            drafts += [seq[:k] + [t] + seq[k + 1:] for k in range(len(seq)) for t in (5, 6) if t != seq[k]]
+            drafts += [seq + [5, 6, 5]]
+            for d in drafts:
+                r = Runner(seq, 2, n_ctx)
+                assert generate(r, Tok, prompt, max_new_tokens=30, draft=d) == want, (seq, n_ctx, d)
+    r = Runner([2, 3, 0], 2)
+    generate(r, Tok, prompt, draft=[2, 3])
+    assert r.calls == ["predict"]  # a right draft: one pass and nothing else

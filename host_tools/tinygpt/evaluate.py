@@ -1,7 +1,7 @@
 """Exact-match evaluation of a trained model: the float Hugging Face model and the INT8 engine.
 
     evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True, limit=None, threads=1) -> dict
+             max_new_tokens=80, log=print, progress=True, limit=None, threads=1, draft=True) -> dict
 
 ``run_dir_or_model`` is a training run directory (Hugging Face GPT-2: config.json, weights,
 tokenizer.json) or a tinygpt model file. ``questions_file`` is in the corpus format; every
@@ -23,6 +23,14 @@ answer is generated greedily
 * with the INT8 C engine (``tinygpt.engine.Model``) on ``int8_model`` if given, else on a
   temporary file converted from the run directory by ``tinygpt.convert.convert``
   (``int8_model=False`` skips INT8).
+
+With ``draft=True`` (the default) the expected answer is the draft of ``generate``: its tokens
+are checked in one forward pass and the answer is generated token by token only from where the
+model departs from it, so a right answer costs one pass instead of one per token (3627 training
+questions of the shipped model: see models/default/README.md). For the INT8 engine the answer
+is bit for bit the one of plain stepping (its verify is tested identical); for the float model
+a full pass and one-token steps round differently in the last bits, so an answer could differ
+where two tokens tie to the last bit. ``draft=False`` (``--no-draft``) steps token by token.
 
 Both use the same loop and stop rules: stop before an ``<|endoftext|>`` or ``Q:`` token, at a
 blank line ("\\n\\n", the text from it on is dropped), after ``max_new_tokens`` tokens, or when
@@ -156,6 +164,14 @@ class _FloatRunner:
     def argmax(self):
         return int(self.torch.argmax(self._logits))
 
+    def predict(self, prompt_ids, draft):
+        """Greedy choice after prompt_ids + draft[:i] for i = 0..len(draft), in one forward pass."""
+        ids = list(prompt_ids) + list(draft)
+        with self.torch.no_grad():
+            logits = self.model(input_ids=self.torch.tensor([ids], dtype=self.torch.long)).logits[0]
+        self._past, self._logits, self.pos = None, None, 0
+        return [int(t) for t in self.torch.argmax(logits[len(prompt_ids) - 1:], dim=-1)]
+
 
 class _Int8Runner:
     def __init__(self, model):
@@ -176,17 +192,50 @@ class _Int8Runner:
     def argmax(self):
         return self.m.sample(temperature=0.0)
 
+    def predict(self, prompt_ids, draft):
+        """Greedy choice after prompt_ids + draft[:i] for i = 0..len(draft): the engine's verify,
+        bit-identical to stepping (tests/test_draft.py); None when the model cannot verify."""
+        if self.m.info()["max_draft"] < 1:
+            return None
+        self.prefill(prompt_ids)
+        out = [self.argmax()]
+        k = self.m.info()["max_draft"]
+        for s in range(0, len(draft), k):
+            out += self.m.verify(list(draft[s:s + k]))
+        return out
 
-def generate(runner, tok, prompt_ids, max_new_tokens=80) -> str:
-    """Greedy answer text for prompt_ids with the stop rules of the module docstring."""
+
+def generate(runner, tok, prompt_ids, max_new_tokens=80, draft=None) -> str:
+    """Greedy answer text for prompt_ids with the stop rules of the module docstring.
+
+    draft: token ids the answer probably starts with (eval passes the expected answer). They are
+    checked in one forward pass (runner.predict); the answer follows them as far as the greedy
+    choice agrees and is generated token by token only from where it departs. The result is the
+    same greedy answer, found in one pass when the model answers as expected."""
     if not prompt_ids or len(prompt_ids) > runner.n_ctx:
         return ""
-    runner.prefill(prompt_ids)
+    known = None  # known[i]: the greedy token after prompt_ids + gen[:i]
+    if draft and hasattr(runner, "predict"):
+        d = list(draft)[:runner.n_ctx - len(prompt_ids)]
+        known = runner.predict(prompt_ids, d)  # len(d) + 1 greedy choices, or None
+    if known:
+        agree = next((i for i, t in enumerate(d) if known[i] != t), len(d))
+        known = known[:agree + 1]
+    else:
+        known = []
+        runner.prefill(prompt_ids)
+    stepping = not known  # the runner's state is prompt_ids + gen[:-1], ready for step(gen[-1])
     stop = {t for t in (tok.eos_id, tok.q_id) if t is not None}
     gen: list[int] = []
     text = ""
     while len(gen) < max_new_tokens:
-        t = runner.argmax()
+        if len(gen) < len(known):
+            t = known[len(gen)]
+        else:
+            if not stepping:  # left the draft: continue from prompt + what was generated
+                runner.prefill(list(prompt_ids) + gen)
+                stepping = True
+            t = runner.argmax()
         if t in stop:
             break
         gen.append(t)
@@ -194,16 +243,17 @@ def generate(runner, tok, prompt_ids, max_new_tokens=80) -> str:
         if "\n\n" in text:
             text = text[:text.index("\n\n")]
             break
-        if runner.pos >= runner.n_ctx:  # context full: t cannot be fed
+        if len(prompt_ids) + len(gen) - 1 >= runner.n_ctx:  # context full: t cannot be fed
             break
-        runner.step(t)
+        if stepping:
+            runner.step(t)
     return text.strip()
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True, limit=None, threads=1) -> dict:
+             max_new_tokens=80, log=print, progress=True, limit=None, threads=1, draft=True) -> dict:
     """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
     often the two answer alike. See the module docstring."""
     log = log or (lambda *a, **k: None)
@@ -273,9 +323,13 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                 bar = progress_bar(total=len(questions), desc="eval", unit="q")
             for q, expected in questions:
                 ids = tok.encode(corpus_mod.prompt(q))
+                guess = None
+                if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
+                    full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())
+                    guess = full[len(ids):] if full[:len(ids)] == ids else None
                 r = {"question": q, "expected": expected, "prompt_tokens": len(ids)}
                 for name, runner in runners.items():
-                    ans = generate(runner, tok, ids, max_new_tokens)
+                    ans = generate(runner, tok, ids, max_new_tokens, draft=guess)
                     r[name] = ans
                     r["ok_" + name] = ans == expected.strip()
                 results.append(r)
