@@ -143,6 +143,31 @@ def test_exception_in_callback_propagates_as_itself(tiny):
         assert m.pos == 4 and m.logits() is not None
 
 
+def test_ctrl_c_during_a_call_is_not_lost_in_a_callback(tiny):
+    """Ctrl-C arriving while the engine runs: Python would run its SIGINT handler inside the poll or
+    trace callback, where ctypes swallows the KeyboardInterrupt ("Exception ignored on calling ctypes
+    callback"): the Ctrl-C was lost and a loop of prefills ran on (tests/test_threads.py caught it as
+    a hang in CI). Now the signal is noted, the engine stops at the next poll, and the call raises
+    KeyboardInterrupt with the model as it was; the default handler is back afterwards."""
+    with Model(tiny) as m:
+        m.prefill([1, 2, 3])
+        handlers = []
+
+        def trace(*a):
+            if not handlers:
+                handlers.append(signal.getsignal(signal.SIGINT))
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+        m.trace(trace)
+        with pytest.raises(KeyboardInterrupt):
+            m.prefill([4, 5, 6])
+        assert handlers and handlers[0] is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        m.trace(None)
+        assert m.pos == 3  # the prefill was abandoned between layers
+        m.prefill([4, 5, 6])
+        assert m.pos == 6
+
+
 def test_model_is_busy_inside_its_own_callback(tiny):
     with Model(tiny) as m:
         seen = []

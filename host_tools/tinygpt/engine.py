@@ -19,6 +19,7 @@ import importlib.util
 import operator
 import os
 import stat
+import signal
 import threading
 import weakref
 
@@ -208,6 +209,7 @@ class Model:
     def __init__(self, path, n_ctx=None, check_crc=True, max_batch=None, max_draft=None, n_threads=None):
         self._m = None
         self._lock = threading.RLock()
+        self._deferring_sigint = False
         self._busy = False      # an engine call is running: only its callbacks can get here
         self._pending = None    # "close" or "reset", asked for by a callback during that call
         self._error = None      # an exception raised by a callback, re-raised after the call
@@ -342,13 +344,29 @@ class Model:
     def _run(self, fn, handle, arr, n):
         """One engine call that may call back into Python; then what the callbacks asked for."""
         err = _Error()
+        # Ctrl-C during the call: Python runs its SIGINT handler in the next bytecode it executes,
+        # which is inside the poll or trace callback - and a KeyboardInterrupt raised there is
+        # swallowed by ctypes ("Exception ignored on calling ctypes callback"), so the Ctrl-C was
+        # lost. While the engine runs, the default handler is swapped for one that only notes
+        # the signal; the poll then stops the engine between layers and the call raises
+        # KeyboardInterrupt (the state unchanged, as for an interrupt callback).
+        defer = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if defer:
+            _sigint_seen[0] = False
+            signal.signal(signal.SIGINT, _note_sigint)
+        self._deferring_sigint = defer
         self._busy = True
         try:
             rc = fn(handle, arr, n, ctypes.byref(err))
         finally:
-            self._busy = False
+            self._busy = self._deferring_sigint = False
             pending, self._pending = self._pending, None
             error, self._error = self._error, None
+            if defer:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if defer and _sigint_seen[0] and error is None:
+            error = KeyboardInterrupt()
         if pending == "close":
             self.close()
             raise ValueError("model is closed") from error
@@ -462,10 +480,17 @@ class Model:
             lib().tg_set_trace(handle, self._trace_c if fn is not None else TRACE_FN(), None)
 
 
+_sigint_seen = [False]  # Ctrl-C noted while an engine call runs on the main thread (Model._run)
+
+
+def _note_sigint(signum, frame):
+    _sigint_seen[0] = True
+
+
 def _poll_callback(ref):
     """The engine's poll, between layers: nonzero stops the running call (state unchanged)."""
     model = ref()
-    if model is None:
+    if model is None or (model._deferring_sigint and _sigint_seen[0]):
         return 1
     if model._pending is not None or model._error is not None:
         return 1
