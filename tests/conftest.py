@@ -6,6 +6,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def default_sigint():
+    """preexec_fn for a child that a test sends Ctrl-C (SIGINT): the default disposition. A shell
+    runs background jobs with SIGINT ignored and children inherit that, so a test run from
+    `cmd &` would see the child ignore the signal (Python installs its KeyboardInterrupt handler
+    only when SIGINT is not ignored at startup)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 try:
     import tinygpt  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # running from a checkout without installing

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 
 from board_double.vboard import VirtualBoard, micropython_command
 from tinygpt import bench, board, cli, deploy, firmware, flash, modelfile, serial_chat
@@ -857,7 +857,7 @@ def _deploy_and_interrupt(port, model, sig, after_s):
 
     p = subprocess.Popen([sys.executable, "-u", "-m", "tinygpt.cli", "deploy", "--port", port, "--model", str(model),
                           "--no-scripts"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=default_sigint)
     out = []
     for line in p.stdout:
         out.append(line)

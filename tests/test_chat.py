@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 
 PY_DIR = REPO / "py"
 MP_DIR = REPO / "tests" / "mp"
@@ -1135,7 +1135,7 @@ def test_ctrl_c_stops_an_answer_on_micropython(micropy_bin, tok600, tmp_path):
     (tmp_path / "ctrlc.py").write_text(CTRL_C)
     p = subprocess.Popen([micropy_bin, "-X", "heapsize=16M", str(tmp_path / "ctrlc.py"), str(PY_DIR),
                           str(model), q1, q2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         bufsize=0)  # unbuffered: readline must not swallow what communicate reads
+                         bufsize=0, preexec_fn=default_sigint)  # unbuffered: readline must not swallow what communicate reads
     try:
         assert p.stdout.readline() == b"@@GO\n"
         time.sleep(0.5)  # inside the first answer (1000 tokens, seconds)

@@ -149,6 +149,14 @@ def test_ctrl_c_during_a_call_is_not_lost_in_a_callback(tiny):
     callback"): the Ctrl-C was lost and a loop of prefills ran on (tests/test_threads.py caught it as
     a hang in CI). Now the signal is noted, the engine stops at the next poll, and the call raises
     KeyboardInterrupt with the model as it was; the default handler is back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest may run with it ignored
+    try:
+        _ctrl_c_in_callback(tiny)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_in_callback(tiny):
     with Model(tiny) as m:
         m.prefill([1, 2, 3])
         handlers = []

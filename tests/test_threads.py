@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 from test_chat import micropy_bin  # noqa: F401  (the fixture)
 
 from tinygpt.bench import random_model_bytes
@@ -233,7 +233,7 @@ def test_ctrl_c_with_workers_running(request, models, tmp_path, python):
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
     p = subprocess.Popen(cmd + [str(script), str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=dict(os.environ, **env))
+                         text=True, env=dict(os.environ, **env), preexec_fn=default_sigint)
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.5)
