@@ -145,9 +145,9 @@ def test_exception_in_callback_propagates_as_itself(tiny):
 
 def test_ctrl_c_during_a_call_is_not_lost_in_a_callback(tiny):
     """Ctrl-C arriving while the engine runs: Python would run its SIGINT handler inside the poll or
-    trace callback, where ctypes swallows the KeyboardInterrupt ("Exception ignored on calling ctypes
-    callback"): the Ctrl-C was lost and a loop of prefills ran on (tests/test_threads.py caught it as
-    a hang in CI). Now the signal is noted, the engine stops at the next poll, and the call raises
+    trace callback, where ctypes discards a KeyboardInterrupt raised outside the callback's try block
+    ("Exception ignored on calling ctypes callback"), so the Ctrl-C could be lost. Now the signal is
+    noted, the engine stops at the next poll, and the call raises
     KeyboardInterrupt with the model as it was; the default handler is back afterwards."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest may run with it ignored
     try:

@@ -345,9 +345,9 @@ class Model:
         """One engine call that may call back into Python; then what the callbacks asked for."""
         err = _Error()
         # Ctrl-C during the call: Python runs its SIGINT handler in the next bytecode it executes,
-        # which is inside the poll or trace callback - and a KeyboardInterrupt raised there is
-        # swallowed by ctypes ("Exception ignored on calling ctypes callback"), so the Ctrl-C was
-        # lost. While the engine runs, the default handler is swapped for one that only notes
+        # which is inside the poll or trace callback - and a KeyboardInterrupt raised there outside
+        # the callback's try block is discarded by ctypes ("Exception ignored on calling ctypes
+        # callback"), so the Ctrl-C could be lost. While the engine runs, the default handler is swapped for one that only notes
         # the signal; the poll then stops the engine between layers and the call raises
         # KeyboardInterrupt (the state unchanged, as for an interrupt callback).
         defer = (threading.current_thread() is threading.main_thread()

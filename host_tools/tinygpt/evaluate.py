@@ -26,7 +26,7 @@ answer is generated greedily
 
 With ``draft=True`` (the default) the expected answer is the draft of ``generate``: its tokens
 are checked in one forward pass and the answer is generated token by token only from where the
-model departs from it, so a right answer costs one pass instead of one per token (3627 training
+model departs from it, so a right answer costs one pass instead of one per token (3,610 training
 questions of the shipped model: see models/default/README.md). For the INT8 engine the answer
 is bit for bit the one of plain stepping (its verify is tested identical); for the float model
 a full pass and one-token steps round differently in the last bits, so an answer could differ
@@ -195,11 +195,11 @@ class _Int8Runner:
     def predict(self, prompt_ids, draft):
         """Greedy choice after prompt_ids + draft[:i] for i = 0..len(draft): the engine's verify,
         bit-identical to stepping (tests/test_draft.py); None when the model cannot verify."""
-        if self.m.info()["max_draft"] < 1:
+        k = self.m.info()["max_draft"]
+        if k < 1:
             return None
         self.prefill(prompt_ids)
         out = [self.argmax()]
-        k = self.m.info()["max_draft"]
         for s in range(0, len(draft), k):
             out += self.m.verify(list(draft[s:s + k]))
         return out
