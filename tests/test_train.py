@@ -20,6 +20,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from conftest import default_sigint  # noqa: E402
 from tinygpt import corpus  # noqa: E402
 from tinygpt import train as train_mod  # noqa: E402
 
@@ -173,6 +174,37 @@ def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
     assert log["stopped"] == "SIGINT" and 4 <= log["steps"] < log["total_steps"]
     assert "interrupted (Ctrl-C)" in rest and "--resume" in rest
     assert "Traceback" not in err
+
+
+def test_progress_reaches_a_pipe_while_training(data, tmp_path):
+    """`tinygpt train ... | tee log`: the plan and the speed line arrive while it trains, not in
+    one block at the end (stdout to a pipe is block-buffered unless the CLI asks otherwise)."""
+    import queue
+    import threading
+
+    d, c, tok = data
+    out = tmp_path / "r"
+    code = "import sys\nfrom tinygpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "host_tools"))
+    env.pop("PYTHONUNBUFFERED", None)
+    p = subprocess.Popen([sys.executable, "-c", code, "train", str(c), "--tokenizer", str(tok), "-o", str(out),
+                          "--preset", "tiny", "--epochs", "5000", "--batch-size", "4", "--checkpoint-every", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                         preexec_fn=default_sigint)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in p.stdout], daemon=True).start()
+    try:
+        deadline, seen = time.monotonic() + 90, []
+        while not any(ln.startswith("speed:") for ln in seen):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        assert p.poll() is None, "the speed line came only when training had ended"
+        assert any(ln.startswith("plan:") for ln in seen)
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130
 
 
 # ----------------------------------------------------------------------------- continuing

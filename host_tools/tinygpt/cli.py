@@ -591,6 +591,12 @@ def main(argv=None):
     from .ui import quiet_third_party
 
     quiet_third_party()
+    # Long commands (train, eval) print progress lines; with stdout a pipe or a file
+    # (`| tee train.log`, `> log`) Python would hold them in 8 KB blocks until the end.
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):  # replaced or closed stdout: leave it as it is
+        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
