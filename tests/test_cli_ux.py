@@ -89,6 +89,33 @@ def test_corpus_check_says_when_the_length_check_was_skipped(tmp_path, capsys):
     assert "skipped" not in capsys.readouterr().err
 
 
+def test_corpus_check_warns_about_nearly_equal_questions_with_different_answers(tmp_path, capsys):
+    """Questions that differ only in case, punctuation and a dropped function word but have
+    different answers are reported as warnings (exit status 0, line numbers of both); different
+    questions, and near-equal questions of one answer, are not."""
+    from tinygpt import cli, corpus
+
+    c = tmp_path / "c.txt"
+    c.write_text("Q: What is my serial port?\nA: Usually /dev/ttyACM0.\n\n"
+                 "Q: What is a serial port?\nA: A UART.\n\n"
+                 "Q: ble on\nDo: ble.active(True)\n\n"
+                 "Q: BLE?\nA: Bluetooth Low Energy.\n\n"
+                 "Q: what is BLE\nA: Bluetooth Low Energy.\n\n"
+                 "Q: what is wifi\nA: A radio network.\n\n"
+                 "Q: what is psram\nA: Extra memory.\n")
+    found = corpus.near_duplicates(c)
+    assert [(p.line, p.message.split(" is nearly")[0]) for p in found] == [
+        (4, "question 'What is a serial port?'"), (10, "question 'BLE?'")]
+    assert "of line 1, which has a different answer" in found[0].message
+    assert "of line 7, which has a different answer" in found[1].message
+    assert cli.main(["corpus", "check", str(c)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count(": warning: ") == 2 and f"{c}:4: warning:" in out
+    assert err.endswith("c.txt: ok, 2 warning(s)\n")
+    # the shipped corpus has none
+    assert corpus.near_duplicates(REPO / "data" / "corpus.txt") == []
+
+
 # -- progress bars only on a terminal; warnings as one plain line ------------------------------
 
 def test_progress_bar_only_on_a_terminal():
@@ -132,6 +159,10 @@ def _cli(args, cwd):
 
 
 def test_convert_and_eval_piped_show_no_bars_or_library_warnings(converted, tmp_path):
+    import json
+
+    from tinygpt import corpus
+
     hf, _model = converted("v509_hd16_gelunew")
     r = _cli(["convert", str(hf), "-o", str(tmp_path / "m.bin"), "-q"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -142,6 +173,17 @@ def test_convert_and_eval_piped_show_no_bars_or_library_warnings(converted, tmp_
     assert r.returncode == 0, r.stderr
     assert r.stderr == "", r.stderr     # no FutureWarning, no "[transformers] ... deprecated", no bar
     assert r.stdout.splitlines()[1].startswith("2 questions (the first 2 of 4) from ")
+    r = _cli(["eval", str(hf), "--questions", str(q), "--limit", "3", "--max-new-tokens", "4",
+              "--json", "res.json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert [x["question"] for x in res["results"]] == [qa[0] for qa in corpus.load_questions(q)][:3]
+    assert res["exact_match_int8_count"] == sum(x["ok_int8"] for x in res["results"])
+    assert r.stdout.rstrip().endswith("results: res.json (3 questions, %d with a mismatch)" % len(res["mismatches"]))
+    r = _cli(["eval", str(hf), "--questions", str(q), "--json", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "is a directory" in r.stderr
+    r = _cli(["eval", str(hf), "--questions", str(q), "--json", "nowhere/res.json"], tmp_path)
+    assert r.returncode == 2 and "nowhere does not exist" in r.stderr
     r = _cli(["eval", str(hf), "--questions", str(q), "--limit", "0"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "tinygpt: error: --limit must be >= 1"
     r = _cli(["eval", str(hf), "--questions", str(q), "--threads", "0"], tmp_path)

@@ -236,10 +236,16 @@ def cmd_corpus(args):
         problems = corpus.check(path, args.tokenizer, args.n_ctx)
         for pr in problems:
             print("%s:%d: %s" % (path, pr.line, pr.message))
+        warnings = corpus.near_duplicates(path)  # not errors: the two questions may be meant
+        for pr in warnings:
+            print("%s:%d: warning: %s" % (path, pr.line, pr.message))
         if not args.tokenizer:
             print("%s: length check skipped: give --tokenizer DIR (the tokenizer you train on this corpus) to "
                   "check that every entry fits %d tokens" % (path, args.n_ctx), file=sys.stderr)
-        print("%s: %s" % (path, "%d problem(s)" % len(problems) if problems else "ok"), file=sys.stderr)
+        status = "%d problem(s)" % len(problems) if problems else "ok"
+        if warnings:
+            status += ", %d warning(s)" % len(warnings)
+        print("%s: %s" % (path, status), file=sys.stderr)
         if problems:
             sys.exit(1)
         return
@@ -304,10 +310,19 @@ def cmd_eval(args):
         raise UserError("--threads must be >= 1")
     questions = _existing_file(args.questions, "questions file")
     int8 = _existing_file(args.int8, "model file") if args.int8 and not args.no_int8 else args.int8
-    evaluate.evaluate(args.model, questions, tokenizer=args.tokenizer,
-                      int8_model=False if args.no_int8 else int8, plot=args.plot,
-                      max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads,
-                      draft=not args.no_draft)
+    if args.json and Path(args.json).is_dir():  # checked first: a long evaluation must not be lost at the end
+        raise UserError("--json %s is a directory; give a file name" % args.json)
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        raise UserError("--json %s: folder %s does not exist" % (args.json, Path(args.json).absolute().parent))
+    res = evaluate.evaluate(args.model, questions, tokenizer=args.tokenizer,
+                            int8_model=False if args.no_int8 else int8, plot=args.plot,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads,
+                            draft=not args.no_draft)
+    if args.json:  # every question's answers, not only the first mismatches the table shows
+        import json
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1, ensure_ascii=False)
+        print("results: %s (%d questions, %d with a mismatch)" % (args.json, res["n"], len(res["mismatches"])))
 
 
 # -- the board: budget, deploy, flash, firmware, chat --port --------------------------------
@@ -552,6 +567,9 @@ def build_parser():
     ev.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
     ev.add_argument("--no-int8", action="store_true", help="float model only")
     ev.add_argument("--plot", help="write a bar chart PNG here")
+    ev.add_argument("--json", metavar="FILE", help="write every question's expected, float and INT8 answers and "
+                                                   "the totals to FILE as JSON (the table shows only the first "
+                                                   "20 mismatches)")
     ev.add_argument("--max-new-tokens", type=int, default=80)
     ev.add_argument("--no-draft", action="store_true",
                     help="generate every answer token by token (default: check the expected answer's tokens in "

@@ -303,6 +303,45 @@ def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
     return sorted(problems, key=lambda p: p.line)
 
 
+def _question_words(q: str) -> list[str]:
+    """Lower-case words of a question, surrounding punctuation and apostrophes removed."""
+    words = (w.strip(".,?!;:\"'").replace("'", "") for w in q.casefold().split())
+    return [w for w in words if w]
+
+
+def near_duplicates(path) -> list[Problem]:
+    """Pairs of questions with different answers that are the same question once case,
+    punctuation and at most one function word in each ("a", "the", "my", "on", ...: the words
+    ``corpus augment`` may drop) are ignored: "What is my serial port?" vs "What is a serial
+    port?", "ble on" vs "BLE?". Such a pair gives the model nearly the same input with two
+    targets; it learns one of them, or neither, and augmentation can turn one into the other.
+    They are warnings, not errors (the two may be meant): reword one so it names what it asks.
+    One Problem per pair, at the later question's line."""
+    from .augment import FUNCTION_WORDS  # augment imports this module
+
+    text, _ = _read(path)
+    entries, _ = _parse_text(text)
+    owner: dict[tuple, dict[str, Entry]] = {}
+    for e in entries:
+        if e.kind == "prose":
+            continue
+        words = _question_words(e.question)
+        keys = {tuple(words)}
+        if len(words) > 1:
+            keys |= {tuple(words[:i] + words[i + 1:]) for i, w in enumerate(words) if w in FUNCTION_WORDS}
+        for k in keys:
+            owner.setdefault(k, {}).setdefault(" ".join(e.target.split()), e)
+    pairs: dict[tuple[int, int], tuple[Entry, Entry]] = {}
+    for by_answer in owner.values():
+        found = sorted(by_answer.values(), key=lambda e: e.line)
+        for i, a in enumerate(found):
+            for b in found[i + 1:]:
+                pairs.setdefault((a.line, b.line), (a, b))
+    return [Problem(b.line, f"question {b.question!r} is nearly question {a.question!r} of line {a.line}, "
+                            f"which has a different answer: reword one so it names what it asks")
+            for a, b in sorted(pairs.values(), key=lambda ab: (ab[1].line, ab[0].line))]
+
+
 def _token_counts(tok, entries) -> list[int]:
     return [len(enc.ids) for enc in tok.encode_batch(training_texts(entries), add_special_tokens=False)]
 
