@@ -35,13 +35,15 @@ entries.
 API
     parse(path) -> list[Entry]                       (ValueError on undecodable UTF-8)
     check(path, tokenizer=None, n_ctx=128) -> list[Problem]   (never raises for bad content)
+    near_duplicates(path) -> list[Problem]   (warnings: nearly equal questions, different answers)
     stats(path, tokenizer=None) -> dict
     training_texts(entries) -> list[str]
     load_questions(path) -> list[(question, expected_answer)]
     prompt(question) -> str
 
 ``tinygpt corpus check|stats CORPUS [--tokenizer DIR] [--n-ctx N]`` runs the checker
-(exit status 1 if it found problems) or prints the statistics.
+(exit status 1 if it found problems; near duplicates are printed as warnings) or prints the
+statistics.
 """
 from __future__ import annotations
 
