@@ -116,6 +116,17 @@ def test_corpus_check_warns_about_nearly_equal_questions_with_different_answers(
     assert corpus.near_duplicates(REPO / "data" / "corpus.txt") == []
 
 
+def test_output_piped_into_a_reader_that_leaves_stops_quietly(tmp_path):
+    """`tinygpt corpus stats data/corpus.txt | head -1`: when the reader closes the pipe, the
+    command stops without a traceback or an error line, with the shell's SIGPIPE status."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes its first line
+    p = subprocess.run([sys.executable, "-m", "tinygpt.cli", "corpus", "stats", str(REPO / "data" / "corpus.txt")],
+                       stdout=w, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr == ""
+
+
 # -- progress bars only on a terminal; warnings as one plain line ------------------------------
 
 def test_progress_bar_only_on_a_terminal():

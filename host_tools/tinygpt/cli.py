@@ -9,6 +9,7 @@ Errors in what the user gave us (files, arguments, model files) end with one lin
 "tinygpt: error: ..." and exit status 2; nothing half-written is left behind.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -621,12 +622,31 @@ def main(argv=None):
         args.func(args)
     except UserError as e:
         parser.exit(2, "tinygpt: error: %s\n" % e)
+    except BrokenPipeError as e:
+        if not _stdout_is_broken():  # a serial port or a tool's pipe: an error worth naming
+            parser.exit(2, "tinygpt: error: %s\n" % e)
+        # the reader of our output left (`tinygpt corpus stats ... | head`): stop quietly, as
+        # Unix tools do, and keep Python from failing again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (ValueError, OSError, MemoryError) as e:
         # Loader and converter errors carry messages that name the problem.
         parser.exit(2, "tinygpt: error: %s\n" % e)
     except KeyboardInterrupt:
         parser.exit(130, "\ntinygpt: interrupted\n")
     return 0
+
+
+def _stdout_is_broken() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout replaced/closed
+        return False
 
 
 if __name__ == "__main__":
