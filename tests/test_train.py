@@ -330,3 +330,37 @@ def test_device(data, tmp_path):
     assert res["args"]["device"] == "cpu"
     with pytest.raises(ValueError, match="device must be one of"):
         train_mod.train(c, tok, tmp_path / "r2", epochs=1, device="tpu", **dict(KW, log=None))
+
+
+def test_fix_misses_trains_until_every_training_question_is_answered(data, tmp_path):
+    """--fix-misses on a finished run (--resume): the questions it counts as wrong are the ones
+    greedy decoding gets wrong, and after it greedy decoding answers every training question
+    exactly; the planned steps and the schedule's record are unchanged."""
+    from tokenizers import Tokenizer
+
+    from tinygpt.evaluate import _FloatRunner, _HFTokenizer, generate
+
+    d, c, tok = data
+    out = tmp_path / "r"
+    t = _HFTokenizer(Tokenizer.from_file(str(tok / "tokenizer.json")))
+    questions = [e for e in corpus.parse(c) if e.kind != "prose"]
+
+    def greedy_wrong():
+        runner = _FloatRunner(out)
+        return [e.question for e in questions if generate(runner, t, t.encode(corpus.prompt(e.question))) != e.target]
+
+    first = train_mod.train(c, tok, out, epochs=60, **dict(KW, log=None))
+    wrong_before = greedy_wrong()
+    assert wrong_before, "the schedule alone should leave some training question wrong for this test"
+    lines, kw = logged(**KW)
+    res = train_mod.train(c, tok, out, epochs=60, resume=True, fix_misses=200, **kw)
+    fx = res["fixed_misses"][-1]
+    assert fx["before"] == len(wrong_before) and fx["questions"] == len(questions)
+    assert fx["after"] == 0 and fx["still_wrong"] == [] and 0 < fx["steps"] <= 200
+    assert greedy_wrong() == []
+    assert res["steps"] == first["steps"] and res["losses"] == first["losses"]
+    assert any(ln.startswith(f"fixing misses: {len(wrong_before)} -> 0 of {len(questions)}") for ln in lines)
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["fixed_misses"][-1]["after"] == 0 and log["args"]["fix_misses"] == 200
+    with pytest.raises(ValueError, match="--fix-misses must be"):
+        train_mod.train(c, tok, tmp_path / "r2", epochs=1, fix_misses=-1, **dict(KW, log=None))

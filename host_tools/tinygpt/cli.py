@@ -284,7 +284,8 @@ def cmd_train(args):
                       threads=args.threads, max_minutes=args.max_minutes, loss=args.loss,
                       label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
                       val_split=args.val_split, val_file=args.val_file, val_every=args.val_every,
-                      early_stop=args.early_stop, augment=args.augment, device=args.device)
+                      early_stop=args.early_stop, augment=args.augment, device=args.device,
+                      fix_misses=args.fix_misses)
     if res.get("stopped") in ("SIGINT", "SIGTERM"):
         sys.exit(130 if res["stopped"] == "SIGINT" else 143)
 
@@ -536,6 +537,10 @@ def build_parser():
     tr.add_argument("--augment", type=int, default=0, metavar="N",
                     help="add N variants of every training question (as `tinygpt corpus augment`; after "
                          "--val-split, so held-out questions do not leak) (default %(default)s)")
+    tr.add_argument("--fix-misses", type=int, default=0, metavar="N",
+                    help="after the planned steps, up to N more steps on the training questions greedy decoding "
+                         "still answers wrong, mixed with others, until none is (works with --resume on a "
+                         "finished run) (default %(default)s: off)")
     tr.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed (default %(default)s)")
     tr.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"],
                     help="steps between checkpoints; 0 = only at the end (default %(default)s)")
