@@ -133,8 +133,9 @@ def test_max_minutes_stops_with_a_usable_model_and_checkpoint(data, tmp_path):
 
     d, c, tok = data
     lines, kw = logged(**KW)
-    res = train_mod.train(c, tok, tmp_path / "r", epochs=500, max_minutes=0.0005, **kw)
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=500, max_minutes=0.0005, fix_misses=10, **kw)
     assert res["stopped"] == "time" and 1 <= res["steps"] < res["total_steps"]
+    assert res["fixed_misses"] == [] and any(ln.startswith("--fix-misses: not run") for ln in lines)
     out = tmp_path / "r"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "loss.png", "train_log.json",
               "checkpoint/checkpoint.pt"):

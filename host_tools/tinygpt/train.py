@@ -69,10 +69,11 @@ entries so that what is right stays right, at FIX_LR_SCALE times the schedule's 
 after each such round every question is checked again, until none is wrong or N steps are
 spent; the weights of the round with the fewest misses are kept (the latest among equals). The
 step count and the schedule are untouched (a later resume sees a finished run); train_log.json
-records the misses before and after, the rounds and the questions still wrong. Why: a corpus of thousands
-of short questions leaves a few dozen wrong after a schedule that fits the rest (keyword questions
-that two answers fit, a command next to its explanation), and more epochs for all of them move
-the misses around at the cost of a whole run.
+records the misses before and after, the rounds and the questions still wrong. It also runs
+after an early stop, not after a stop by time or signal (resume the run to finish it first).
+Why: a corpus of thousands of short questions leaves a few dozen wrong after a schedule that
+fits the rest (keyword questions that two answers fit, a command next to its explanation), and
+more epochs for all of them move the misses around at the cost of a whole run.
 
 Time. After the first step of a session, ESTIMATE_STEPS steps are timed and the remaining and
 total time printed (and kept in the progress bar, which shows only on a terminal; otherwise a
@@ -873,9 +874,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                 save_model(out_dir / BEST_DIR)
             else:
                 evals_since_best += 1
-            say(f"step {step}/{total_steps}{' + fixing misses' if after_fix else ''}: validation {exact}/{nv} exact ({100 * exact / nv:.1f} %), "
-                f"loss {vl:.3f}" + (" (best so far)" if better else f" (best {best['val_exact_count']}/{nv} at "
-                                                                   f"step {best['step']})"))
+            say(f"step {step}/{total_steps}{' + fixing misses' if after_fix else ''}: validation {exact}/{nv} exact "
+                f"({100 * exact / nv:.1f} %), loss {vl:.3f}"
+                + (" (best so far)" if better else f" (best {best['val_exact_count']}/{nv} at step {best['step']})"))
 
         def fix_training_misses(signals, t_session):
             """--fix-misses (see the module docstring). Ctrl-C or --max-minutes end it early (the run
@@ -886,8 +887,8 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
             rng = np.random.default_rng([seed, FIX_SEED, len(fixes)])
             t0 = time.perf_counter()
             wrong = np.flatnonzero(score(fit_data, len(fit_lists))[1])
-            rec = {"questions": len(fit_lists), "before": len(wrong), "steps": 0, "lr": lr * min_lr_ratio * FIX_LR_SCALE,
-                   "rounds": [], "interrupted": False, "losses": []}
+            rec = {"questions": len(fit_lists), "before": len(wrong), "steps": 0,
+                   "lr": lr * min_lr_ratio * FIX_LR_SCALE, "rounds": [], "interrupted": False, "losses": []}
             say(f"fixing misses: {len(wrong)} of {len(fit_lists)} training questions not answered exactly (greedy, "
                 f"float); up to {_plural(fix_misses, 'more step')} at lr {rec['lr']:.2e}")
             hard = set(wrong.tolist())  # every question found wrong so far: a fix can break its rival
@@ -947,6 +948,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
             + (f"; stopping after {max_minutes:g} min (--max-minutes)" if max_minutes else ""))
 
         # -- the loop ---------------------------------------------------------------------------
+        resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
         bar = None
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -1020,15 +1022,17 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
             if bar is not None:
                 bar.close()
                 bar = None
-            if fix_misses and not stopped and step >= total_steps:
+            if fix_misses and (not stopped and step >= total_steps or stopped == "early_stop"):
                 fixes.append(fix_training_misses(signals, t_session))
                 if val_data is not None:
                     run_validation(after_fix=True)
+            elif fix_misses and stopped != "stop_after":
+                log(f"--fix-misses: not run, the run stopped before its planned steps; {resume_hint} and it runs "
+                    f"at the end")
             if val_data is not None and stopped in ("time", "SIGINT", "SIGTERM") and \
                     (not val_history or val_history[-1]["step"] != step):
                 run_validation()
             checkpoint()
-        resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
         if stopped == "stop_after":
             log(f"stopped after step {step}/{total_steps}; checkpoint in {out_dir / CHECKPOINT_DIR}; {resume_hint}")
             return {"out_dir": str(out_dir), "steps": step, "total_steps": total_steps, "stopped": stopped,
