@@ -309,9 +309,15 @@ def test_convert_writes_drafts(converted, tmp_path):
     # a training run directory that names its corpus gets drafts by default; --no-drafts opts out
     run = tmp_path / "run"
     shutil.copytree(hf_dir, run)
-    (run / "train_log.json").write_text(json.dumps({"args": {"corpus": str(corpus)}}))
+    import hashlib
+    sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    (run / "train_log.json").write_text(json.dumps({"args": {"corpus": str(corpus)}, "corpus_sha256": sha}))
     assert cli.main(["convert", str(run), "-o", str(out), "--quiet", "--no-check"]) == 0
     assert modelfile.read_drafts(out)[0] == 2
+    # issue 27 D7: a corpus that is not the file trained on (its hash differs) gives no drafts
+    (run / "train_log.json").write_text(json.dumps({"args": {"corpus": str(corpus)}, "corpus_sha256": "0" * 64}))
+    assert cli.main(["convert", str(run), "-o", str(out), "--quiet", "--no-check"]) == 0
+    assert modelfile.read_drafts(out) is None
     assert cli.main(["convert", str(run), "-o", str(out), "--quiet", "--no-check", "--no-drafts"]) == 0
     assert modelfile.read_drafts(out) is None
 

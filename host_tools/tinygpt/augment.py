@@ -42,6 +42,8 @@ KINDS = ("case", "punctuation", "filler", "synonym", "dropout", "typo")
 SYNONYMS_FILE = Path(__file__).resolve().parent / "data" / "synonyms.txt"
 SECOND_TRANSFORM = 0.4   # share of variants that get a second transform on top of the first
 TRIES_PER_VARIANT = 12   # attempts per wanted variant before giving up on a short question
+MAX_PER_QUESTION = 32    # variants asked per question at most: a short question has far fewer distinct
+                         # ones, and N makes 12 * N attempts per question
 
 FILLER_BEFORE = ("please", "hey,", "hi,", "hello,", "can you tell me", "could you tell me", "tell me,",
                  "i wonder", "quick question,")
@@ -197,8 +199,10 @@ def augment_entries(entries, per_question, seed=0, synonyms=None):
     """New Q entries for the qa/do entries of ``entries``: (list of corpus.Entry in source order,
     each with its source's answer and line; counts {kind: n, "variants": n, "questions": n,
     "short": questions that got fewer than per_question})."""
-    if isinstance(per_question, bool) or not isinstance(per_question, int) or per_question < 1:
-        raise ValueError(f"per_question must be an int >= 1, got {per_question!r}")
+    if isinstance(per_question, bool) or not isinstance(per_question, int) or not \
+            1 <= per_question <= MAX_PER_QUESTION:
+        raise ValueError(f"the number of variants per question must be an int from 1 to {MAX_PER_QUESTION}, got "
+                         f"{per_question!r} (more are not distinct: a short question has only a few)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     synonyms = load_synonyms() if synonyms is None else synonyms
@@ -208,7 +212,7 @@ def augment_entries(entries, per_question, seed=0, synonyms=None):
             owner.setdefault(corpus_mod._norm(e.question), " ".join(e.target.split()))
     rng = random.Random(seed)
     new, counts = [], {k: 0 for k in KINDS}
-    counts.update(variants=0, questions=0, short=0)
+    counts.update(variants=0, questions=0, short=0, fewest=None)
     for e in entries:
         if e.kind == "prose":
             continue
@@ -220,6 +224,7 @@ def augment_entries(entries, per_question, seed=0, synonyms=None):
         made = variants(e.question, per_question, rng, synonyms, accept)
         counts["questions"] += 1
         counts["short"] += len(made) < per_question
+        counts["fewest"] = len(made) if counts["fewest"] is None else min(counts["fewest"], len(made))
         for kinds, text in made:
             owner[corpus_mod._norm(text)] = target
             new.append(corpus_mod.Entry(e.kind, text, e.answer, e.line))
@@ -269,5 +274,6 @@ def format_report(report, out_path) -> str:
     lines += [f"  {k:<12} {report[k]:>7}" for k in KINDS]
     lines.append("  (a variant may combine two transforms)")
     if report["short"]:
-        lines.append(f"  {report['short']} short question(s) got fewer variants than asked")
+        lines.append(f"  {report['short']} short question(s) got fewer variants than asked (the fewest: "
+                     f"{report.get('fewest')}; no more distinct ones were found)")
     return "\n".join(lines)

@@ -118,6 +118,9 @@ def _add_port_args(p, port_help):
     p.add_argument("--port", help=port_help)
     p.add_argument("--timeout", type=float, default=120.0,
                    help="with --port: seconds without output from the board before giving up (default 120)")
+    p.add_argument("--answer-limit", type=float, default=300.0, metavar="SECONDS",
+                   help="with --port: seconds one answer may take in all, however much the board prints, "
+                        "before it is stopped (default 300)")
 
 
 # -- convert -------------------------------------------------------------------------------
@@ -132,7 +135,11 @@ def cmd_convert(args):
     if not args.quiet:
         convert.print_report(report)
     # drafts (issue 12): the corpus answers' token ids after the model, for speculative decoding
-    corpus = None if args.no_drafts else args.drafts or convert.run_corpus(hf_dir)
+    corpus = None if args.no_drafts else args.drafts
+    if corpus is None and not args.no_drafts:
+        corpus, why_not = convert.run_corpus(hf_dir)
+        if why_not and not args.quiet:
+            print("drafts: none: %s; give --drafts CORPUS to store them" % why_not)
     if corpus is not None:
         d = convert.add_drafts(args.output, _existing_file(corpus, "corpus"))
         if not args.quiet:
@@ -295,12 +302,27 @@ def cmd_corpus_augment(args):
 
     if not args.output:
         raise UserError("corpus augment needs -o OUT (the file to write)")
-    if args.per_question < 1:
-        raise UserError("--per-question must be >= 1")
+    if not 1 <= args.per_question <= augment.MAX_PER_QUESTION:
+        raise UserError("--per-question must be from 1 to %d, got %d (more are not distinct: a short question "
+                        "has only a few variants)" % (augment.MAX_PER_QUESTION, args.per_question))
     path = _existing_file(args.corpus, "corpus file")
     report = augment.augment_file(path, args.output, per_question=args.per_question, seed=args.seed,
                                   synonyms=args.synonyms)
     print(augment.format_report(report, args.output))
+
+
+def _check_output_file(flag, path):
+    """An output file of a long command, checked before the work: a result must not be lost at
+    the end for a path that cannot be written."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError("%s %s is a directory; give a file name" % (flag, path))
+    if not p.absolute().parent.is_dir():
+        raise UserError("%s %s: folder %s does not exist" % (flag, path, p.absolute().parent))
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.absolute().parent, os.W_OK | os.X_OK):
+        raise UserError("%s %s: cannot write there (permission denied)" % (flag, path))
 
 
 def cmd_eval(args):
@@ -312,10 +334,14 @@ def cmd_eval(args):
         raise UserError("--threads must be >= 1")
     questions = _existing_file(args.questions, "questions file")
     int8 = _existing_file(args.int8, "model file") if args.int8 and not args.no_int8 else args.int8
-    if args.json and Path(args.json).is_dir():  # checked first: a long evaluation must not be lost at the end
-        raise UserError("--json %s is a directory; give a file name" % args.json)
-    if args.json and not Path(args.json).absolute().parent.is_dir():
-        raise UserError("--json %s: folder %s does not exist" % (args.json, Path(args.json).absolute().parent))
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _check_output_file(flag, path)
+    if args.plot:
+        from .ui import MATPLOTLIB_INSTALL, have_matplotlib
+
+        if not have_matplotlib():
+            raise UserError("--plot needs matplotlib, which is not installed (%s); or leave out --plot"
+                            % MATPLOTLIB_INSTALL)
     res = evaluate.evaluate(args.model, questions, tokenizer=args.tokenizer,
                             int8_model=False if args.no_int8 else int8, plot=args.plot,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads,
@@ -346,6 +372,8 @@ def _board_settings(args):
                         "(put one there with `tinygpt deploy` or `tinygpt flash --model`)")
     if not args.timeout > 0:
         raise UserError("--timeout must be > 0 seconds")
+    if not args.answer_limit > 0:
+        raise UserError("--answer-limit must be > 0 seconds")
     return _settings(args)
 
 
@@ -353,7 +381,8 @@ def _board_settings(args):
 def _board_chat(args):
     from . import serial_chat
 
-    serial_chat.interactive(args.port, _board_settings(args), timeout=args.timeout, n_ctx=args.n_ctx)
+    serial_chat.interactive(args.port, _board_settings(args), timeout=args.timeout, n_ctx=args.n_ctx,
+                            answer_limit=args.answer_limit)
 
 
 @_board_errors
@@ -362,7 +391,8 @@ def _board_ask(args):
 
     settings = _board_settings(args)
     try:
-        serial_chat.ask_questions(args.port, args.question, settings, timeout=args.timeout, n_ctx=args.n_ctx)
+        serial_chat.ask_questions(args.port, args.question, settings, timeout=args.timeout, n_ctx=args.n_ctx,
+                                  answer_limit=args.answer_limit)
     except serial_chat.SerialChatError as e:
         if str(e).startswith("the board says: ValueError: "):  # as `tinygpt ask` reports chat.ask's ValueError
             raise UserError(str(e)[len("the board says: ValueError: "):])

@@ -484,17 +484,32 @@ def print_report(report: dict, file=None, all_tensors: bool = False) -> None:
 
 # ----------------------------------------------------------------------------- drafts
 def run_corpus(hf_dir):
-    """The corpus a training run (or its best/ directory) was trained on, from its
-    train_log.json, when that file still exists; else None."""
+    """(corpus path, why): the corpus a training run (or its best/ directory) was trained on,
+    from its train_log.json, when that file is still there and still the file trained on (its
+    SHA-256 equals the one the run recorded); else (None, why not), or (None, None) when the
+    directory has no train_log.json. A relative path (logs of older runs) is taken from the
+    current directory, and only when its hash matches."""
+    from .train import _sha256
+
     for d in (Path(hf_dir), Path(hf_dir).parent):
         log = d / "train_log.json"
-        if log.is_file():
-            try:
-                corpus = json.loads(log.read_text(encoding="utf-8"))["args"]["corpus"]
-            except (ValueError, KeyError, TypeError):
-                return None
-            return Path(corpus) if corpus and Path(corpus).is_file() else None
-    return None
+        if not log.is_file():
+            continue
+        try:
+            info = json.loads(log.read_text(encoding="utf-8"))
+            corpus, want = info["args"]["corpus"], info.get("corpus_sha256")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None, "%s cannot be read" % log
+        if not isinstance(corpus, str) or not corpus:
+            return None, "%s names no corpus" % log
+        path = Path(corpus)
+        if not path.is_file():
+            return None, "the corpus the run was trained on, %s, is not there" % corpus
+        if not isinstance(want, str) or _sha256(path) != want:
+            return None, ("%s is not the file the run was trained on (its SHA-256 differs from the one in %s)"
+                          % (corpus, log))
+        return path, None
+    return None, None
 
 
 def answer_ids(model_path, corpus_path) -> list[list[int]]:

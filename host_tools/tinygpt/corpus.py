@@ -140,6 +140,30 @@ def _read(path) -> tuple[str, list[Problem]]:
     return data.decode("utf-8", errors="replace"), problems
 
 
+def _is_control(ch: str) -> bool:
+    """C0 controls, DEL and C1 controls: the characters py/chat.py turns into spaces."""
+    o = ord(ch)
+    return o < 32 or 127 <= o < 160
+
+
+def control_char_problems(text: str) -> list[Problem]:
+    """One Problem per line holding a control character (NUL, TAB, ESC, DEL, ...; a line's
+    closing CR of a CRLF file is no problem): on the board, chat.py turns them into spaces in a
+    question, so a model trained on them learns a question nobody can ask, and an evaluation
+    would count answers the board cannot give. A TAB in prose is allowed (prose is never asked)."""
+    problems = []
+    for block in _blocks(text):
+        prose = not any(_role(line)[0] for _, line in block)
+        for no, line in block:
+            bad = [ch for ch in line if _is_control(ch) and not (prose and ch == "\t")]
+            if bad:
+                col = line.index(bad[0]) + 1
+                problems.append(Problem(no, f"control character U+{ord(bad[0]):04X} at column {col} of the "
+                                            f"line ({len(bad)} on the line): the board turns it into a space, "
+                                            f"so remove it or write a space"))
+    return problems
+
+
 # Misspelled prefixes are reported, then treated as the prefix they stand for, so that one
 # "Question:" line gives one problem and not a cascade of "answer without a Q".
 _STANDS_FOR = {"q": Q_PREFIX, "question": Q_PREFIX, "query": Q_PREFIX, "quest": Q_PREFIX,
@@ -273,16 +297,10 @@ def _norm(s: str) -> str:
     return "".join(s.split()).casefold()
 
 
-def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
-    """Problems of a corpus file, sorted by line: undecodable UTF-8 (byte offset and line),
-    unknown prefixes, a Q without an answer, an answer without a Q, empty questions/answers,
-    two answers for one Q, duplicate questions (case/whitespace-insensitive) with different
-    answers, and, when a tokenizer is given, entries whose serialized text is longer than
-    n_ctx tokens. An empty list means the corpus is fine. A missing file raises
-    FileNotFoundError."""
-    text, problems = _read(path)
-    entries, structural = _parse_text(text)
-    problems += structural
+def conflicting_duplicates(entries) -> list[Problem]:
+    """A Problem for each question (case/whitespace-insensitive) asked again with a different
+    answer, at the later line."""
+    problems = []
     first: dict[str, Entry] = {}
     for e in entries:
         if e.kind == "prose":
@@ -294,6 +312,21 @@ def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
         elif " ".join(prev.target.split()) != " ".join(e.target.split()):
             problems.append(Problem(e.line, f"question {e.question!r} is also on line {prev.line} "
                                             f"with a different answer ({prev.target!r} vs {e.target!r})"))
+    return problems
+
+
+def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
+    """Problems of a corpus file, sorted by line: undecodable UTF-8 (byte offset and line),
+    unknown prefixes, a Q without an answer, an answer without a Q, empty questions/answers,
+    two answers for one Q, duplicate questions (case/whitespace-insensitive) with different
+    answers, and, when a tokenizer is given, entries whose serialized text is longer than
+    n_ctx tokens. An empty list means the corpus is fine. A missing file raises
+    FileNotFoundError."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
+        raise ValueError(f"--n-ctx must be an integer >= 2 (the model's context in tokens), got {n_ctx!r}")
+    text, problems = _read(path)
+    entries, structural = _parse_text(text)
+    problems += structural + control_char_problems(text) + conflicting_duplicates(entries)
     tok = _load_tokenizer(tokenizer)
     if tok is not None:
         for e, n in zip(entries, _token_counts(tok, entries)):
@@ -380,7 +413,12 @@ def stats(path, tokenizer=None) -> dict:
 def load_questions(path) -> list[tuple[str, str]]:
     """(question, expected answer) for every qa and do entry, in file order; the expected
     answer of a do entry is "Do: {command}"."""
-    return [(e.question, e.target) for e in parse(path) if e.kind != "prose"]
+    text, enc = _read(path)
+    bad = enc + control_char_problems(text)
+    if bad:
+        raise ValueError(f"{os.fspath(path)}:{bad[0].line}: {bad[0].message}"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return [(e.question, e.target) for e in _parse_text(text)[0] if e.kind != "prose"]
 
 
 def format_stats(st: dict, path=None, tokenizer=None) -> str:

@@ -136,7 +136,7 @@ class Board:
         r = self.run("exec", _QUERY % (list(names),))
         for line in r.stdout.splitlines():
             if line.startswith("TGQ"):
-                return json.loads(line[3:])
+                return check_query_answer(line[3:], names, self.port)
         raise DeployError("cannot talk to the board on %s: %s" % (self.port, _why(r)))
 
     def copy(self, local: Path, remote: str) -> subprocess.CompletedProcess:
@@ -159,6 +159,44 @@ class Board:
         if "TGR" not in r.stdout:
             raise DeployError("renaming on the board failed: %s; %s" % (_why(r), _interrupted(
                 "rename", [b for _a, b in pairs], False)))
+
+
+_FS_KEYS = ("bsize", "frsize", "blocks", "bfree", "bavail")
+
+
+def check_query_answer(text: str, names, port: str) -> dict:
+    """The board's answer to _QUERY, parsed and checked for the shape _QUERY prints: a board (or
+    a program on its port) that answers something else gets a DeployError naming the problem,
+    never a traceback or a deploy that trusts wrong numbers."""
+    def bad(why):
+        return DeployError("the board on %s answered the file query with %s, not what tinygpt's query prints "
+                           "(is it running MicroPython, and no other program using the port?): %r"
+                           % (port, why, text[:120]))
+    try:
+        info = json.loads(text)
+    except (ValueError, RecursionError):
+        raise bad("malformed JSON") from None
+    if not isinstance(info, dict):
+        raise bad("a JSON %s instead of an object" % type(info).__name__)
+    for key in _FS_KEYS:
+        v = info.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad("no filesystem number %r" % key if key not in info else "a bad %r (%r)" % (key, v))
+    if not (info["frsize"] or info["bsize"]):
+        raise bad("a block size of 0")
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise bad("no 'files' object")
+    for name in names:
+        got = files.get(name)
+        if got is None:
+            continue
+        if not (isinstance(got, list) and len(got) == 2 and isinstance(got[0], int) and not isinstance(got[0], bool)
+                and got[0] >= 0 and isinstance(got[1], str) and len(got[1]) == 64
+                and all(c in "0123456789abcdef" for c in got[1])):
+            raise bad("a bad entry for %s (%r)" % (name, got))
+    return info
+
 
 
 def _why(r: subprocess.CompletedProcess) -> str:
@@ -243,15 +281,24 @@ def board_state(info: dict, want: dict) -> list[str]:
     return lines
 
 
-def _interrupted(phase: str, names: list[str], in_place: bool) -> str:
-    """What the board holds when a deploy stops in `phase` (copy, rename, done)."""
+def _interrupted(phase: str, names: list[str], in_place: bool, had=None) -> str:
+    """What the board holds when a deploy stops in `phase` (copy, rename, done). had: the names
+    the board held before the deploy (None: all of them)."""
     files = ", ".join(names)
     if phase == "copy" and in_place:
         return ("the board's old %s were removed before copying (--in-place): run `tinygpt deploy` again "
                 "to put the files there" % files)
     if phase == "copy":
-        return ("nothing on the board was replaced: it keeps its previous %s (the next deploy removes the "
-                "partial %s files)" % (files, TMP_SUFFIX))
+        kept = [n for n in names if had is None or n in had]
+        new = [n for n in names if n not in kept]
+        said = []
+        if kept:
+            said.append("it keeps its previous %s" % ", ".join(kept))
+        if new:
+            said.append("%s %s not on the board before and still %s not" % (
+                ", ".join(new), "was" if len(new) == 1 else "were", "is" if len(new) == 1 else "are"))
+        return ("nothing on the board was replaced: %s (the next deploy removes the partial %s files)"
+                % ("; ".join(said) or "no file", TMP_SUFFIX))
     return ("each of %s on the board is complete, either its previous or its new version: "
             "`tinygpt deploy --check` says which" % files)
 
@@ -281,6 +328,7 @@ def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=No
         if info["files"].get(name) == want[name]:
             log("%s: up to date on the board" % name)
     check_space(info, todo, stale, in_place)
+    had = {name for name in names if info["files"].get(name) is not None}
     phase = "copy"
     try:
         if stale:
@@ -292,7 +340,7 @@ def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=No
         if failures:
             raise DeployError("giving up after %d retries: %s; %s" % (retries, "; ".join(
                 "%s: %s" % (name, why) for name, why in failures.items()),
-                _interrupted("copy", [t[1] for t in todo], in_place)))
+                _interrupted("copy", [t[1] for t in todo], in_place, had)))
         done = ready + [name for _p, name, _n in todo]
         if done:
             phase = "rename"
@@ -305,7 +353,7 @@ def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=No
             for name in done:
                 log("%s: replaced by the verified copy" % name)
     except KeyboardInterrupt:
-        log("deploy interrupted: " + _interrupted(phase, [t[1] for t in todo] + ready, in_place))
+        log("deploy interrupted: " + _interrupted(phase, [t[1] for t in todo] + ready, in_place, had))
         raise
     return {name: h for name, (_p, _n, h) in local.items()}
 

@@ -61,6 +61,8 @@ from pathlib import Path
 
 from . import corpus as corpus_mod
 
+MIN_ANSWER_ROOM = 16  # as py/chat.py: context positions kept for the answer when a question is cut
+
 REPO = Path(__file__).resolve().parents[2]
 SHOW_MISMATCHES = 20
 
@@ -205,6 +207,21 @@ class _Int8Runner:
         return out
 
 
+def board_prompt_ids(tok, question, n_ctx):
+    """The prompt's token ids as py/chat.py's prompt_ids makes them on the board: a question too
+    long for the context keeps its first tokens, leaving chat.MIN_ANSWER_ROOM positions for the
+    answer (so eval answers a long question as the board does, instead of not at all)."""
+    ids = tok.encode(corpus_mod.prompt(question))
+    budget = n_ctx - MIN_ANSWER_ROOM if n_ctx - MIN_ANSWER_ROOM >= 8 else n_ctx - 1
+    if len(ids) <= budget:
+        return ids
+    head, tail = tok.encode(corpus_mod.Q_PREFIX), tok.encode("\n" + corpus_mod.A_PREFIX)
+    keep = budget - len(head) - len(tail)
+    if keep < 1:
+        raise ValueError(f"the context ({n_ctx} tokens) is too short for any question")
+    return head + ids[len(head):len(ids) - len(tail)][:keep] + tail
+
+
 def generate(runner, tok, prompt_ids, max_new_tokens=80, draft=None) -> str:
     """Greedy answer text for prompt_ids with the stop rules of the module docstring.
 
@@ -256,6 +273,9 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
              max_new_tokens=80, log=print, progress=True, limit=None, threads=1, draft=True) -> dict:
     """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
     often the two answer alike. See the module docstring."""
+    from .train import check_threads
+
+    check_threads(threads)
     log = log or (lambda *a, **k: None)
     t0 = time.perf_counter()
     src = Path(run_dir_or_model)
@@ -265,8 +285,6 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     hf_dir = src if src.is_dir() else None
     if hf_dir is not None and not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
@@ -283,6 +301,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                          f"answers: 'Q: ...' lines each followed by an 'A: ...' or 'Do: ...' line)")
     n_all = len(questions)
     questions = questions[:limit]
+    for pr in corpus_mod.conflicting_duplicates(corpus_mod.parse(qfile)):
+        log(f"warning: {qfile}:{pr.line}: {pr.message}; at most one of the two can be counted right")
 
     hf_tok = None
     if tokenizer is not None:
@@ -321,8 +341,9 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if progress:
                 from .ui import progress_bar
                 bar = progress_bar(total=len(questions), desc="eval", unit="q")
+            n_ctx = min((r.n_ctx for r in runners.values()), default=1 << 30)
             for q, expected in questions:
-                ids = tok.encode(corpus_mod.prompt(q))
+                ids = board_prompt_ids(tok, q, n_ctx)
                 guess = None
                 if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
                     full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())

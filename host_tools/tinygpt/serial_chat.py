@@ -26,6 +26,8 @@ from .deploy import resolve_port
 
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n>"
 MARK = "\x1eTGA"   # precedes the repr() of chat.ask's return value at the end of the output
+ANSWER_LIMIT = 300.0   # seconds one answer may take in all (--answer-limit): a board that streams forever stops
+MAX_OUTPUT = 64 * 1024  # characters of one answer's output kept: far above n_ctx tokens of text
 
 
 class SerialChatError(BoardError):
@@ -66,7 +68,12 @@ def check_settings(settings: dict | None, name=lambda key: key) -> dict:
 class BoardChat:
     """A raw-REPL session with the board at `port` (pyserial)."""
 
-    def __init__(self, port: str, baudrate: int = 115200, timeout: float = 60.0, n_ctx: int | None = None):
+    def __init__(self, port: str, baudrate: int = 115200, timeout: float = 60.0, n_ctx: int | None = None,
+                 answer_limit: float = ANSWER_LIMIT, max_output: int = MAX_OUTPUT):
+        if not (isinstance(answer_limit, (int, float)) and answer_limit > 0):
+            raise SerialChatError("--answer-limit must be > 0 seconds, got %r" % (answer_limit,))
+        self.answer_limit = float(answer_limit)
+        self.max_output = max_output
         try:
             import serial
         except ImportError:
@@ -151,10 +158,19 @@ class BoardChat:
             raise SerialChatError("the board did not accept the code: %r" % ok)
         dec = codecs.getincrementaldecoder("utf-8")("replace")
         out = []
+        n_out = 0
         interrupts = 0
         done = False
-        last = time.monotonic()
+        last = t_start = time.monotonic()
         while not done:
+            # the silence timeout alone never ends a board that streams output forever
+            too_long = time.monotonic() - t_start > self.answer_limit
+            if too_long or n_out > self.max_output:
+                self.interrupt()  # stop it on the board too, so the next command finds a prompt
+                why = ("took longer than %.0f s (--answer-limit)" % self.answer_limit if too_long
+                       else "went past %d KB of output" % (self.max_output // 1024))
+                raise SerialChatError("the board's answer %s; stopped it (%d characters received, last: %r)"
+                                      % (why, n_out, "".join(out)[-60:]))
             try:
                 if b"\x04" in self._buf:  # end of the program's output
                     i = self._buf.index(b"\x04")
@@ -171,6 +187,7 @@ class BoardChat:
                     continue
                 text = dec.decode(chunk, final=done)
                 out.append(text)
+                n_out += len(text)
                 if on_text and text:
                     on_text(text)
             except KeyboardInterrupt:  # Ctrl-C on the PC: pass it on to the board, once
@@ -227,9 +244,14 @@ class BoardChat:
             raise SerialChatError("unexpected output from the board: %r" % out[-200:])
         rep = out[out.rindex(MARK) + len(MARK):].strip()
         try:
-            return ast.literal_eval(rep)
-        except (ValueError, SyntaxError):
+            answer = ast.literal_eval(rep)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise SerialChatError("unexpected answer from the board: %r" % rep[:200])
+        if not isinstance(answer, str):  # tinygpt's chat.ask returns the answer text, always
+            raise SerialChatError("the board's chat.ask returned %s, not the answer text (%r): is the chat.py "
+                                  "on the board tinygpt's? (`tinygpt deploy --port PORT` copies it)"
+                                  % (type(answer).__name__, rep[:80]))
+        return answer
 
     def close(self) -> None:
         try:
@@ -249,9 +271,9 @@ class BoardChat:
 
 
 def ask_board(port: str, question: str, timeout: float = 60.0, settings: dict | None = None,
-              on_text=None, n_ctx: int | None = None) -> str:
+              on_text=None, n_ctx: int | None = None, answer_limit: float = ANSWER_LIMIT) -> str:
     """Ask one question on the board at `port`; returns the answer (chat.ask's return value)."""
-    with BoardChat(port, timeout=timeout, n_ctx=n_ctx) as b:
+    with BoardChat(port, timeout=timeout, n_ctx=n_ctx, answer_limit=answer_limit) as b:
         return b.ask(question, settings, on_text)
 
 
@@ -260,22 +282,45 @@ def _out(s: str) -> None:
     sys.stdout.flush()
 
 
+class _LineTracker:
+    """on_text that remembers whether the last text shown ended a line, so that an error after a
+    partial answer goes on a line of its own instead of being glued to the answer."""
+
+    def __init__(self, on_text):
+        self.on_text, self.open_line = on_text, False
+
+    def __call__(self, text):
+        if text:
+            self.on_text(text)
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self):
+        if self.open_line:
+            self.on_text("\n")
+            self.open_line = False
+
+
 def ask_questions(port: str, questions, settings: dict | None = None, timeout: float = 60.0,
-                  n_ctx: int | None = None, on_text=_out) -> list[str]:
+                  n_ctx: int | None = None, on_text=_out, answer_limit: float = ANSWER_LIMIT) -> list[str]:
     """`tinygpt ask --port`: each question to the board in one session, its answer streamed to
     on_text as the board prints it (what `tinygpt ask` prints on the PC). Returns the answers."""
     answers = []
-    with BoardChat(port, timeout=timeout, n_ctx=n_ctx) as b:
-        for q in questions:
-            if len(questions) > 1:
-                on_text("Q: %s\n" % q)
-            answers.append(b.ask(q, settings, on_text))
+    shown = _LineTracker(on_text)
+    try:
+        with BoardChat(port, timeout=timeout, n_ctx=n_ctx, answer_limit=answer_limit) as b:
+            for q in questions:
+                if len(questions) > 1:
+                    shown("Q: %s\n" % q)
+                answers.append(b.ask(q, settings, shown))
+    except BaseException:
+        shown.end_line()
+        raise
     return answers
 
 
 def interactive(port: str, settings: dict | None = None, timeout: float = 60.0, n_ctx: int | None = None,
-                input_fn=input) -> None:
-    with BoardChat(port, timeout=timeout, n_ctx=n_ctx) as b:
+                input_fn=input, answer_limit: float = ANSWER_LIMIT) -> None:
+    with BoardChat(port, timeout=timeout, n_ctx=n_ctx, answer_limit=answer_limit) as b:
         print("tinygpt on the board at %s: ask a question (empty line or Ctrl-D to leave, "
               "Ctrl-C stops an answer)" % port)
         while True:
@@ -287,12 +332,14 @@ def interactive(port: str, settings: dict | None = None, timeout: float = 60.0, 
             if not q.strip():
                 break
             _out("A: ")
+            shown = _LineTracker(_out)
             try:
-                b.ask(q, settings, _out)
+                b.ask(q, settings, shown)
             except KeyboardInterrupt:
                 _out("\n[stopped waiting for the board]\n")
                 b._enter_raw()
             except SerialChatError as e:
+                shown.end_line()
                 if str(e).startswith("the board says: ValueError"):
                     print("[%s]" % str(e)[len("the board says: "):])
                 else:

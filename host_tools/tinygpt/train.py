@@ -324,7 +324,18 @@ def load_checkpoint(out_dir):
     p = Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
     if not p.is_file():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and I/O errors of a cut or overwritten file all land here
+        raise ValueError(f"cannot resume: the checkpoint {p} is damaged ({type(e).__name__}: {e}). It cannot be "
+                         f"repaired: start the run again in another directory (-o NEW_DIR), or delete {out_dir} and "
+                         f"start it there (without --resume)") from None
+    missing = [k for k in ("identity", "step", "model", "optimizer") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"cannot resume: the checkpoint {p} is not a tinygpt training checkpoint (it lacks "
+                         f"{', '.join(missing)}); start the run again in another directory (-o NEW_DIR), or "
+                         f"delete {out_dir} and start it there")
+    return ckpt
 
 
 class quiet_hf:
@@ -509,6 +520,18 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+def check_threads(threads, flag="--threads"):
+    """torch's CPU threads: an int from 1 to 4 x this machine's CPUs (torch crashed with a
+    segmentation fault at 100,000 instead of refusing). None = every CPU."""
+    if threads is None:
+        return
+    _need_int(flag, threads, 1)
+    most = 4 * (os.cpu_count() or 1)
+    if threads > most:
+        raise ValueError(f"{flag} {threads} is more than this machine can use: at most {most} (4 x its "
+                         f"{os.cpu_count() or 1} CPUs)")
+
+
 def _need_int(name, v, lo, allow_none=False):
     if v is None and allow_none:
         return
@@ -543,11 +566,16 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     _need_int("--checkpoint-every", checkpoint_every, 0, allow_none=True)
     _need_int("--max-steps", max_steps, 1, allow_none=True)
     _need_int("--warmup-steps", warmup_steps, 0, allow_none=True)
-    _need_int("--threads", threads, 1, allow_none=True)
+    check_threads(threads)
     _need_int("stop_after", stop_after, 1, allow_none=True)
     _need_int("--val-every", val_every, 1, allow_none=True)
     _need_int("--early-stop", early_stop, 1, allow_none=True)
     _need_int("--augment", augment, 0)
+    from .augment import MAX_PER_QUESTION
+
+    if augment > MAX_PER_QUESTION:
+        raise ValueError(f"--augment must be at most {MAX_PER_QUESTION}, got {augment} (more variants per question "
+                         f"are not distinct: a short question has only a few)")
     _need_int("--fix-misses", fix_misses, 0)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a positive number, got {lr!r}")
@@ -575,6 +603,13 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         raise ValueError("give --val-split or --val-file, not both")
     if early_stop is not None and val_split is None and val_file is None:
         raise ValueError("early stopping needs a validation set: add --val-split F or --val-file FILE")
+
+    from .ui import MATPLOTLIB_INSTALL, have_matplotlib
+
+    can_plot = have_matplotlib()  # asked now: the plots come at the end, after all the work
+    if not can_plot:
+        log(f"note: matplotlib is not installed, so loss.png and val.png will not be drawn ({MATPLOTLIB_INSTALL}); "
+            f"the model, checkpoint and train_log.json are written as usual")
 
     # -- corpus -----------------------------------------------------------------------------
     corpus = Path(corpus)
@@ -1040,20 +1075,16 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
 
         # -- outputs: also when stopped early, so that the run directory always holds a model ---------
         save_model(out_dir)
-        plot_loss(losses, out_dir / "loss.png",
-                  title=f"tinygpt {preset}: {_plural(len(entries), 'entry', 'entries')}, "
-                        f"{_plural(step, 'step')}")
-        if val_history:
-            plot_validation(val_history, out_dir / "val.png",
-                            title=f"tinygpt {preset}: validation on {len(val_entries)} held-out questions")
         tail = losses[-min(len(losses), max(1, steps_per_epoch[0])):]
         info = {
-            "args": {"corpus": str(corpus), "tokenizer": str(tok_file), "out_dir": str(out_dir), "preset": preset,
+            # absolute paths: `tinygpt convert RUN` from another folder finds the same corpus (for drafts)
+            "args": {"corpus": str(corpus.resolve()), "tokenizer": str(tok_file.resolve()),
+                     "out_dir": str(out_dir.resolve()), "preset": preset,
                      "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "dropout": dropout,
                      "checkpoint_every": checkpoint_every, "max_steps": max_steps, "warmup_steps": warmup_steps,
                      "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "schedule": schedule,
                      "threads": n_threads, "device": device, "loss": loss, "label_smoothing": label_smoothing,
-                     "val_split": val_split, "val_file": str(val_file) if val_file else None,
+                     "val_split": val_split, "val_file": str(val_file.resolve()) if val_file else None,
                      "val_every": val_every, "early_stop": early_stop, "augment": augment,
                      "max_minutes": max_minutes, "fix_misses": fix_misses},
             "stopped": stopped, "steps": step, "total_steps": total_steps,
@@ -1077,6 +1108,19 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         tmp = out_dir / "train_log.json.tmp"
         tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, out_dir / "train_log.json")
+        # the plots last: the model and the log are complete whatever happens to them
+        plots = [("loss.png", lambda p: plot_loss(losses, p, title=f"tinygpt {preset}: "
+                  f"{_plural(len(entries), 'entry', 'entries')}, {_plural(step, 'step')}"))]
+        if val_history:
+            plots.append(("val.png", lambda p: plot_validation(
+                val_history, p, title=f"tinygpt {preset}: validation on {len(val_entries)} held-out questions")))
+        for name, draw in plots if can_plot else []:
+            try:
+                draw(out_dir / name)
+            except Exception as e:  # a plot is cosmetic: say so, never fail the finished run
+                log(f"warning: {name} not drawn ({type(e).__name__}: {e})")
+        if not can_plot:
+            log(f"{' and '.join(n for n, _ in plots)} not drawn: matplotlib is not installed ({MATPLOTLIB_INSTALL})")
         why = {False: "done", "time": f"stopped at the --max-minutes {max_minutes:g} limit" if max_minutes else "",
                "early_stop": f"stopped early: no better validation in {early_stop} evaluations",
                "SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)"}[stopped]

@@ -4,12 +4,27 @@ warnings as one plain line, no third-party deprecation noise.
     format_rows([("entries", 1000, ""), ("tokens", "40,377", "total")]) -> aligned text
     progress_bar(total=n, desc="eval", unit="q")    tqdm on a terminal, a silent stand-in when piped
     quiet_third_party()                             called once by the CLI before any command runs
+    have_matplotlib()                               False when the plots must be skipped (or refused)
 """
 from __future__ import annotations
 
 import os
 import sys
 import warnings
+
+
+MATPLOTLIB_INSTALL = "pip install matplotlib, or install tinygpt with its [train] extra"
+
+
+def have_matplotlib() -> bool:
+    """True when matplotlib's Agg backend can be imported. Long commands ask this before their
+    work starts: a missing plotting package must never fail a run at its end."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def format_rows(rows, indent: str = "  ") -> str:

@@ -16,18 +16,52 @@
  *   the GC never see it. Both cores read PSRAM and flash through the ESP32-S3's shared cache.
  *   Each job costs a semaphore hand-over (tens of microseconds), small against a matmul of a
  *   real model on the chip (milliseconds).
- *   NOT VERIFIED: this project cannot build or run ESP-IDF code; it is written against the
- *   ESP-IDF v5 FreeRTOS API and reviewed by hand only.
+ *   NOT VERIFIED ON A CHIP: this project cannot build or run ESP-IDF firmware; it is written
+ *   against the ESP-IDF v5 API and reviewed by hand. scripts/check-esp32 compiles it for Xtensa
+ *   (clang and gcc, IDF's warnings as errors, uint32_t as long) against declaration-only IDF
+ *   headers (tests/esp32_stubs/) and checks its undefined symbols; it is not linked or run.
+ *
+ * Review notes against the ESP-IDF v5 documentation (ESP32-S3):
+ * - Flash and PSRAM share one SPI bus, MMU and cache (both cores). The weights (flash, through
+ *   the mapping) and the KV cache and activations (PSRAM) compete for that bus, so the second
+ *   core speeds up the memory-bound matmuls by less than 2x. While flash is erased or written
+ *   (a file write to the VFS partition, NVS) IDF disables the cache and stalls the other core:
+ *   inference pauses meanwhile, correctly, since neither task runs from IRAM-only code.
+ * - The MMU maps external memory into a 32 MB data window shared by the app's rodata, every
+ *   flash mapping and the PSRAM (when CONFIG_SPIRAM maps it there), in 64 KB pages. A model
+ *   partition larger than what is left (say 16 MB flash model + 8-16 MB PSRAM) makes
+ *   esp_partition_mmap fail (ESP_ERR_NO_MEM); tg_port_map then logs why and returns -1, and
+ *   the caller tries `name` as a file (see tg_port_map).
+ * - Task watchdog: the helper is not subscribed to it (only tasks that call esp_task_wdt_add
+ *   are), and it blocks on a semaphore after every job (one matmul's rows, milliseconds), so
+ *   the idle task of its core runs between jobs and CONFIG_ESP_TASK_WDT_CHECK_IDLE_TASK_CPUx
+ *   (5 s by default) is never starved by it. A single job longer than the watchdog period
+ *   (a matmul of seconds) would starve that idle task; none is near that.
+ * - Stack: IDF's stack depths are in bytes. The helper's deepest path (matmul_part ->
+ *   matmul_rows, ~150 bytes in xtensa-lx106-elf-gcc -O2 -fstack-usage) plus the windowed-ABI
+ *   spill areas, the interrupt frame and the FPU save area IDF keeps on a task's stack fit in
+ *   HELPER_STACK_BYTES with a wide margin; uxTaskGetStackHighWaterMark(w->helper) on a chip is
+ *   the way to confirm it.
+ * - Core pinning: the MicroPython task (and the threads of _thread) are pinned to one core
+ *   (MP_TASK_COREID), so xPortGetCoreID() at load is the core every later tg_step runs on and
+ *   the helper, pinned to the other core at the caller's priority, never shares a core with
+ *   it. If a Model were created on one core and used from a task on the other, both would
+ *   share a core: correct, just not faster.
  */
+#include <inttypes.h>
 #include <string.h>
 
+#include "esp_err.h"
 #include "esp_heap_caps.h"
+#include "esp_log.h"
 #include "esp_partition.h"
 #include "freertos/FreeRTOS.h"
 #include "freertos/semphr.h"
 #include "freertos/task.h"
 
 #include "tg_port.h"
+
+static const char *TAG = "tinygpt";
 
 void *tg_port_alloc(size_t nbytes) {
     if (nbytes == 0) {
@@ -54,7 +88,8 @@ int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **hand
     const esp_partition_t *part =
         esp_partition_find_first(ESP_PARTITION_TYPE_DATA, ESP_PARTITION_SUBTYPE_ANY, name);
     if (!part) {
-        return -1; /* no such partition: the caller reads `name` as a file */
+        return -1; /* no such partition (or not in the partition table): the caller reads
+                    * `name` as a file, and its error (no such file) is what the user sees */
     }
     /* Map only the model file, whose size is in its header (bytes 12..15); an erased or
      * foreign partition maps its first 128 bytes and fails tg_load's checks with a message. */
@@ -72,7 +107,13 @@ int tg_port_map(const char *name, const uint8_t **data, size_t *len, void **hand
         return -1;
     }
     const void *ptr;
-    if (esp_partition_mmap(part, 0, file_size, ESP_PARTITION_MMAP_DATA, &ptr, &m->handle) != ESP_OK) {
+    esp_err_t err = esp_partition_mmap(part, 0, file_size, ESP_PARTITION_MMAP_DATA, &ptr, &m->handle);
+    if (err != ESP_OK) {
+        /* Typically ESP_ERR_NO_MEM: not enough free pages in the 32 MB data window (see the
+         * top of this file). Say so: the caller's fallback (a file named `name`) then fails
+         * with a message that does not mention the partition. */
+        ESP_LOGE(TAG, "cannot map partition '%s' (%" PRIu32 " bytes): %s", name, file_size,
+                 esp_err_to_name(err));
         heap_caps_free(m);
         return -1;
     }
@@ -91,7 +132,7 @@ void tg_port_unmap(void *handle) {
 }
 
 /* ---- workers: one helper task on the other core (see the top of this file) ---------------- */
-#define HELPER_STACK_BYTES 4096 /* dot_rows and store_outputs need a few hundred bytes */
+#define HELPER_STACK_BYTES 4096 /* bytes (IDF); the matmul path needs a few hundred, see the top */
 
 struct tg_workers {
     uint32_t n; /* 2: the caller and the helper */

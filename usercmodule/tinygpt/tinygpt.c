@@ -1120,8 +1120,15 @@ int tg_load(const uint8_t *buf, size_t len, const tg_options *opt, tg_model **ou
     }
     uint32_t max_draft = opt && opt->max_draft ? opt->max_draft : (batch < 8 ? batch : 8);
     if (max_draft > batch) {
-        return fail(err, TG_E_ARG, "max_draft %u is larger than max_batch %u (a draft is checked "
-                    "in one batch)", (unsigned)max_draft, (unsigned)batch);
+        /* say where max_batch came from: a user who never set it must see what to change */
+        if (opt && opt->max_batch && opt->max_batch <= n_ctx) {
+            return fail(err, TG_E_ARG, "max_draft %u is larger than max_batch %u (a draft is checked "
+                        "in one batch): give max_draft <= %u or a larger max_batch",
+                        (unsigned)max_draft, (unsigned)batch, (unsigned)batch);
+        }
+        return fail(err, TG_E_ARG, "max_draft %u is larger than max_batch %u (min(n_ctx %u, 32) by "
+                    "default; a draft is checked in one batch): give max_draft <= %u or a larger n_ctx",
+                    (unsigned)max_draft, (unsigned)batch, (unsigned)n_ctx, (unsigned)batch);
     }
     uint32_t n_threads = opt && opt->n_threads ? opt->n_threads : 1;
     if (n_threads > tg_port_max_workers()) {
