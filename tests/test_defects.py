@@ -421,3 +421,21 @@ def test_a_board_silent_mid_answer_puts_its_error_on_a_line_of_its_own(scripted,
     out, err = capsys.readouterr()
     assert out == "A: The board is\n", out
     assert "the board stopped answering" in err
+
+
+# ----------------------------------------------------------------------------- issue 22 (4): repeated questions
+
+def test_train_keeps_the_first_answer_of_a_repeated_question(data, tmp_path):
+    d, c, tok = data
+    dup = tmp_path / "dup.txt"
+    dup.write_text(c.read_text() + "\nQ: what is the BOARD?\nA: Something else.\n")
+    line = len(c.read_text().splitlines()) + 2
+    p = tinygpt_cli("corpus", "check", dup)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{dup}:{line}: warning: question 'what is the BOARD?' is also on line 1 with a different answer" \
+        in p.stdout
+    lines = []
+    res = train_mod.train(dup, tok, tmp_path / "r", epochs=1, max_steps=2, **dict(KW, log=lines.append))
+    assert res["stopped"] is False
+    assert any(ln.startswith(f"warning: {dup}:{line}: ") and "training keeps line 1's" in ln for ln in lines), lines
+    assert res["entries"] == len(corpus.parse(c))  # the repeated question left out

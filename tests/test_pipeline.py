@@ -82,7 +82,6 @@ BROKEN = {
     "two_answers": ("Q: a\nA: b\nA: c\n", 3, "second answer"),
     "two_answers_do": ("Q: a\nA: b\nDo: ls\n", 3, "second answer"),
     "prose_inside_qa": ("Q: a\nA: b\nmore text\n", 3, "without a prefix"),
-    "duplicate_question": ("Q: What is X?\nA: one\n\nQ: y\nA: z\n\nQ:  what is   x ?\nA: two\n", 7, "line 1"),
     "undecodable": (b"Q: a\nA: b\n\nQ: c\nA: caf\xe9 ok\n", 5, "byte offset 22"),
 }
 
@@ -93,6 +92,17 @@ def test_check_reports_problem_with_line(tmp_path, name):
     p = write(tmp_path / f"{name}.txt", text)
     problems = corpus.check(p)
     assert [(q.line, word in q.message) for q in problems] == [(line, True)], problems
+
+
+def test_a_question_repeated_with_another_answer_is_a_warning_and_training_keeps_the_first(tmp_path):
+    """Issue 22 (4): a real corpus repeats a question with another answer now and then; check
+    warns naming both lines (exit 0), and training keeps the first instead of refusing it all."""
+    p = write(tmp_path / "dup.txt", "Q: What is X?\nA: one\n\nQ: y\nA: z\n\nQ:  what is   x ?\nA: two\n")
+    assert corpus.check(p) == []
+    kept, dropped = corpus.keep_first_answers(corpus.parse(p))
+    assert [e.target for e in kept] == ["one", "z"]
+    assert [w.line for w in dropped] == [7] and "also on line 1" in dropped[0].message
+    assert "training keeps line 1's" in dropped[0].message
 
 
 def test_check_same_answer_duplicates_are_fine_and_parse_refuses_bad_utf8(tmp_path):

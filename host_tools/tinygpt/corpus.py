@@ -35,6 +35,7 @@ entries.
 API
     parse(path) -> list[Entry]                       (ValueError on undecodable UTF-8)
     check(path, tokenizer=None, n_ctx=128) -> list[Problem]   (never raises for bad content)
+    keep_first_answers(entries) -> (entries, warnings)   (a question asked again with another answer)
     near_duplicates(path) -> list[Problem]   (warnings: nearly equal questions, different answers)
     stats(path, tokenizer=None) -> dict
     training_texts(entries) -> list[str]
@@ -42,7 +43,8 @@ API
     prompt(question) -> str
 
 ``tinygpt corpus check|stats CORPUS [--tokenizer DIR] [--n-ctx N]`` runs the checker
-(exit status 1 if it found problems; near duplicates are printed as warnings) or prints the
+(exit status 1 if it found problems; repeated questions with another answer and near duplicates
+are printed as warnings) or prints the
 statistics.
 """
 from __future__ import annotations
@@ -298,21 +300,31 @@ def _norm(s: str) -> str:
 
 
 def conflicting_duplicates(entries) -> list[Problem]:
-    """A Problem for each question (case/whitespace-insensitive) asked again with a different
-    answer, at the later line."""
-    problems = []
+    """A warning for each question (case/whitespace-insensitive) asked again with a different
+    answer, at the later line. Training keeps the first (``keep_first_answers``)."""
+    return keep_first_answers(entries)[1]
+
+
+def keep_first_answers(entries) -> tuple[list[Entry], list[Problem]]:
+    """(entries without the later ones of a question asked again with a different answer, one
+    Problem per entry left out). A model cannot learn two answers to one question: it would
+    learn one of them, or a blend. Real corpora repeat a question now and then; refusing the
+    whole corpus made the user edit it by hand, so training keeps the first and names both lines."""
+    kept, dropped = [], []
     first: dict[str, Entry] = {}
     for e in entries:
-        if e.kind == "prose":
-            continue
-        key = _norm(e.question)
-        prev = first.get(key)
-        if prev is None:
-            first[key] = e
-        elif " ".join(prev.target.split()) != " ".join(e.target.split()):
-            problems.append(Problem(e.line, f"question {e.question!r} is also on line {prev.line} "
-                                            f"with a different answer ({prev.target!r} vs {e.target!r})"))
-    return problems
+        if e.kind != "prose":
+            key = _norm(e.question)
+            prev = first.get(key)
+            if prev is None:
+                first[key] = e
+            elif " ".join(prev.target.split()) != " ".join(e.target.split()):
+                dropped.append(Problem(e.line, f"question {e.question!r} is also on line {prev.line} with a different "
+                                               f"answer ({prev.target!r} vs {e.target!r}); training keeps line "
+                                               f"{prev.line}'s and leaves this one out (reword one to keep both)"))
+                continue
+        kept.append(e)
+    return kept, dropped
 
 
 def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
@@ -326,7 +338,7 @@ def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
         raise ValueError(f"--n-ctx must be an integer >= 2 (the model's context in tokens), got {n_ctx!r}")
     text, problems = _read(path)
     entries, structural = _parse_text(text)
-    problems += structural + control_char_problems(text) + conflicting_duplicates(entries)
+    problems += structural + control_char_problems(text)
     tok = _load_tokenizer(tokenizer)
     if tok is not None:
         for e, n in zip(entries, _token_counts(tok, entries)):

@@ -621,7 +621,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(f"corpus {corpus} has {_plural(len(problems), 'problem')}; fix them first "
                          f"(tinygpt corpus check {corpus}):\n{shown}{more}")
-    entries = corpus_mod.parse(corpus)
+    entries, repeated = corpus_mod.keep_first_answers(corpus_mod.parse(corpus))
+    for pr in repeated:
+        log(f"warning: {corpus}:{pr.line}: {pr.message}")
     if not entries:
         raise ValueError(f"corpus {corpus} has no entries")
     val_entries = []
