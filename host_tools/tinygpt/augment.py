@@ -48,8 +48,7 @@ MAX_PER_QUESTION = 32    # variants asked per question at most: a short question
 FILLER_BEFORE = ("please", "hey,", "hi,", "hello,", "can you tell me", "could you tell me", "tell me,",
                  "i wonder", "quick question,")
 FILLER_AFTER = (" please", ", please", " thanks", ", thanks", " thank you")
-FUNCTION_WORDS = {"the", "a", "an", "is", "are", "do", "does", "i", "me", "my", "to", "of", "in", "on", "for",
-                  "you", "can", "please", "it", "this", "that", "there", "with", "about"}
+FUNCTION_WORDS = corpus_mod.FUNCTION_WORDS  # the words a variant may drop (corpus.near_duplicates ignores them)
 
 
 def load_synonyms(path=None) -> list[list[str]]:

@@ -45,6 +45,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ui import format_bytes as _h
+
 REPO = Path(__file__).resolve().parents[2]
 BOARD_DIR = REPO / "boards" / "TINYGPT_S3_N16R8"
 PARTITIONS_CSV = BOARD_DIR / "partitions-tinygpt.csv"
@@ -630,14 +632,6 @@ def budget(model_or_preset, board: str = "N16R8", n_ctx: int | None = None,
         "problems": problems,
         "max_n_ctx": max_ctx,
     }
-
-
-def _h(n: int) -> str:
-    if n >= MiB:
-        return "%.2f MiB" % (n / MiB)
-    if n >= KiB:
-        return "%.1f KiB" % (n / KiB)
-    return "%d B" % n
 
 
 def format_budget(r: dict) -> str:

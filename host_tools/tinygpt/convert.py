@@ -489,7 +489,6 @@ def run_corpus(hf_dir):
     SHA-256 equals the one the run recorded); else (None, why not), or (None, None) when the
     directory has no train_log.json. A relative path (logs of older runs) is taken from the
     current directory, and only when its hash matches."""
-    from .train import _sha256
 
     for d in (Path(hf_dir), Path(hf_dir).parent):
         log = d / "train_log.json"
@@ -505,7 +504,7 @@ def run_corpus(hf_dir):
         path = Path(corpus)
         if not path.is_file():
             return None, "the corpus the run was trained on, %s, is not there" % corpus
-        if not isinstance(want, str) or _sha256(path) != want:
+        if not isinstance(want, str) or modelfile.sha256_file(path) != want:
             return None, ("%s is not the file the run was trained on (its SHA-256 differs from the one in %s)"
                           % (corpus, log))
         return path, None

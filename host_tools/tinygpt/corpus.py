@@ -54,6 +54,10 @@ import re
 from dataclasses import dataclass
 
 EOS = "<|endoftext|>"
+# Small words that carry little of a question's meaning: `corpus augment` may drop one to make a
+# variant, and near_duplicates ignores one in each question for the same reason.
+FUNCTION_WORDS = {"the", "a", "an", "is", "are", "do", "does", "i", "me", "my", "to", "of", "in", "on", "for",
+                  "you", "can", "please", "it", "this", "that", "there", "with", "about"}
 Q_PREFIX, A_PREFIX, DO_PREFIX = "Q:", "A:", "Do:"
 
 # A line that looks like "Word: ..." at its start. Such a line is reported as an unknown prefix
@@ -364,7 +368,6 @@ def near_duplicates(path) -> list[Problem]:
     targets; it learns one of them, or neither, and augmentation can turn one into the other.
     They are warnings, not errors (the two may be meant): reword one so it names what it asks.
     One Problem per pair, at the later question's line."""
-    from .augment import FUNCTION_WORDS  # augment imports this module
 
     text, _ = _read(path)
     entries, _ = _parse_text(text)

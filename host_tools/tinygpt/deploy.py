@@ -35,7 +35,6 @@ board that comes back under another ttyACM number after a reset is found again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -43,6 +42,7 @@ import sys
 from pathlib import Path
 
 from .board import BoardError, check_port, check_regular_file
+from .modelfile import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
@@ -98,14 +98,6 @@ def mpremote_command() -> list[str]:
 def resolve_port(port: str) -> str:
     """A symlinked port (/dev/serial/by-id/..., or a test's virtual board) -> its current device."""
     return os.path.realpath(port) if os.path.islink(port) else port
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Board:

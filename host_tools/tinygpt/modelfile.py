@@ -19,6 +19,7 @@ Public API:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -94,6 +95,15 @@ class TensorSpec(NamedTuple):
     @property
     def is_scale(self) -> bool:
         return self.name.endswith("_s")
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (models, corpora, tokenizers)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def pad16(n: int) -> int:
@@ -370,7 +380,7 @@ def write_model_file(path, hparams: dict, tensors: dict, tokenizer_section: byte
 
 def format_info(info: dict, path=None) -> str:
     """`tinygpt info`: Model.info() as an aligned table with units (`--json` prints the dict)."""
-    from .board import _h
+    from .ui import format_bytes as _h
     from .ui import format_rows
 
     def ids():

@@ -102,7 +102,6 @@ epochs 50 (~1200 steps, ~26 min), lr 2e-3, dropout 0.1; see DEFAULTS for the mea
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -115,6 +114,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus as corpus_mod
+from .modelfile import sha256_file
 
 # Chosen for the hw1 preset and the project's corpus (data/corpus.txt: 1000 entries, 217 distinct
 # answers, ~40 tokens per entry with its 2914-token tokenizer -> 374-387 blocks of 128 tokens,
@@ -176,14 +176,6 @@ IDENTITY_KEYS = ("corpus_sha256", "tokenizer_sha256", "preset", "config", "epoch
 # A round has at least FIX_MIN_OTHERS other entries (~13 steps): checking every question of a
 # 6,628-question corpus costs as much as ~45 steps, so a round of 1 step per check would crawl.
 FIX_REPEAT, FIX_OTHERS, FIX_MIN_OTHERS, FIX_SEED, FIX_LR_SCALE = 4, 3, 600, 7_919, 0.1
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenizer_path(tokenizer_dir) -> Path:
@@ -707,13 +699,13 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     if val_every is None:
         val_every = steps_per_epoch[0]
     identity = {
-        "corpus_sha256": _sha256(corpus), "tokenizer_sha256": _sha256(tok_file),
+        "corpus_sha256": sha256_file(corpus), "tokenizer_sha256": sha256_file(tok_file),
         "preset": preset, "n_positions": T,
         "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": seed, "dropout": float(dropout),
         "max_steps": max_steps, "warmup_steps": warmup_steps, "min_lr_ratio": float(min_lr_ratio),
         "weight_decay": float(weight_decay), "schedule": schedule, "loss": loss,
         "label_smoothing": float(label_smoothing), "val_split": val_split,
-        "val_file_sha256": _sha256(val_file) if val_file is not None else None, "augment": augment,
+        "val_file_sha256": sha256_file(val_file) if val_file is not None else None, "augment": augment,
     }
 
     # -- out_dir: a fresh directory, or the same run to resume ----------------------------------

@@ -5,12 +5,22 @@ warnings as one plain line, no third-party deprecation noise.
     progress_bar(total=n, desc="eval", unit="q")    tqdm on a terminal, a silent stand-in when piped
     quiet_third_party()                             called once by the CLI before any command runs
     have_matplotlib()                               False when the plots must be skipped (or refused)
+    format_bytes(6_690_364) -> "6.38 MiB"           sizes as the budget and info tables show them
 """
 from __future__ import annotations
 
 import os
 import sys
 import warnings
+
+
+def format_bytes(n: int) -> str:
+    """A byte count as a person reads it: "6.38 MiB", "361.0 KiB", "12 B" (binary units)."""
+    if n >= 1024 * 1024:
+        return "%.2f MiB" % (n / (1024 * 1024))
+    if n >= 1024:
+        return "%.1f KiB" % (n / 1024)
+    return "%d B" % n
 
 
 MATPLOTLIB_INSTALL = "pip install matplotlib, or install tinygpt with its [train] extra"
