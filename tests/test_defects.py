@@ -439,3 +439,22 @@ def test_train_keeps_the_first_answer_of_a_repeated_question(data, tmp_path):
     assert res["stopped"] is False
     assert any(ln.startswith(f"warning: {dup}:{line}: ") and "training keeps line 1's" in ln for ln in lines), lines
     assert res["entries"] == len(corpus.parse(c))  # the repeated question left out
+
+
+def test_train_refuses_a_disk_too_small_before_the_first_step(data, tmp_path, monkeypatch):
+    """Issue 26: a full disk is found before training, not at the first checkpoint."""
+    import collections
+    import shutil
+
+    d, c, tok = data
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    lines = []
+    with pytest.raises(ValueError, match=r"not enough disk space for the run in .*: it writes about \d+ MB "
+                                         r"\(checkpoint, model\), and the disk has 0 MB free"):
+        train_mod.train(c, tok, tmp_path / "r", epochs=1, max_steps=2, **dict(KW, log=lines.append))
+    assert not (tmp_path / "r" / "checkpoint").exists()
+    assert not any(ln.startswith("plan:") for ln in lines)
+    monkeypatch.undo()
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=1, max_steps=2, **dict(KW, log=None))
+    assert res["stopped"] is False

@@ -512,6 +512,22 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+def check_disk_space(out_dir, n_params, with_best=False):
+    """Refuse (ValueError) before the first step when out_dir's disk cannot hold what the run
+    writes: the checkpoint (float32 weights + AdamW's two moments, 12 bytes a parameter) twice
+    while it is replaced atomically, model.safetensors and, with validation, best/ (4 bytes a
+    parameter each). What an earlier run left there is counted as free: it is replaced."""
+    need = n_params * (12 * 2 + 4 + (4 if with_best else 0))
+    out_dir = Path(out_dir)
+    old = sum(f.stat().st_size for f in (out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE, out_dir / "model.safetensors",
+                                         out_dir / BEST_DIR / "model.safetensors") if f.is_file())
+    free = shutil.disk_usage(out_dir).free
+    if free + old < need:
+        raise ValueError(f"not enough disk space for the run in {out_dir}: it writes about {need / 1e6:.0f} MB "
+                         f"(checkpoint, model" + (", best/" if with_best else "") + f"), and the disk has "
+                         f"{free / 1e6:.0f} MB free; free some space or train into a directory on another disk")
+
+
 def check_threads(threads, flag="--threads"):
     """torch's CPU threads: an int from 1 to 4 x this machine's CPUs (torch crashed with a
     segmentation fault at 100,000 instead of refusing). None = every CPU."""
@@ -793,6 +809,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         n_params = sum(p.numel() for p in model.parameters())
+        check_disk_space(out_dir, n_params, with_best=bool(val_entries))
 
         step, epoch, batch_in_epoch = 0, 0, 0
         losses: list[float] = []
