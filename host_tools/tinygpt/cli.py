@@ -245,9 +245,7 @@ def cmd_corpus(args):
         for pr in problems:
             print("%s:%d: %s" % (path, pr.line, pr.message))
         # not errors: training keeps the first of a repeated question, and near duplicates may be meant
-        warnings = corpus.conflicting_duplicates(corpus.parse(path)) if not any(
-            "undecodable" in p.message for p in problems) else []
-        warnings = sorted(warnings + corpus.near_duplicates(path), key=lambda p: p.line)
+        warnings = sorted(corpus.conflicting_duplicates(path) + corpus.near_duplicates(path), key=lambda p: p.line)
         for pr in warnings:
             print("%s:%d: warning: %s" % (path, pr.line, pr.message))
         if not args.tokenizer:

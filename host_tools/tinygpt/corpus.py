@@ -36,6 +36,7 @@ API
     parse(path) -> list[Entry]                       (ValueError on undecodable UTF-8)
     check(path, tokenizer=None, n_ctx=128) -> list[Problem]   (never raises for bad content)
     keep_first_answers(entries) -> (entries, warnings)   (a question asked again with another answer)
+    conflicting_duplicates(path) -> list[Problem]   (those warnings for a file)
     near_duplicates(path) -> list[Problem]   (warnings: nearly equal questions, different answers)
     stats(path, tokenizer=None) -> dict
     training_texts(entries) -> list[str]
@@ -303,10 +304,12 @@ def _norm(s: str) -> str:
     return "".join(s.split()).casefold()
 
 
-def conflicting_duplicates(entries) -> list[Problem]:
-    """A warning for each question (case/whitespace-insensitive) asked again with a different
-    answer, at the later line. Training keeps the first (``keep_first_answers``)."""
-    return keep_first_answers(entries)[1]
+def conflicting_duplicates(path) -> list[Problem]:
+    """Warnings for a corpus file: each question (case/whitespace-insensitive) asked again with
+    a different answer, at the later line. Training keeps the first (``keep_first_answers``).
+    Like near_duplicates, it never raises for bad content (bad bytes are check's problems)."""
+    text, _ = _read(path)
+    return keep_first_answers(_parse_text(text)[0])[1]
 
 
 def keep_first_answers(entries) -> tuple[list[Entry], list[Problem]]:
@@ -334,8 +337,8 @@ def keep_first_answers(entries) -> tuple[list[Entry], list[Problem]]:
 def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
     """Problems of a corpus file, sorted by line: undecodable UTF-8 (byte offset and line),
     unknown prefixes, a Q without an answer, an answer without a Q, empty questions/answers,
-    two answers for one Q, duplicate questions (case/whitespace-insensitive) with different
-    answers, and, when a tokenizer is given, entries whose serialized text is longer than
+    two answers for one Q, control characters in a line (``control_char_problems``), and, when a
+    tokenizer is given, entries whose serialized text is longer than
     n_ctx tokens. An empty list means the corpus is fine. A missing file raises
     FileNotFoundError."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
@@ -368,7 +371,6 @@ def near_duplicates(path) -> list[Problem]:
     targets; it learns one of them, or neither, and augmentation can turn one into the other.
     They are warnings, not errors (the two may be meant): reword one so it names what it asks.
     One Problem per pair, at the later question's line."""
-
     text, _ = _read(path)
     entries, _ = _parse_text(text)
     owner: dict[tuple, dict[str, Entry]] = {}

@@ -301,7 +301,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                          f"answers: 'Q: ...' lines each followed by an 'A: ...' or 'Do: ...' line)")
     n_all = len(questions)
     questions = questions[:limit]
-    for pr in corpus_mod.conflicting_duplicates(corpus_mod.parse(qfile)):
+    for pr in corpus_mod.conflicting_duplicates(qfile):
         log(f"warning: {qfile}:{pr.line}: {pr.message}; at most one of the two can be counted right")
 
     hf_tok = None
