@@ -32,6 +32,8 @@ _model = None
 _tok = None
 _path = None
 _answers = b""  # the corpus answers' ids from the model file's drafts section (draft.py)
+_abstain = None  # the model's abstain answer (its meta section), None if it has none
+ABSTAIN_KEY = "abstain_answer"
 
 
 def load(path=None, n_ctx=None, n_threads=None):
@@ -55,7 +57,27 @@ def load(path=None, n_ctx=None, n_threads=None):
     _tok = Tokenizer(_model.tokenizer_blob())
     _path = path
     _load_answers(path)
+    _load_meta()
     return _model
+
+
+def _load_meta():
+    """The meta section's "key: value" lines (docs/model-format.md section 8): the abstain answer."""
+    global _abstain
+    _abstain = None
+    text = bytes(_model.meta()).decode("utf-8")
+    for line in text.split("\n"):
+        key, sep, value = line.partition(": ")
+        if sep and key == ABSTAIN_KEY:
+            _abstain = value
+
+
+def abstain_answer():
+    """The answer the model was trained to give to a question its corpus does not cover (what
+    ask() returns for it), or None for a model trained without one."""
+    if _model is None:
+        load()
+    return _abstain
 
 
 def _load_answers(path):
@@ -74,12 +96,13 @@ def _load_answers(path):
 
 
 def close():
-    global _model, _tok, _answers
+    global _model, _tok, _answers, _abstain
     if _model is not None:
         _model.close()
     _model = None
     _tok = None
     _answers = b""
+    _abstain = None
 
 
 def _clean(question, limit):

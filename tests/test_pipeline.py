@@ -202,7 +202,8 @@ def synthetic_corpus(seed=0):
 
 
 SYNTH = synthetic_corpus()
-TRAIN_KW = dict(preset="tiny", epochs=100, lr=3e-3, batch_size=16, threads=1, progress=False, log=None)
+TRAIN_KW = dict(preset="tiny", epochs=100, lr=3e-3, batch_size=16, threads=1, progress=False, log=None,
+                loss="all", augment=0, abstain=0)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def make_corpus(forms=FORMS):
     return "\n\n".join(ents) + "\n"
 
 
-KW = dict(preset="tiny", lr=3e-3, batch_size=4, threads=1, progress=False)
+KW = dict(preset="tiny", lr=3e-3, batch_size=4, threads=1, progress=False, loss="all", augment=0, abstain=0)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def test_train_help_shows_every_default():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
     text = " ".join(sub.format_help().split())
-    for want in ("default hw1", "default 50", "default 0.002", "default 16", "default 0.1", "default 1:",
-                 "default auto", "default all", "default 1337", "default 100", "--val-split", "--max-minutes"):
+    for want in ("default d256x8", "default 10", "default 0.002", "default 16", "default 0.1", "default 1:",
+                 "default auto", "default answer", "default 1337", "default 100", "default 8", "--val-split", "--max-minutes"):
         assert want in text, want
     for action in sub._actions:  # every option with a value says its default
         if action.option_strings and action.nargs != 0 and not action.required:
@@ -301,17 +301,17 @@ def test_answer_loss_masks_the_question(data, tmp_path):
             assert starts[i] is None and not sel.any()
         else:
             assert got == " " + e.target + corpus.EOS
-    res = train_mod.train(c, tok, tmp_path / "r", epochs=3, loss="answer", label_smoothing=0.1, weight_decay=0.0,
-                          **dict(KW, log=None))
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=3, label_smoothing=0.1, weight_decay=0.0,
+                          **dict(KW, log=None, loss="answer"))
     assert res["entries"] == len(entries) - 1  # the prose paragraph has no answer to learn
     assert res["args"]["loss"] == "answer" and res["args"]["label_smoothing"] == 0.1
     with pytest.raises(ValueError, match="loss must be one of all, answer"):
-        train_mod.train(c, tok, tmp_path / "r2", epochs=1, loss="question", **dict(KW, log=None))
+        train_mod.train(c, tok, tmp_path / "r2", epochs=1, **dict(KW, log=None, loss="question"))
 
 
 def test_augment_in_training_leaves_validation_out(data, tmp_path):
     d, c, tok = data
-    res = train_mod.train(c, tok, tmp_path / "r", epochs=1, val_split=0.25, augment=3, **dict(KW, log=None))
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=1, val_split=0.25, **dict(KW, log=None, augment=3))
     n_train = len(corpus.parse(c)) - res["val_entries"]
     assert res["entries"] == n_train + res["augmented"]["variants"]
     assert res["augmented"]["questions"] == n_train - 1  # every training question but the prose

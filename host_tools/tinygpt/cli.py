@@ -172,14 +172,29 @@ def _print_agreement(hf_dir, model_path, tokenizer_dir, prompt):
 
 
 # -- info ----------------------------------------------------------------------------------
+def _n_abstain_questions():
+    from .abstain import read_questions
+
+    try:
+        return len(read_questions())
+    except ValueError:
+        return 0
+
+
 def cmd_info(args):
     from .engine import Model
 
     path = _existing_file(args.model, "model file")
     if args.selftest:
         return _selftest(path)
+    from .modelfile import ABSTAIN_KEY, parse_meta
+
     with Model(path, n_ctx=args.n_ctx) as m:
         info = m.info()
+        try:
+            info[ABSTAIN_KEY] = parse_meta(m.meta()).get(ABSTAIN_KEY)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
     if args.json:
         import json
         print(json.dumps(info, indent=2))
@@ -293,7 +308,9 @@ def cmd_train(args):
                       label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
                       val_split=args.val_split, val_file=args.val_file, val_every=args.val_every,
                       early_stop=args.early_stop, augment=args.augment, device=args.device,
-                      fix_misses=args.fix_misses)
+                      fix_misses=args.fix_misses, abstain=args.abstain,
+                      abstain_questions=_existing_file(args.abstain_questions, "off-topic question list")
+                      if args.abstain_questions else None)
     if res.get("stopped") in ("SIGINT", "SIGTERM"):
         sys.exit(130 if res["stopped"] == "SIGINT" else 143)
 
@@ -346,7 +363,8 @@ def cmd_eval(args):
     res = evaluate.evaluate(args.model, questions, tokenizer=args.tokenizer,
                             int8_model=False if args.no_int8 else int8, plot=args.plot,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads,
-                            draft=not args.no_draft)
+                            draft=not args.no_draft,
+                            ood_file=_existing_file(args.ood, "out-of-domain questions file") if args.ood else None)
     if args.json:  # every question's answers, not only the first mismatches the table shows
         import json
         with open(args.json, "w", encoding="utf-8") as f:
@@ -565,9 +583,15 @@ def build_parser():
     tr.add_argument("--val-every", type=int, help="validate every N steps (default: once per epoch)")
     tr.add_argument("--early-stop", type=int, metavar="N",
                     help="stop after N validations without a better one (default: off)")
-    tr.add_argument("--augment", type=int, default=0, metavar="N",
+    tr.add_argument("--augment", type=int, default=DEFAULTS["augment"], metavar="N",
                     help="add N variants of every training question (as `tinygpt corpus augment`; after "
                          "--val-split, so held-out questions do not leak) (default %(default)s)")
+    tr.add_argument("--abstain", type=int, default=None, metavar="N",
+                    help="train N off-topic questions (from --abstain-questions, those unlike the corpus) with the "
+                         "corpus's Abstain: answer, so that the model says it does not know; 0: none (default: as "
+                         "many as the corpus has questions, at most the list's)")
+    tr.add_argument("--abstain-questions", metavar="FILE",
+                    help="off-topic questions, one per line (default: the shipped list of %d)" % _n_abstain_questions())
     tr.add_argument("--fix-misses", type=int, default=0, metavar="N",
                     help="after the planned steps, up to N more steps on the training questions greedy decoding "
                          "still answers wrong, mixed with others, until none is (works with --resume on a "
@@ -608,6 +632,9 @@ def build_parser():
                                                    "the totals to FILE as JSON (the table shows only the first "
                                                    "20 mismatches)")
     ev.add_argument("--max-new-tokens", type=int, default=80)
+    ev.add_argument("--ood", metavar="FILE",
+                    help="out-of-domain questions (one per line): report how many get the model's abstain answer, "
+                         "next to the in-domain questions that get it wrongly")
     ev.add_argument("--no-draft", action="store_true",
                     help="generate every answer token by token (default: check the expected answer's tokens in "
                          "one forward pass and generate only from where the model departs from it; the same "

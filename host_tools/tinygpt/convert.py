@@ -106,6 +106,15 @@ def read_hf_config(hf_dir) -> dict:
     out["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True) is not False
     bos = cfg.get("bos_token_id")
     out["bos_token_id"] = bos if isinstance(bos, int) and not isinstance(bos, bool) else None
+    # the answer `tinygpt train` taught for questions the corpus does not cover (None: a model
+    # trained without it, or by another tool); it goes into the model file's meta section
+    abst = cfg.get("abstain_answer")
+    if abst is not None:
+        if (not isinstance(abst, str) or not abst.strip() or abst != abst.strip() or len(abst) > 300
+                or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in abst)):
+            raise ValueError(f"{path}: abstain_answer must be one line of text (1 to 300 characters, no control "
+                             f"characters), got {abst!r}")
+    out["abstain_answer"] = abst
     out["path"] = path
     return out
 
@@ -413,7 +422,8 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             "eos_id": eos, "bos_id": bos,
             "q_id": id_or_none("q_id"), "a_id": id_or_none("a_id"), "do_id": id_or_none("do_id"),
         }
-        buf, info = modelfile.build_model_bytes(hparams, tensors, section)
+        meta = None if cfg["abstain_answer"] is None else {modelfile.ABSTAIN_KEY: cfg["abstain_answer"]}
+        buf, info = modelfile.build_model_bytes(hparams, tensors, section, meta)
         parent = os.path.dirname(os.path.abspath(out_path))
         os.makedirs(parent, exist_ok=True)
         modelfile.atomic_write_bytes(out_path, buf)
@@ -422,7 +432,7 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
         if bar is not None:
             bar.close()
 
-    order = [row[0] for row in info["layout"] if row[0] != "tokenizer"]
+    order = [row[0] for row in info["layout"] if row[0] not in ("tokenizer", "meta")]
     qnames = [n for n in order if stats[n]["dtype"] == "int8"]
     worst = max(qnames, key=lambda n: stats[n]["rel_rms_err"])
     hp = dict(info["hparams"])
@@ -432,6 +442,8 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
         "source": source,
         "file_size": info["file_size"],
         "crc32": info["crc32"],
+        "format_version": info["format_version"],
+        "abstain_answer": cfg["abstain_answer"],
         "hparams": hp,
         "tokenizer": info["tokenizer"],
         "tensors": {n: stats[n] for n in order},
@@ -514,7 +526,8 @@ def run_corpus(hf_dir):
 def answer_ids(model_path, corpus_path) -> list[list[int]]:
     """The token ids the model generates for each distinct corpus answer (the target after
     "A:", e.g. " PSRAM is ..."), encoded with the model file's own tokenizer by py/bpe.py:
-    exactly what chat.py sees on the board."""
+    exactly what chat.py sees on the board. The model's abstain answer (its meta section) is
+    drafted too."""
     from . import corpus
     from .engine import Model
     py_dir = str(Path(__file__).resolve().parents[2] / "py")
@@ -524,12 +537,14 @@ def answer_ids(model_path, corpus_path) -> list[list[int]]:
 
     with Model(model_path) as m:
         tok = Tokenizer(m.tokenizer_blob())
+        abstain = modelfile.parse_meta(m.meta()).get(modelfile.ABSTAIN_KEY)
     seen, out = set(), []
-    for e in corpus.parse(corpus_path):
-        if e.kind == "prose" or e.target in seen:
+    targets = [e.target for e in corpus.parse(corpus_path) if e.kind != "prose"]
+    for t in targets + ([abstain] if abstain else []):
+        if t in seen:
             continue
-        seen.add(e.target)
-        out.append(tok.encode(" " + e.target))
+        seen.add(t)
+        out.append(tok.encode(" " + t))
     return out
 
 

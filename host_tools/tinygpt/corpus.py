@@ -15,7 +15,10 @@ Corpus format (UTF-8 text; entries are separated by blank lines)::
 * a ``Q: <question>`` line followed by one ``Do: <command>`` line -> a ``do`` entry (the model
   answers with a command suggestion);
 * a paragraph of lines without a prefix -> a ``prose`` entry (the lines are kept, joined by
-  ``\\n``).
+  ``\\n``);
+* at most one ``Abstain: <answer>`` line, alone in its block: the answer the model gives to a
+  question the corpus does not cover (``abstain_answer``; without one, ``DEFAULT_ABSTAIN``).
+  It is not an entry: ``parse`` leaves it out, and training pairs it with off-topic questions.
 
 Several Q/answer pairs may follow each other without a blank line; each pair is an entry.
 
@@ -34,6 +37,7 @@ entries.
 
 API
     parse(path) -> list[Entry]                       (ValueError on undecodable UTF-8)
+    abstain_answer(path) -> str                      (the declared abstain answer, or the default)
     check(path, tokenizer=None, n_ctx=128) -> list[Problem]   (never raises for bad content)
     keep_first_answers(entries) -> (entries, warnings)   (a question asked again with another answer)
     conflicting_duplicates(path) -> list[Problem]   (those warnings for a file)
@@ -60,6 +64,10 @@ EOS = "<|endoftext|>"
 FUNCTION_WORDS = {"the", "a", "an", "is", "are", "do", "does", "i", "me", "my", "to", "of", "in", "on", "for",
                   "you", "can", "please", "it", "this", "that", "there", "with", "about"}
 Q_PREFIX, A_PREFIX, DO_PREFIX = "Q:", "A:", "Do:"
+ABSTAIN_PREFIX = "Abstain:"
+# The answer to a question the corpus does not cover, when the corpus declares none.
+DEFAULT_ABSTAIN = "Sorry, I don't know that. It is not in what I was trained on."
+MAX_ABSTAIN_CHARS = 300
 
 # A line that looks like "Word: ..." at its start. Such a line is reported as an unknown prefix
 # when the word is short (1-2 letters: "B:", "QA:"), is a known Q/A-ish label in any case
@@ -160,7 +168,7 @@ def control_char_problems(text: str) -> list[Problem]:
     would count answers the board cannot give. A TAB in prose is allowed (prose is never asked)."""
     problems = []
     for block in _blocks(text):
-        prose = not any(_role(line)[0] for _, line in block)
+        prose = not any(_role(line)[0] or line.startswith(ABSTAIN_PREFIX) for _, line in block)
         for no, line in block:
             bad = [ch for ch in line if _is_control(ch) and not (prose and ch == "\t")]
             if bad:
@@ -223,12 +231,62 @@ def _blocks(text: str):
         yield block
 
 
+def _abstain_lines(text: str):
+    """(line number, answer text, block) of every line starting with "Abstain:"."""
+    for block in _blocks(text):
+        for no, line in block:
+            if line.startswith(ABSTAIN_PREFIX):
+                yield no, line[len(ABSTAIN_PREFIX):].strip(), block
+
+
+def _abstain_problems(text: str, entries) -> list[Problem]:
+    problems = []
+    found = list(_abstain_lines(text))
+    for i, (no, answer, block) in enumerate(found):
+        if len(block) != 1:
+            problems.append(Problem(no, "an Abstain: line stands alone in its block (a blank line before "
+                                        "and after it)"))
+        elif not answer:
+            problems.append(Problem(no, "empty Abstain: answer"))
+        elif len(answer) > MAX_ABSTAIN_CHARS:
+            problems.append(Problem(no, f"the Abstain: answer is {len(answer)} characters, more than "
+                                        f"{MAX_ABSTAIN_CHARS}"))
+        elif i > 0:
+            problems.append(Problem(no, f"second Abstain: line (the first is on line {found[0][0]}; a corpus "
+                                        f"declares one abstain answer)"))
+        else:
+            same = [e for e in entries if e.target is not None and _norm(e.target) == _norm(answer)]
+            if same:
+                problems.append(Problem(no, f"the Abstain: answer is the answer of the question on line "
+                                            f"{same[0].line}: the model could not tell knowing from not "
+                                            f"knowing; word it differently"))
+    return problems
+
+
+def abstain_answer(path) -> str:
+    """The corpus's declared abstain answer (its ``Abstain:`` line), or DEFAULT_ABSTAIN. Raises
+    ValueError naming the line when the declaration breaks a rule (``check`` lists them)."""
+    text, enc = _read(path)
+    if enc:
+        raise ValueError(f"{os.fspath(path)}: {enc[0]}")
+    entries = _parse_text(text)[0]
+    bad = _abstain_problems(text, entries) + [p for p in control_char_problems(text)
+                                               if p.line in {no for no, _, _ in _abstain_lines(text)}]
+    if bad:
+        raise ValueError(f"{os.fspath(path)}: {bad[0]}")
+    for _, answer, _ in _abstain_lines(text):
+        return answer
+    return DEFAULT_ABSTAIN
+
+
 def _parse_text(text: str) -> tuple[list[Entry], list[Problem]]:
     """The entries of a corpus text and the structural problems (everything but lengths,
-    duplicates and encoding)."""
+    duplicates and encoding). An Abstain: line is no entry (``abstain_answer`` reads it)."""
     entries: list[Entry] = []
     problems: list[Problem] = []
     for block in _blocks(text):
+        if len(block) == 1 and block[0][1].startswith(ABSTAIN_PREFIX):
+            continue
         has_prefix = any(_role(line)[0] for _, line in block)
         if not has_prefix:  # prose paragraph
             for no, line in block:
@@ -345,7 +403,7 @@ def check(path, tokenizer=None, n_ctx: int = 128) -> list[Problem]:
         raise ValueError(f"--n-ctx must be an integer >= 2 (the model's context in tokens), got {n_ctx!r}")
     text, problems = _read(path)
     entries, structural = _parse_text(text)
-    problems += structural + control_char_problems(text)
+    problems += structural + control_char_problems(text) + _abstain_problems(text, entries)
     tok = _load_tokenizer(tokenizer)
     if tok is not None:
         for e, n in zip(entries, _token_counts(tok, entries)):

@@ -47,7 +47,7 @@ class _Info(ctypes.Structure):
                 ("eos_id", "bos_id", "q_id", "a_id", "do_id", "n_ctx", "max_batch", "head_dim")] + \
                [(name, ctypes.c_uint64) for name in
                 ("file_bytes", "weight_bytes", "kv_bytes", "scratch_bytes")] + \
-               [(name, ctypes.c_uint32) for name in ("tokenizer_bytes", "max_draft", "n_threads")]
+               [(name, ctypes.c_uint32) for name in ("tokenizer_bytes", "max_draft", "n_threads", "meta_bytes")]
 
 
 class _Counters(ctypes.Structure):
@@ -87,6 +87,7 @@ def _load_library():
         "tg_seed": (None, [ctypes.c_void_p, ctypes.c_uint64]),
         "tg_sample": (ctypes.c_int, [ctypes.c_void_p, P(_Sampler), P(ctypes.c_int32), P(_Error)]),
         "tg_tokenizer": (ctypes.c_void_p, [ctypes.c_void_p, P(ctypes.c_uint32)]),
+        "tg_meta": (ctypes.c_void_p, [ctypes.c_void_p, P(ctypes.c_uint32)]),
         "tg_verify": (ctypes.c_int, [ctypes.c_void_p, P(ctypes.c_int32), ctypes.c_uint32, ctypes.c_float,
                                      P(ctypes.c_int32), P(_Error)]),
         "tg_rewind": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32, P(_Error)]),
@@ -464,6 +465,14 @@ class Model:
             n = ctypes.c_uint32()
             ptr = lib().tg_tokenizer(handle, ctypes.byref(n))
             return ctypes.string_at(ptr, n.value)
+
+    def meta(self):
+        """The meta section's text (bytes, a copy; b"" for a version 1 file): "key: value"
+        lines, e.g. the abstain answer (docs/model-format.md section 8)."""
+        with self._engine() as handle:
+            n = ctypes.c_uint32()
+            ptr = lib().tg_meta(handle, ctypes.byref(n))
+            return ctypes.string_at(ptr, n.value) if n.value else b""
 
     # -- host-only extras -------------------------------------------------------------------
     def set_interrupt(self, fn):

@@ -53,6 +53,7 @@ only when stderr is a terminal.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -269,10 +270,57 @@ def generate(runner, tok, prompt_ids, max_new_tokens=80, draft=None) -> str:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def load_ood_questions(path) -> list[str]:
+    """Out-of-domain questions: one per line ('#' lines and blank lines skipped), or the Q: lines
+    of a corpus-format file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"out-of-domain questions file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text ({e})") from None
+    if any(line.startswith(corpus_mod.Q_PREFIX) for line in text.splitlines()):
+        return [q for q, _ in corpus_mod.load_questions(p)]
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(corpus_mod._is_control(ch) for ch in line):
+            raise ValueError(f"{p}:{no}: control character in the question")
+        out.append(line)
+    if not out:
+        raise ValueError(f"{p} holds no question")
+    return out
+
+
+def abstain_answer_of(hf_dir, model_file):
+    """The abstain answer the model was trained with: the run's config.json, else the model
+    file's meta section; None when it has none."""
+    if hf_dir is not None:
+        try:
+            a = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")).get("abstain_answer")
+        except (OSError, ValueError):
+            a = None
+        if a:
+            return a
+    if model_file is not None:
+        from .engine import Model
+        from .modelfile import ABSTAIN_KEY, parse_meta
+
+        with Model(model_file) as m:
+            return parse_meta(m.meta()).get(ABSTAIN_KEY)
+    return None
+
+
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
-             max_new_tokens=80, log=print, progress=True, limit=None, threads=1, draft=True) -> dict:
+             max_new_tokens=80, log=print, progress=True, limit=None, threads=1, draft=True,
+             ood_file=None) -> dict:
     """Exact-match accuracy of the float model and the INT8 engine on questions_file, and how
-    often the two answer alike. See the module docstring."""
+    often the two answer alike; with ood_file, how many of its (out-of-domain) questions get the
+    model's abstain answer, next to the in-domain questions that get it wrongly. See the
+    module docstring."""
     from .train import check_threads
 
     check_threads(threads)
@@ -303,6 +351,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
     questions = questions[:limit]
     for pr in corpus_mod.conflicting_duplicates(qfile):
         log(f"warning: {qfile}:{pr.line}: {pr.message}; at most one of the two can be counted right")
+    ood = load_ood_questions(ood_file)[:limit] if ood_file is not None else []
 
     hf_tok = None
     if tokenizer is not None:
@@ -325,6 +374,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if not model_file.is_file():
                 raise ValueError(f"INT8 model file not found: {model_file}")
 
+        abstain = abstain_answer_of(hf_dir, model_file)
         int8 = None
         if model_file is not None:
             from .engine import Model
@@ -336,15 +386,25 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                 runners["float"] = _FloatRunner(hf_dir, threads)
             if int8 is not None:
                 runners["int8"] = _Int8Runner(int8)
-            results = []
+            results, ood_results = [], []
             bar = None
             if progress:
                 from .ui import progress_bar
                 bar = progress_bar(total=len(questions), desc="eval", unit="q")
             n_ctx = min((r.n_ctx for r in runners.values()), default=1 << 30)
-            for q, expected in questions:
+            if bar is not None:
+                bar.total = len(questions) + len(ood)
+            for q, expected in questions + [(q, None) for q in ood]:
                 ids = board_prompt_ids(tok, q, n_ctx)
                 guess = None
+                if expected is None:  # out of domain: no expected answer to draft from
+                    r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids)}
+                    for name, runner in runners.items():
+                        r[name] = generate(runner, tok, ids, max_new_tokens)
+                    ood_results.append(r)
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
                     full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())
                     guess = full[len(ids):] if full[:len(ids)] == ids else None
@@ -386,6 +446,13 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         agree, c_a = share("int8_equals_float")
     mismatches = [r for r in results if not r.get("ok_float", True) or not r.get("ok_int8", True)
                   or not r.get("int8_equals_float", True)]
+    abst = {}
+    for name in runners:
+        refused = sum(r[name] == abstain for r in results) if abstain else 0
+        got = sum(r[name] == abstain for r in ood_results) if abstain else 0
+        abst[name] = {"in_domain_abstained": refused, "in_domain_abstained_share": refused / n if n else None,
+                      "ood_abstained": got if ood else None,
+                      "ood_abstained_share": (got / len(ood_results)) if ood else None}
     out = {
         "n": n, "n_in_file": n_all, "questions_file": str(qfile),
         "exact_match_float": em_f, "exact_match_int8": em_i, "int8_equals_float": agree,
@@ -393,6 +460,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         "hf_dir": str(hf_dir) if hf_dir is not None else None,
         "model_file": model_label,
         "results": results, "mismatches": mismatches, "plot": None,
+        "abstain_answer": abstain, "abstention": abst, "ood_file": str(ood_file) if ood_file else None,
+        "n_ood": len(ood_results), "ood_results": ood_results,
     }
     _print_table(out, log)
     if plot:
@@ -435,6 +504,18 @@ def _print_table(res, log):
                        ("INT8 answer == float answer", "int8_equals_float")):
         v, c = res[key], res[key + "_count"]
         log(f"{label:<32} {'-' if v is None else f'{v:.3f}':>7} {'-' if c is None else f'{c}/{n}':>11}")
+    ab = res.get("abstention") or {}
+    if res.get("abstain_answer") is None:
+        if res.get("n_ood"):
+            log("abstention: the model has no abstain answer (trained without one), so none is counted")
+    else:
+        for name, a in ab.items():
+            label = "float" if name == "float" else "INT8"
+            log(f"{'abstained in domain (wrong), ' + label:<32} {a['in_domain_abstained_share']:>7.3f} "
+                f"{str(a['in_domain_abstained']) + '/' + str(n):>11}")
+            if a["ood_abstained"] is not None:
+                log(f"{'abstained out of domain, ' + label:<32} {a['ood_abstained_share']:>7.3f} "
+                    f"{str(a['ood_abstained']) + '/' + str(res['n_ood']):>11}")
     mm = res["mismatches"]
     if mm:
         log(f"\nmismatches ({min(len(mm), SHOW_MISMATCHES)} of {len(mm)} shown):")

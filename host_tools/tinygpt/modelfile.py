@@ -1,8 +1,8 @@
-"""Writer for the tinygpt model file, format version 1 (docs/model-format.md).
+"""Writer for the tinygpt model file, format versions 1 and 2 (docs/model-format.md).
 
 Public API:
 
-* ``write_model_file(path, hparams, tensors, tokenizer_section) -> dict``
+* ``write_model_file(path, hparams, tensors, tokenizer_section, meta=None) -> dict``
   writes header, directory (canonical order), 16-aligned tensors and the CRC, after
   validating every input against the spec; the output appears atomically (temp file in the
   same directory, then ``os.replace``) or not at all.
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 MAGIC = b"TGPT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest written and read; version 1 (no meta section) still loads
 HEADER_SIZE = 128
 QUANT_SCHEME = 1
 NO_TOKEN = 0xFFFFFFFF
@@ -47,6 +47,9 @@ ACTIVATION_CODES = {"gelu_new": ACT_GELU_NEW, "gelu_pytorch_tanh": ACT_GELU_NEW,
 
 TOKENIZER_MAGIC = b"TTOK"
 TOKENIZER_KIND = 6
+META_KIND = 7          # format version 2: "key: value" text lines after the tokenizer (spec section 8)
+MAX_META_BYTES = 65536
+ABSTAIN_KEY = "abstain_answer"
 
 # header layout (spec section 2): "<4s5I" at 0 (magic .. quant_scheme), "<7I" at 24
 # (n_vocab .. activation), "<f" at 52 (layer_norm_epsilon), "<9I" at 56 (eos_id .. flags,
@@ -182,8 +185,9 @@ def normalize_hparams(hparams: dict) -> dict:
     return out
 
 
-def tensor_specs(hparams: dict) -> list[TensorSpec]:
-    """The canonical directory order (spec section 3)."""
+def tensor_specs(hparams: dict, with_meta: bool = False) -> list[TensorSpec]:
+    """The canonical directory order (spec section 3); with_meta: a version 2 file, whose last
+    entry is the meta section."""
     hp = normalize_hparams(hparams) if "n_tensors" not in hparams else hparams
     E, I, V, P, L = hp["n_embd"], hp["n_inner"], hp["n_vocab"], hp["n_positions"], hp["n_layer"]
     specs: list[TensorSpec] = []
@@ -199,11 +203,15 @@ def tensor_specs(hparams: dict) -> list[TensorSpec]:
     for kind, name, dt, shp in _GLOBAL_POST:
         add(kind, name, dt, shp(E, I, V, P))
     add(TOKENIZER_KIND, "tokenizer", DTYPE_RAW, None)
-    assert len(specs) == hp["n_tensors"]
+    if with_meta:
+        add(META_KIND, "meta", DTYPE_RAW, None)
+    assert len(specs) == hp["n_tensors"] + with_meta
     return specs
 
 
-def spec_nbytes(spec: TensorSpec, tokenizer_nbytes: int | None = None) -> int:
+def spec_nbytes(spec: TensorSpec, tokenizer_nbytes: int | None = None, meta_nbytes: int = 0) -> int:
+    if spec.kind == META_KIND:
+        return int(meta_nbytes)
     if spec.dtype == DTYPE_RAW:
         if tokenizer_nbytes is None:
             raise ValueError("tokenizer section size needed")
@@ -212,17 +220,18 @@ def spec_nbytes(spec: TensorSpec, tokenizer_nbytes: int | None = None) -> int:
     return n * (1 if spec.dtype == DTYPE_INT8 else 4)
 
 
-def plan_layout(hparams: dict, tokenizer_nbytes: int) -> dict:
-    """Exact byte layout of a v1 file: ``{'dir_offset', 'entries': [(spec, offset, nbytes)],
-    'file_size'}``. Tensors are packed in directory order, each at the next 16-aligned offset."""
+def plan_layout(hparams: dict, tokenizer_nbytes: int, meta_nbytes: int | None = None) -> dict:
+    """Exact byte layout of a file: ``{'dir_offset', 'entries': [(spec, offset, nbytes)],
+    'file_size'}``; meta_nbytes None: a version 1 file (no meta section). Tensors are packed in
+    directory order, each at the next 16-aligned offset."""
     hp = normalize_hparams(hparams) if "n_tensors" not in hparams else hparams
-    specs = tensor_specs(hp)
+    specs = tensor_specs(hp, with_meta=meta_nbytes is not None)
     dir_offset = HEADER_SIZE
     pos = dir_offset + DIR_ENTRY.size * len(specs)
     entries = []
     for spec in specs:
         pos = pad16(pos)
-        nb = spec_nbytes(spec, tokenizer_nbytes)
+        nb = spec_nbytes(spec, tokenizer_nbytes, meta_nbytes or 0)
         entries.append((spec, pos, nb))
         pos += nb
     return {"dir_offset": dir_offset, "entries": entries, "file_size": pos}
@@ -322,13 +331,56 @@ def atomic_write_bytes(path, data) -> None:
         raise
 
 
-def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes) -> tuple[bytearray, dict]:
-    """Validate everything and return ``(file bytes, info)`` without touching the disk."""
+def meta_section(meta: dict) -> bytes:
+    """The meta section (spec section 8) of a dict of str -> str: one "key: value" line each, in
+    the dict's order. Keys are lowercase ASCII words; values one line of text without control
+    characters (they travel to the board as they are)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict of str -> str, got {type(meta).__name__}")
+    lines = []
+    for k, v in meta.items():
+        if not (isinstance(k, str) and k and all(c.islower() and c.isascii() or c == "_" for c in k)):
+            raise ValueError(f"meta key {k!r} must be lowercase ASCII letters and '_'")
+        if not isinstance(v, str) or v != v.strip() or not v:
+            raise ValueError(f"meta value of {k!r} must be a non-empty str without surrounding spaces")
+        bad = [c for c in v if ord(c) < 32 or 127 <= ord(c) < 160]
+        if bad:
+            raise ValueError(f"meta value of {k!r} holds control character U+{ord(bad[0]):04X}")
+        lines.append(f"{k}: {v}\n")
+    data = "".join(lines).encode("utf-8")
+    if len(data) > MAX_META_BYTES:
+        raise ValueError(f"meta section is {len(data)} bytes, more than {MAX_META_BYTES}")
+    return data
+
+
+def parse_meta(data: bytes) -> dict:
+    """The dict a meta section holds (spec section 8). Raises ValueError naming the problem."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"meta section is not UTF-8 ({e})") from None
+    if text and not text.endswith("\n"):
+        raise ValueError("meta section: the last line has no line feed")
+    out = {}
+    for n, line in enumerate(text.split("\n")[:-1], 1):
+        key, sep, value = line.partition(": ")
+        if not sep or not key:
+            raise ValueError(f"meta section line {n} is not 'key: value': {line[:60]!r}")
+        out[key] = value
+    return out
+
+
+def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes,
+                      meta: dict | None = None) -> tuple[bytearray, dict]:
+    """Validate everything and return ``(file bytes, info)`` without touching the disk.
+    meta None: a version 1 file; a dict (e.g. {"abstain_answer": ...}): version 2 with a meta
+    section."""
     hp = normalize_hparams(hparams)
+    meta_bytes = None if meta is None else meta_section(meta)
     if not isinstance(tensors, dict):
         raise ValueError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     tok_info = check_tokenizer_section(tokenizer_section, hp["n_vocab"])
-    layout = plan_layout(hp, tok_info["nbytes"])
+    layout = plan_layout(hp, tok_info["nbytes"], None if meta_bytes is None else len(meta_bytes))
     specs = [e[0] for e in layout["entries"]]
     expected = {s.name for s in specs if s.dtype != DTYPE_RAW}
     unknown = sorted(set(tensors) - expected)
@@ -345,7 +397,9 @@ def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes) ->
 
     buf = bytearray(file_size)
     for spec, offset, nbytes in layout["entries"]:
-        if spec.dtype == DTYPE_RAW:
+        if spec.kind == META_KIND:
+            data = meta_bytes
+        elif spec.dtype == DTYPE_RAW:
             data = bytes(tokenizer_section)
         else:
             data = _check_tensor(spec, tensors[spec.name]).tobytes()
@@ -354,25 +408,29 @@ def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes) ->
         DIR_ENTRY.pack_into(buf, layout["dir_offset"] + DIR_ENTRY.size * spec.order,
                             spec.tensor_id, spec.dtype, offset, nbytes)
 
-    struct.pack_into("<4s5I", buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, file_size, 0, QUANT_SCHEME)
+    version = 1 if meta_bytes is None else FORMAT_VERSION
+    struct.pack_into("<4s5I", buf, 0, MAGIC, version, HEADER_SIZE, file_size, 0, QUANT_SCHEME)
     struct.pack_into("<7I", buf, 24, hp["n_vocab"], hp["n_positions"], hp["n_embd"], hp["n_layer"],
                      hp["n_head"], hp["n_inner"], hp["activation"])
     struct.pack_into("<f", buf, 52, hp["layer_norm_epsilon"])
     struct.pack_into("<9I", buf, 56, hp["eos_id"], hp["bos_id"], hp["q_id"], hp["a_id"], hp["do_id"],
-                     hp["n_tensors"], layout["dir_offset"], 0, 0)
+                     len(layout["entries"]), layout["dir_offset"], 0, 0)
     # bytes 88..127 (reserved) stay zero
     crc = zlib.crc32(memoryview(buf)[20:]) & 0xFFFFFFFF
     struct.pack_into("<I", buf, 16, crc)
     info = {"hparams": hp, "file_size": file_size, "crc32": crc, "tokenizer": tok_info,
+            "format_version": version, "meta": None if meta is None else dict(meta),
             "layout": [(s.name, s.tensor_id, DTYPE_NAMES[s.dtype], off, nb)
                        for s, off, nb in layout["entries"]]}
     return buf, info
 
 
-def write_model_file(path, hparams: dict, tensors: dict, tokenizer_section: bytes) -> dict:
-    """Validate and write a v1 model file atomically. Returns info (hparams as written,
-    file_size, crc32, tokenizer counts, layout rows (name, id, dtype, offset, nbytes))."""
-    buf, info = build_model_bytes(hparams, tensors, tokenizer_section)
+def write_model_file(path, hparams: dict, tensors: dict, tokenizer_section: bytes,
+                     meta: dict | None = None) -> dict:
+    """Validate and write a model file atomically (version 1, or 2 with a meta dict). Returns
+    info (hparams as written, file_size, crc32, tokenizer counts, layout rows (name, id, dtype,
+    offset, nbytes))."""
+    buf, info = build_model_bytes(hparams, tensors, tokenizer_section, meta)
     atomic_write_bytes(path, buf)
     info["path"] = os.fspath(path)
     return info
@@ -401,6 +459,8 @@ def format_info(info: dict, path=None) -> str:
             ("activation", "", info["activation"]),
             ("layer norm epsilon", "%g" % info["layer_norm_epsilon"], ""),
             ("token ids", "", ids()),
+            ("abstain answer", "", repr(info[ABSTAIN_KEY]) if info.get(ABSTAIN_KEY) else
+             "none (a model trained without one answers every question from its corpus)"),
             ("memory at n_ctx %d (prefill batches of %d)" % (info["n_ctx"], info["max_batch"]), None),
             ("file", *size(info["file_bytes"])),
             ("weights", *size(info["weight_bytes"])),

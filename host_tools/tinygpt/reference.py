@@ -284,13 +284,14 @@ def linear(q, s_x, W, s_w, b=None, *, acc=None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 class FormatError(ValueError):
-    """The buffer is not a valid tinygpt v1 model file."""
+    """The buffer is not a valid tinygpt model file (version 1 or 2)."""
 
 
 MAGIC = b"TGPT"
 TOK_MAGIC = b"TTOK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # versions 1 and 2 are read; 2 adds the meta section (kind 7)
 HEADER_SIZE = 128
+MAX_META_BYTES = 65536
 NO_ID = 0xFFFFFFFF
 DTYPE_INT8, DTYPE_F32, DTYPE_RAW = 1, 2, 3
 
@@ -302,6 +303,7 @@ TENSOR_KINDS = {
     4: ("lnf_g", DTYPE_F32, lambda h: (h["n_embd"],)),
     5: ("lnf_b", DTYPE_F32, lambda h: (h["n_embd"],)),
     6: ("tokenizer", DTYPE_RAW, None),
+    7: ("meta", DTYPE_RAW, None),
     16: ("ln1_g", DTYPE_F32, lambda h: (h["n_embd"],)),
     17: ("ln1_b", DTYPE_F32, lambda h: (h["n_embd"],)),
     18: ("attn_w", DTYPE_INT8, lambda h: (3 * h["n_embd"], h["n_embd"])),
@@ -323,15 +325,16 @@ _DTYPE_NAMES = {DTYPE_INT8: "int8", DTYPE_F32: "f32", DTYPE_RAW: "raw"}
 _NP_DTYPES = {DTYPE_INT8: np.dtype("<i1"), DTYPE_F32: np.dtype("<f4")}
 
 
-def tensor_layout(n_layer: int):
-    """Canonical directory order: list of (tensor_id, kind, layer, full name)."""
+def tensor_layout(n_layer: int, version: int = 1):
+    """Canonical directory order: list of (tensor_id, kind, layer, full name); version 2 ends
+    with the meta section."""
     out = []
     for kind in (1, 2, 3):
         out.append((kind, kind, 0, TENSOR_KINDS[kind][0]))
     for layer in range(n_layer):
         for kind in range(16, 32):
             out.append((kind + 256 * layer, kind, layer, "h.%d.%s" % (layer, TENSOR_KINDS[kind][0])))
-    for kind in (4, 5, 6):
+    for kind in (4, 5, 6) if version == 1 else (4, 5, 6, 7):
         out.append((kind, kind, 0, TENSOR_KINDS[kind][0]))
     return out
 
@@ -364,6 +367,7 @@ class ModelFile:
     tokenizer_section: bytes
     tokenizer: Tokenizer
     header: dict = field(default_factory=dict)     # every raw header field
+    meta: dict = field(default_factory=dict)       # the meta section's keys (version 2), else {}
     directory: list = field(default_factory=list)  # list[DirEntry]
 
 
@@ -390,8 +394,8 @@ def _check_header(hd: dict, mv: memoryview, check_crc: bool) -> None:
 
     if hd["magic"] != MAGIC:
         bad("bad magic %r (expected b'TGPT')" % hd["magic"])
-    if hd["format_version"] != FORMAT_VERSION:
-        bad("format_version %d is not supported (only 1)" % hd["format_version"])
+    if hd["format_version"] not in (1, 2):
+        bad("format_version %d is not supported (only 1 and 2)" % hd["format_version"])
     if hd["header_size"] != HEADER_SIZE:
         bad("header_size %d != 128" % hd["header_size"])
     fs = hd["file_size"]
@@ -426,9 +430,10 @@ def _check_header(hd: dict, mv: memoryview, check_crc: bool) -> None:
     for key in ("q_id", "a_id", "do_id"):
         if hd[key] != NO_ID and hd[key] >= hd["n_vocab"]:
             bad("%s %d >= n_vocab %d (and not 0xFFFFFFFF)" % (key, hd[key], hd["n_vocab"]))
-    want = 6 + 16 * hd["n_layer"]
+    n_global = 6 if hd["format_version"] == 1 else 7
+    want = n_global + 16 * hd["n_layer"]
     if hd["n_tensors"] != want:
-        bad("n_tensors %d != 6 + 16*n_layer = %d" % (hd["n_tensors"], want))
+        bad("n_tensors %d != %d + 16*n_layer = %d" % (hd["n_tensors"], n_global, want))
     if hd["dir_offset"] % 16 or hd["dir_offset"] < HEADER_SIZE:
         bad("dir_offset %d must be a multiple of 16 and >= 128" % hd["dir_offset"])
     if hd["flags"] != 0:
@@ -535,10 +540,11 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
     tensors = {}
     directory = []
     tok_sec = None
+    meta_sec = b""
     prev_end = d0 + 16 * n_t
     prev_name = "the tensor directory"
     for i, ((tid, kind, layer, name), (e_id, e_dt, e_off, e_nb)) in enumerate(
-            zip(tensor_layout(hd["n_layer"]), ent)):
+            zip(tensor_layout(hd["n_layer"], hd["format_version"]), ent)):
         where = "tensor %d '%s'" % (i, name)
         if e_id != tid:
             raise FormatError("%s: tensor_id %d (0x%x) != expected %d (kind %d, layer %d)"
@@ -568,6 +574,9 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
                               % (where, e_off, prev_name, packed))
         prev_end, prev_name = end, "tensor '%s'" % name
         directory.append(DirEntry(name, e_id, e_dt, e_off, e_nb))
+        if kind == 7:
+            meta_sec = bytes(mv[e_off:end])
+            continue
         if dt == DTYPE_RAW:
             tok_sec = bytes(mv[e_off:end])
             continue
@@ -591,7 +600,30 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
                           "packs the tensors up to file_size" % (fs, prev_end))
     tok = parse_tokenizer(tok_sec, hd["n_vocab"])
     return ModelFile(hparams=hp, tensors=tensors, tokenizer_section=tok_sec, tokenizer=tok,
-                     header=hd, directory=directory)
+                     header=hd, directory=directory, meta=parse_meta(meta_sec))
+
+
+def parse_meta(sec: bytes) -> dict:
+    """The meta section (spec section 8): UTF-8 lines "key: value", each ended by a line feed,
+    no other control character, at most 64 KiB."""
+    if len(sec) > MAX_META_BYTES:
+        raise FormatError("meta: %d bytes, more than %d" % (len(sec), MAX_META_BYTES))
+    for i, b in enumerate(sec):
+        if b < 0x20 and b != 0x0A:
+            raise FormatError("meta: control byte 0x%02x at %d" % (b, i))
+    try:
+        text = sec.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError("meta: not UTF-8 (%s)" % e) from None
+    out = {}
+    if text and not text.endswith("\n"):
+        raise FormatError("meta: the last line has no line feed")
+    for n, line in enumerate(text.split("\n")[:-1], 1):
+        key, sep, value = line.partition(": ")
+        if not sep or not key:
+            raise FormatError("meta: line %d is not 'key: value'" % n)
+        out[key] = value
+    return out
 
 
 def load(path) -> ModelFile:

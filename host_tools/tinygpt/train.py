@@ -130,9 +130,15 @@ from .modelfile import sha256_file
 #  * the full corpus at batch 16 with these defaults, first 150 steps: loss 7.65 (steps 1-10),
 #    4.88 (51-60), 3.11 (141-150), i.e. the same per-step progress as the proxy (3.15); no
 #    instability at lr 2e-3 with 22 layers.
+# The recipe for a user's own corpus (issue 22, docs/recipes.md): the 8 x 256 shape, the loss on the
+# answer tokens, 8 programmatic variants of every question and off-topic questions for the abstain
+# answer (train(abstain=None): as many as the corpus has questions). With --max-minutes the
+# learning-rate schedule is fitted to the time (TIME_FIT_SHARE), so a time budget ends at the low
+# final rate instead of in mid-schedule.
 DEFAULTS = dict(
-    preset="hw1",
-    epochs=50,
+    preset="d256x8",
+    augment=8,
+    epochs=10,
     lr=2e-3,
     dropout=0.1,
     batch_size=16,
@@ -142,7 +148,7 @@ DEFAULTS = dict(
     weight_decay=0.01,
     schedule="cosine",
     checkpoint_every=100,   # a hw1 checkpoint is 75 MB (weights + AdamW moments)
-    loss="all",
+    loss="answer",
     label_smoothing=0.0,
     device="auto",
     # One thread. Measured on this 2-core machine while other work shared it (4 layers x 128 wide,
@@ -156,6 +162,7 @@ DEFAULTS = dict(
 LOSSES = ("all", "answer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ESTIMATE_STEPS = 3   # steps timed (after the first) for the time estimate
+TIME_FIT_SHARE = 0.93  # of --max-minutes planned for steps; the rest: the final validation, saving
 BEST_DIR = "best"    # the model of the best validation, save_pretrained layout
 
 CHECKPOINT_DIR = "checkpoint"
@@ -165,7 +172,8 @@ RUN_MARKERS = ("train_log.json", "config.json", "model.safetensors", CHECKPOINT_
 # Settings that must be equal to resume a run (everything that changes the numbers).
 IDENTITY_KEYS = ("corpus_sha256", "tokenizer_sha256", "preset", "config", "epochs", "lr", "batch_size",
                  "seed", "dropout", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "schedule",
-                 "loss", "label_smoothing", "val_split", "val_file_sha256", "augment")
+                 "loss", "label_smoothing", "val_split", "val_file_sha256", "augment", "abstain", "abstain_sha256",
+                 "abstain_answer")
 
 
 # --fix-misses: each missed question FIX_REPEAT times per round, among FIX_OTHERS times as many
@@ -554,7 +562,8 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
           weight_decay=DEFAULTS["weight_decay"], schedule=DEFAULTS["schedule"], threads=DEFAULTS["threads"],
           stop_after=None, progress=True, max_minutes=None, loss=DEFAULTS["loss"],
           label_smoothing=DEFAULTS["label_smoothing"], val_split=None, val_file=None, val_every=None,
-          early_stop=None, augment=0, device=DEFAULTS["device"], fix_misses=0) -> dict:
+          early_stop=None, augment=DEFAULTS["augment"], device=DEFAULTS["device"], fix_misses=0, abstain=None,
+          abstain_questions=None) -> dict:
     """Train GPT-2 ``preset`` on ``corpus`` with the tokenizer in ``tokenizer_dir``; write the
     run into ``out_dir``. See the module docstring. Returns the train_log dict (plus
     ``out_dir``; ``stopped`` is False for a complete run, else why it stopped: "stop_after",
@@ -585,6 +594,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         raise ValueError(f"--augment must be at most {MAX_PER_QUESTION}, got {augment} (more variants per question "
                          f"are not distinct: a short question has only a few)")
     _need_int("--fix-misses", fix_misses, 0)
+    _need_int("--abstain", abstain, 0, allow_none=True)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a positive number, got {lr!r}")
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
@@ -648,6 +658,19 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         if not val_entries:
             raise ValueError(f"validation file {val_file} has no Q/A or Q/Do entries")
     fit_entries = [e for e in entries if e.kind != "prose"]  # the questions --fix-misses answers exactly
+    abstain_text = corpus_mod.abstain_answer(corpus)
+    n_abstain, abstain_sha = 0, None
+    if abstain != 0:
+        from . import abstain as abstain_mod
+
+        want = len(fit_entries) if abstain is None else abstain
+        off_topic, n_on_topic = abstain_mod.off_topic_entries(entries, abstain_text, want, seed,
+                                                               abstain_questions)
+        n_abstain = len(off_topic)
+        abstain_sha = sha256_file(abstain_questions or abstain_mod.QUESTIONS_FILE)
+        log(f"abstain: {n_abstain} off-topic questions answered with {abstain_text!r} "
+            f"({n_on_topic} of the list left out as on-topic for this corpus)")
+        entries = entries + off_topic
     augment_counts = None
     if augment:
         from . import augment as augment_mod
@@ -692,6 +715,13 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                                  f"tokenized; is {corpus_mod.EOS} a special token of {tok_file}?")
         return lists
 
+    # off-topic questions (line 0, augmented variants too) that do not fit the context are left out
+    long_off = [e for e, ids in zip(entries, tok.encode_batch(corpus_mod.training_texts(entries),
+                                                               add_special_tokens=False))
+                if e.line == 0 and len(ids) > T]
+    if long_off:
+        long_off = {id(e) for e in long_off}
+        entries = [e for e in entries if id(e) not in long_off]
     token_lists = tokenize(entries, corpus)
     starts = answer_starts(tok, entries)
     val_lists = tokenize(val_entries, val_file or corpus)
@@ -722,6 +752,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         "weight_decay": float(weight_decay), "schedule": schedule, "loss": loss,
         "label_smoothing": float(label_smoothing), "val_split": val_split,
         "val_file_sha256": sha256_file(val_file) if val_file is not None else None, "augment": augment,
+        "abstain": n_abstain, "abstain_sha256": abstain_sha, "abstain_answer": abstain_text,
     }
 
     # -- out_dir: a fresh directory, or the same run to resume ----------------------------------
@@ -746,6 +777,8 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     device = resolve_device(device)
     config = make_config(preset, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    if n_abstain:  # save_pretrained keeps it in config.json; convert writes it to the model file
+        config.abstain_answer = abstain_text
     identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
                           if k not in ("transformers_version", "dtype", "torch_dtype")}
     ckpt = None
@@ -773,6 +806,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                                  f"{total_steps} steps of --epochs {epochs}"
                                  + (f" --max-steps {max_steps}" if max_steps else "") + "; give more")
             warmup_steps = old["warmup_steps"] if warmup_steps is None else warmup_steps
+            if old.get("planned_steps") == total_steps:  # fitted to --max-minutes: finish that schedule
+                total_steps = old["total_steps"]
+                identity["planned_steps"] = old["planned_steps"]
             if old.get("total_steps", total_steps) != total_steps:
                 extended_from = old.get("total_steps")
         else:
@@ -1008,6 +1044,8 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                 log(msg)
 
         log_every = max(1, total_steps // 20)
+        # --max-minutes without --max-steps on a new run: fit the schedule to the time
+        fit_to_time = bool(max_minutes) and max_steps is None and resumed_from is None
         stopped = False
         step_times: list[float] = []
         speed = None  # measured seconds per step
@@ -1037,6 +1075,24 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                             f"{_minutes(elapsed + left * speed)}")
                     if speed is not None and len(step_times) % 50 == 0:  # follow the machine's load
                         speed = float(np.mean(step_times[-50:]))
+                    if fit_to_time and speed is not None and (len(step_times) == 1 + ESTIMATE_STEPS
+                                                              or len(step_times) % 50 == 0):
+                        # the schedule ends when the budget does: the last steps run at the low rate
+                        # that a stop by --max-minutes in mid-schedule never reaches. The rate per
+                        # step includes the validations so far (and the first step's one-off cost).
+                        spent = time.perf_counter() - t_session
+                        per_step = max(speed, spent / len(step_times))
+                        fit = step + int((max_minutes * 60 * TIME_FIT_SHARE - spent) / per_step)
+                        if step < fit < total_steps:
+                            if identity.get("planned_steps") is None:
+                                identity["planned_steps"] = total_steps
+                                say(f"--max-minutes {max_minutes:g}: about {_plural(fit, 'step')} fit in the time, so "
+                                    f"the learning-rate schedule now ends there (planned: {total_steps})")
+                            total_steps = fit
+                            identity["total_steps"] = total_steps
+                            log_every = max(1, total_steps // 20)
+                            if bar is not None:
+                                bar.total = total_steps
                     if bar is not None:
                         post = dict(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, lr=f"{scheduler.get_last_lr()[0]:.2e}")
                         if speed is not None:
@@ -1097,7 +1153,10 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                      "threads": n_threads, "device": device, "loss": loss, "label_smoothing": label_smoothing,
                      "val_split": val_split, "val_file": str(val_file.resolve()) if val_file else None,
                      "val_every": val_every, "early_stop": early_stop, "augment": augment,
-                     "max_minutes": max_minutes, "fix_misses": fix_misses},
+                     "max_minutes": max_minutes, "fix_misses": fix_misses, "abstain": abstain,
+                     "abstain_questions": str(Path(abstain_questions).resolve()) if abstain_questions else None},
+            "abstain": {"answer": abstain_text, "off_topic_questions": n_abstain},
+            "planned_steps": identity.get("planned_steps"),
             "stopped": stopped, "steps": step, "total_steps": total_steps,
             "epochs_completed": int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right")),
             "steps_per_epoch": steps_per_epoch[0], "entries": len(entries), "val_entries": len(val_entries),

@@ -10,9 +10,10 @@
 import struct
 import time
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _NO_TOKEN = 0xFFFFFFFF
 _TOKENIZER_KIND = 6
+_META_KIND = 7
 
 
 class Model:
@@ -31,10 +32,13 @@ class Model:
         self._data = data
         self._mv = memoryview(data)
         tok = None
+        self._meta = b""
         for i in range(n_tensors):
             tid, _dtype, off, nbytes = struct.unpack_from("<4I", data, dir_off + 16 * i)
             if tid == _TOKENIZER_KIND:
                 tok = (off, nbytes)
+            elif tid == _META_KIND:
+                self._meta = bytes(data[off:off + nbytes])
         if tok is None:
             raise ValueError("model file has no tokenizer section")
         self._tok = tok
@@ -127,6 +131,10 @@ class Model:
         self._check()
         off, n = self._tok
         return self._mv[off:off + n]
+
+    def meta(self):
+        self._check()
+        return self._meta
 
     def close(self):
         self._open = False

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - every MicroPython port used here has a
     array = None
 
 MAGIC = b"TGSCRIPT1\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SCRIPT = None
 LAST = None
 
@@ -215,6 +215,10 @@ class Model:
     def tokenizer_blob(self):
         self._check()
         return memoryview(self._section)
+
+    def meta(self):
+        self._check()
+        return b""  # scripted models have no meta section
 
     def close(self):
         if self._open:

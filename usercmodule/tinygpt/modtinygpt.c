@@ -465,6 +465,7 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
     dict_int(d, MP_QSTR_kv_bytes, (mp_int_t)h.kv_bytes);
     dict_int(d, MP_QSTR_scratch_bytes, (mp_int_t)h.scratch_bytes);
     dict_int(d, MP_QSTR_tokenizer_bytes, h.tokenizer_bytes);
+    dict_int(d, MP_QSTR_meta_bytes, h.meta_bytes);
     mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_mapped), mp_obj_new_bool(self->map_handle != NULL));
     return d;
 }
@@ -705,6 +706,16 @@ static mp_obj_t tinygpt_model_tokenizer_blob(mp_obj_t self_in) {
 }
 LOCKED_METHOD_1(tinygpt_model_tokenizer_blob);
 
+/* The meta section's text (bytes, a copy; b"" for a version 1 file): chat.py reads the abstain
+ * answer from it. */
+static mp_obj_t tinygpt_model_meta(mp_obj_t self_in) {
+    tinygpt_model_obj_t *self = get_open(self_in);
+    uint32_t n;
+    const uint8_t *p = tg_meta(self->model, &n);
+    return mp_obj_new_bytes(p ? p : (const uint8_t *)"", n);
+}
+LOCKED_METHOD_1(tinygpt_model_meta);
+
 static mp_obj_t tinygpt_model_pos_call(mp_obj_t self_in, size_t n, const mp_obj_t *args, mp_map_t *kw) {
     (void)n;
     (void)args;
@@ -735,6 +746,7 @@ static const mp_rom_map_elem_t tinygpt_model_locals_table[] = {
     {MP_ROM_QSTR(MP_QSTR_counters), MP_ROM_PTR(&tinygpt_model_counters_obj)},
     {MP_ROM_QSTR(MP_QSTR_reset_counters), MP_ROM_PTR(&tinygpt_model_reset_counters_obj)},
     {MP_ROM_QSTR(MP_QSTR_tokenizer_blob), MP_ROM_PTR(&tinygpt_model_tokenizer_blob_obj)},
+    {MP_ROM_QSTR(MP_QSTR_meta), MP_ROM_PTR(&tinygpt_model_meta_obj)},
 };
 static MP_DEFINE_CONST_DICT(tinygpt_model_locals, tinygpt_model_locals_table);
 

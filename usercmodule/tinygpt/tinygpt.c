@@ -549,6 +549,7 @@ struct tg_model {
     const float *wte_s, *wpe, *lnf_g, *lnf_b;
     tg_layer *layers;
     const uint8_t *tokenizer;
+    const uint8_t *meta; /* NULL in a version 1 file */
     /* KV cache: [layer][pos][n_embd] int8, scales [layer][pos][n_head] */
     int8_t *k8, *v8;
     float *sk, *sv;
@@ -609,7 +610,7 @@ void tg_free(tg_model *m) {
 enum { DT_I8 = 1, DT_F32 = 2, DT_RAW = 3 };
 
 enum {
-    K_WTE_Q = 1, K_WTE_S = 2, K_WPE = 3, K_LNF_G = 4, K_LNF_B = 5, K_TOKENIZER = 6,
+    K_WTE_Q = 1, K_WTE_S = 2, K_WPE = 3, K_LNF_G = 4, K_LNF_B = 5, K_TOKENIZER = 6, K_META = 7,
     K_LN1_G = 16, K_LN1_B, K_ATTN_W, K_ATTN_S, K_ATTN_B, K_PROJ_W, K_PROJ_S, K_PROJ_B,
     K_LN2_G, K_LN2_B, K_FC_W, K_FC_S, K_FC_B, K_MPROJ_W, K_MPROJ_S, K_MPROJ_B
 };
@@ -625,6 +626,7 @@ static const char *global_kind_name(uint32_t kind) {
         case K_WPE: return "wpe";
         case K_LNF_G: return "lnf_g";
         case K_LNF_B: return "lnf_b";
+        case K_META: return "meta";
         default: return "tokenizer";
     }
 }
@@ -643,7 +645,7 @@ static void slot_kind(uint32_t slot, uint32_t n_layer, uint32_t *kind, uint32_t 
     }
 }
 
-/* Expected dtype and element count of a tensor kind; 0 elements = any size (tokenizer). */
+/* Expected dtype and element count of a tensor kind; 0 elements = any size (tokenizer, meta). */
 static void kind_shape(const tg_info *h, uint32_t kind, uint32_t *dtype, uint64_t *count) {
     uint64_t E = h->n_embd, I = h->n_inner, V = h->n_vocab, P = h->n_positions;
     *dtype = DT_F32;
@@ -652,7 +654,7 @@ static void kind_shape(const tg_info *h, uint32_t kind, uint32_t *dtype, uint64_
         case K_WTE_S: *count = V; break;
         case K_WPE: *count = P * E; break;
         case K_LNF_G: case K_LNF_B: *count = E; break;
-        case K_TOKENIZER: *dtype = DT_RAW; *count = 0; break;
+        case K_TOKENIZER: case K_META: *dtype = DT_RAW; *count = 0; break;
         case K_ATTN_W: *dtype = DT_I8; *count = 3 * E * E; break;
         case K_ATTN_S: case K_ATTN_B: *count = 3 * E; break;
         case K_PROJ_W: *dtype = DT_I8; *count = E * E; break;
@@ -778,8 +780,8 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
         return fail(err, TG_E_MAGIC, "not a tinygpt model (magic is not 'TGPT')");
     }
     uint32_t version = rd32(buf + 4);
-    if (version != TG_FORMAT_VERSION) {
-        return fail(err, TG_E_VERSION, "format version %u, this engine reads version %u",
+    if (version != 1 && version != TG_FORMAT_VERSION) {
+        return fail(err, TG_E_VERSION, "format version %u, this engine reads versions 1 to %u",
                     (unsigned)version, (unsigned)TG_FORMAT_VERSION);
     }
     if (rd32(buf + 8) != TG_HEADER_SIZE) {
@@ -859,9 +861,11 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
         }
     }
     uint32_t n_tensors = rd32(buf + 76), dir_offset = rd32(buf + 80);
-    if (n_tensors != 6 + 16 * h->n_layer) {
-        return fail(err, TG_E_DIRECTORY, "n_tensors %u, expected %u for %u layers",
-                    (unsigned)n_tensors, (unsigned)(6 + 16 * h->n_layer), (unsigned)h->n_layer);
+    uint32_t n_global = rd32(buf + 4) == 1 ? 6 : 7; /* version 2 adds the meta section */
+    if (n_tensors != n_global + 16 * h->n_layer) {
+        return fail(err, TG_E_DIRECTORY, "n_tensors %u, expected %u for %u layers (version %u)",
+                    (unsigned)n_tensors, (unsigned)(n_global + 16 * h->n_layer),
+                    (unsigned)h->n_layer, (unsigned)rd32(buf + 4));
     }
     if (dir_offset % 16 != 0 || dir_offset < TG_HEADER_SIZE ||
         (uint64_t)dir_offset + 16 * (uint64_t)n_tensors > file_size) {
@@ -926,7 +930,7 @@ static int check_layout(const uint8_t *buf, const tg_info *h, tg_error *err) {
             return fail(err, TG_E_DIRECTORY, "tensor '%s': dtype %u, expected %u", t.name,
                         (unsigned)dt, (unsigned)t.dtype);
         }
-        if (t.kind != K_TOKENIZER && t.nbytes != want) {
+        if (t.dtype != DT_RAW && t.nbytes != want) {
             return fail(err, TG_E_DIRECTORY, "tensor '%s': nbytes %u, expected %s", t.name,
                         (unsigned)t.nbytes, u64_text(t1, want));
         }
@@ -956,6 +960,23 @@ static int check_layout(const uint8_t *buf, const tg_info *h, tg_error *err) {
     return TG_OK;
 }
 
+/* The meta section is text for the scripts (spec section 8); the engine only checks that it is
+ * no larger than a board reads into its heap and holds no NUL byte or other C0 control but the
+ * line feed, so a script never sees binary garbage. */
+static int check_meta(const uint8_t *p, uint32_t n, tg_error *err) {
+    if (n > TG_MAX_META_BYTES) {
+        return fail(err, TG_E_VALUE, "meta section is %u bytes, more than %u", (unsigned)n,
+                    (unsigned)TG_MAX_META_BYTES);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (p[i] < 0x20 && p[i] != '\n') {
+            return fail(err, TG_E_VALUE, "meta section holds control byte 0x%02x at %u",
+                        (unsigned)p[i], (unsigned)i);
+        }
+    }
+    return TG_OK;
+}
+
 /* Every value the layout check did not look at: floats finite, scales >= 0, the tokenizer. */
 static int check_values(const uint8_t *buf, const tg_info *h, tg_error *err) {
     uint32_t n_tensors = rd32(buf + 76);
@@ -969,6 +990,8 @@ static int check_values(const uint8_t *buf, const tg_info *h, tg_error *err) {
                               t.name, err);
         } else if (t.kind == K_TOKENIZER) {
             rc = tg_check_tokenizer(p, t.nbytes, h->n_vocab, err);
+        } else if (t.kind == K_META) {
+            rc = check_meta(p, t.nbytes, err);
         }
         if (rc) {
             return rc;
@@ -989,6 +1012,11 @@ static void bind_tensors(tg_model *m, const uint8_t *buf) {
         if (t.kind == K_TOKENIZER) {
             m->tokenizer = p;
             h->tokenizer_bytes = t.nbytes;
+            continue;
+        }
+        if (t.kind == K_META) {
+            m->meta = p;
+            h->meta_bytes = t.nbytes;
             continue;
         }
         weight_bytes += t.nbytes;
@@ -1224,6 +1252,11 @@ const float *tg_logits(const tg_model *m) {
 const uint8_t *tg_tokenizer(const tg_model *m, uint32_t *len) {
     *len = m->info.tokenizer_bytes;
     return m->tokenizer;
+}
+
+const uint8_t *tg_meta(const tg_model *m, uint32_t *len) {
+    *len = m->info.meta_bytes;
+    return m->meta;
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -16,8 +16,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TG_FORMAT_VERSION 1u
+#define TG_FORMAT_VERSION 2u /* the newest read; version 1 files (no meta section) load too */
 #define TG_HEADER_SIZE 128u
+#define TG_MAX_META_BYTES 65536u /* a meta section larger than this is refused */
 #define TG_NO_TOKEN 0xFFFFFFFFu
 
 /* Status codes. Every failure has its own code; tg_error.msg names the exact problem. */
@@ -69,6 +70,7 @@ typedef struct {
     uint32_t tokenizer_bytes;
     uint32_t max_draft;     /* tokens per tg_verify (their logits are in scratch_bytes) */
     uint32_t n_threads;     /* matmul workers running (1: the caller only) */
+    uint32_t meta_bytes;    /* the meta section (format version 2; 0 in a version 1 file) */
 } tg_info;
 
 /* What the forward passes did since the load or tg_reset_counters (tg_reset keeps them). */
@@ -153,6 +155,10 @@ int tg_sample_at(tg_model *m, const tg_sampler *s, uint32_t at, int32_t draft, i
                  tg_error *err);
 
 const uint8_t *tg_tokenizer(const tg_model *m, uint32_t *len);
+
+/* The meta section (spec section 8: "key: value" lines of UTF-8 text, e.g. the abstain answer);
+ * NULL with *len = 0 for a version 1 file. */
+const uint8_t *tg_meta(const tg_model *m, uint32_t *len);
 
 /* Validate a tokenizer section on its own (the loader calls it too). */
 int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_error *err);

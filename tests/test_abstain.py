@@ -1,0 +1,197 @@
+"""Issue 22: the abstain answer. The corpus declares it (`Abstain:`), training pairs it with
+off-topic questions, the model file records it (format version 2, meta section), and chat.py,
+`tinygpt info --json` and `tinygpt eval --ood` read it. Version 1 files still load and answer
+bit for bit as before."""
+import json
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import tinygpt  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "host_tools"))
+if str(REPO / "py") not in sys.path:
+    sys.path.insert(0, str(REPO / "py"))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from test_train import KW, data  # noqa: E402,F401 - data: test_train's tiny corpus and tokenizer
+from tinygpt import abstain, cli, corpus, modelfile, reference  # noqa: E402
+from tinygpt import train as train_mod  # noqa: E402
+from tinygpt.engine import Model  # noqa: E402
+
+SHIPPED = REPO / "models" / "default" / "model.bin"
+SAY = "I cannot answer that: it is not in my notes."
+
+
+def v2_copy(path, meta):
+    """The shipped model rewritten as a version 2 file with the given meta dict."""
+    mf = reference.load(SHIPPED)
+    buf, info = modelfile.build_model_bytes(dict(mf.hparams), dict(mf.tensors), mf.tokenizer_section, meta)
+    Path(path).write_bytes(bytes(buf))
+    return info
+
+
+# ----------------------------------------------------------------------------- the format
+def test_version_2_file_answers_as_version_1_and_carries_the_answer(tmp_path):
+    info = v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY})
+    assert info["format_version"] == 2
+    ids = [1, 300, 400, 57, 2]
+    with Model(SHIPPED) as m1, Model(tmp_path / "v2.bin") as m2:
+        m1.prefill(ids)
+        m2.prefill(ids)
+        assert np.array_equal(np.asarray(m1.logits()), np.asarray(m2.logits()))
+        assert m1.meta() == b""
+        assert m2.meta() == ("abstain_answer: %s\n" % SAY).encode()
+        assert m2.info()["meta_bytes"] == len(m2.meta())
+    ref = reference.load(tmp_path / "v2.bin")  # the independent reader agrees
+    assert ref.meta == {"abstain_answer": SAY} and ref.header["format_version"] == 2
+    assert reference.load(SHIPPED).meta == {}
+
+
+def _patch(path, offset, data):
+    """Overwrite bytes and recompute the header CRC, so only the changed rule can fail."""
+    b = bytearray(Path(path).read_bytes())
+    b[offset:offset + len(data)] = data
+    size = struct.unpack_from("<I", b, 12)[0]
+    struct.pack_into("<I", b, 16, zlib.crc32(bytes(b[20:size])) & 0xFFFFFFFF)
+    Path(path).write_bytes(bytes(b))
+
+
+def test_engine_and_reference_refuse_a_meta_section_with_a_control_byte(tmp_path):
+    p = tmp_path / "bad.bin"
+    v2_copy(p, {"abstain_answer": SAY})
+    size = len(p.read_bytes())
+    _patch(p, size - 5, b"\x00")  # inside the meta text (the last tensor)
+    with pytest.raises(ValueError, match="meta section holds control byte 0x00"):
+        Model(p)
+    with pytest.raises(reference.FormatError, match="meta: control byte 0x00"):
+        reference.load(p)
+
+
+def test_a_version_1_header_with_a_meta_entry_is_refused(tmp_path):
+    p = tmp_path / "v1meta.bin"
+    v2_copy(p, {"abstain_answer": SAY})
+    _patch(p, 4, struct.pack("<I", 1))  # version 1 says 6 + 16L tensors
+    with pytest.raises(ValueError, match="n_tensors"):
+        Model(p)
+    with pytest.raises(reference.FormatError, match="n_tensors"):
+        reference.load(p)
+
+
+@pytest.mark.parametrize("meta, why", [
+    ({"Abstain": "x"}, "lowercase"), ({"abstain_answer": "two\nlines"}, "control character"),
+    ({"abstain_answer": " padded"}, "surrounding spaces"), ({"abstain_answer": ""}, "non-empty")])
+def test_writer_refuses_bad_meta(meta, why):
+    with pytest.raises(ValueError, match=why):
+        modelfile.meta_section(meta)
+
+
+def test_info_json_prints_the_abstain_answer(tmp_path, capsys):
+    v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY})
+    assert cli.main(["info", str(tmp_path / "v2.bin"), "--json"]) in (0, None)
+    assert json.loads(capsys.readouterr().out)["abstain_answer"] == SAY
+    assert cli.main(["info", str(SHIPPED), "--json"]) in (0, None)
+    assert json.loads(capsys.readouterr().out)["abstain_answer"] is None
+
+
+def test_chat_reads_the_abstain_answer(tmp_path):
+    import chat
+
+    v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY, "later_key": "ignored"})
+    try:
+        chat.load(str(tmp_path / "v2.bin"))
+        assert chat.abstain_answer() == SAY
+        chat.load(str(SHIPPED))
+        assert chat.abstain_answer() is None
+    finally:
+        chat.close()
+
+
+# ----------------------------------------------------------------------------- the corpus
+def test_corpus_declares_the_abstain_answer(tmp_path):
+    c = tmp_path / "c.txt"
+    c.write_text("Q: hi\nA: hello\n\nAbstain: %s\n\nQ: x\nA: y\n" % SAY, encoding="utf-8")
+    assert [e.question for e in corpus.parse(c)] == ["hi", "x"]  # not an entry
+    assert corpus.abstain_answer(c) == SAY and corpus.check(c) == []
+    c.write_text("Q: hi\nA: hello\n", encoding="utf-8")
+    assert corpus.abstain_answer(c) == corpus.DEFAULT_ABSTAIN
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Q: hi\nA: hello\n\nAbstain: hello\n", "is the answer of the question on line 1"),
+    ("Q: hi\nA: hello\n\nAbstain:\n", "empty Abstain"),
+    ("Q: hi\nA: hello\n\nAbstain: one\n\nAbstain: two\n", "second Abstain"),
+    ("Q: hi\nA: hello\nAbstain: one\n", "stands alone"),
+    ("Q: hi\nA: hello\n\nAbstain: " + "x" * 301 + "\n", "more than 300"),
+    ("Q: hi\nA: hello\n\nAbstain: tab\there\n", "control character U\\+0009"),
+])
+def test_bad_abstain_declarations_are_named(tmp_path, text, why):
+    c = tmp_path / "c.txt"
+    c.write_text(text, encoding="utf-8")
+    assert any(why.replace("\\", "") in str(p) or __import__("re").search(why, str(p)) for p in corpus.check(c)), \
+        corpus.check(c)
+    with pytest.raises(ValueError, match=why):
+        corpus.abstain_answer(c)
+
+
+def test_off_topic_questions_that_share_the_corpus_subject_are_left_out(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nHow do I bake sourdough bread?\nWho wrote Hamlet?\nbest oven temperature "
+                   "for bread\nWhat is the capital of Peru?\n", encoding="utf-8")
+    entries = [corpus.Entry("qa", "How do I bake bread at home?", "Knead ten minutes, proof, then bake.", 1),
+               corpus.Entry("qa", "What oven temperature for baking?", "220 C for most loaves.", 3)]
+    got, left = abstain.off_topic_entries(entries, SAY, 10, seed=1, path=lst)
+    assert sorted(e.question for e in got) == ["What is the capital of Peru?", "Who wrote Hamlet?"]
+    assert left == 2 and all(e.answer == SAY and e.kind == "qa" for e in got)
+    got2, _ = abstain.off_topic_entries(entries, SAY, 1, seed=1, path=lst)
+    assert len(got2) == 1
+
+
+def test_the_shipped_list_is_distinct_from_the_measured_out_of_domain_questions():
+    norm = corpus._norm
+    measured = {norm(line) for f in ("dev.txt", "test.txt")
+                for line in (REPO / "data" / "ood" / f).read_text(encoding="utf-8").splitlines() if line.strip()}
+    shipped = abstain.read_questions()
+    assert len(shipped) >= 1000
+    assert not [q for q in shipped if norm(q) in measured]
+
+
+# ----------------------------------------------------------------------------- train -> convert -> chat / eval
+def test_training_teaches_the_declared_answer_and_convert_records_it(data, tmp_path):
+    from tinygpt import convert, evaluate
+
+    d, c, tok = data
+    own = tmp_path / "corpus.txt"
+    own.write_text(c.read_text(encoding="utf-8") + "\nAbstain: %s\n" % SAY, encoding="utf-8")
+    lines = []
+    res = train_mod.train(own, tok, tmp_path / "run", epochs=1, max_steps=3,
+                          **dict(KW, abstain=12, log=lambda *a: lines.append(" ".join(map(str, a)))))
+    assert any(line.startswith("abstain: 12 off-topic questions answered with %r" % SAY) for line in lines), lines
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["abstain_answer"] == SAY and res["abstain"] == {"answer": SAY, "off_topic_questions": 12}
+    rep = convert.convert(tmp_path / "run", tmp_path / "m.bin", progress=False)
+    assert rep["format_version"] == 2 and rep["abstain_answer"] == SAY
+    with Model(tmp_path / "m.bin") as m:
+        assert modelfile.parse_meta(m.meta()) == {"abstain_answer": SAY}
+    ood = tmp_path / "ood.txt"
+    ood.write_text("Who wrote Hamlet?\n\nWhat is the capital of Peru?\n", encoding="utf-8")
+    out = evaluate.evaluate(tmp_path / "m.bin", own, ood_file=ood, log=None, progress=False, limit=5)
+    assert out["abstain_answer"] == SAY and out["n_ood"] == 2
+    a = out["abstention"]["int8"]
+    assert a["ood_abstained"] == sum(r["int8"] == SAY for r in out["ood_results"])
+    assert a["in_domain_abstained"] == sum(r["int8"] == SAY for r in out["results"])
+
+
+def test_abstain_zero_trains_without_off_topic_questions(data, tmp_path):
+    d, c, tok = data
+    res = train_mod.train(c, tok, tmp_path / "run", epochs=1, max_steps=2, **dict(KW, abstain=0, log=None))
+    assert res["abstain"]["off_topic_questions"] == 0
+    assert "abstain_answer" not in json.loads((tmp_path / "run" / "config.json").read_text())
