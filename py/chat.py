@@ -13,6 +13,8 @@ import time
 import tinygpt
 from bpe import Decoder, Tokenizer
 
+from topic import off_topic
+
 try:
     from draft import Drafter, read_section
 except ImportError:  # a board deployed without draft.py: answers come without drafting
@@ -33,7 +35,9 @@ _tok = None
 _path = None
 _answers = b""  # the corpus answers' ids from the model file's drafts section (draft.py)
 _abstain = None  # the model's abstain answer (its meta section), None if it has none
+_known = None    # the corpus's content words (meta known_words, topic.py), None if none
 ABSTAIN_KEY = "abstain_answer"
+KNOWN_WORDS_KEY = "known_words"
 
 
 def load(path=None, n_ctx=None, n_threads=None):
@@ -63,13 +67,15 @@ def load(path=None, n_ctx=None, n_threads=None):
 
 def _load_meta():
     """The meta section's "key: value" lines (docs/model-format.md section 8): the abstain answer."""
-    global _abstain
-    _abstain = None
+    global _abstain, _known
+    _abstain = _known = None
     text = bytes(_model.meta()).decode("utf-8")
     for line in text.split("\n"):
-        key, sep, value = line.partition(": ")
-        if sep and key == ABSTAIN_KEY:
-            _abstain = value
+        i = line.find(": ")  # not str.partition: optional in MicroPython builds
+        if i > 0 and line[:i] == ABSTAIN_KEY:
+            _abstain = line[i + 2:]
+        elif i > 0 and line[:i] == KNOWN_WORDS_KEY:
+            _known = line[i + 2:]
 
 
 def abstain_answer():
@@ -96,13 +102,13 @@ def _load_answers(path):
 
 
 def close():
-    global _model, _tok, _answers, _abstain
+    global _model, _tok, _answers, _abstain, _known
     if _model is not None:
         _model.close()
     _model = None
     _tok = None
     _answers = b""
-    _abstain = None
+    _abstain = _known = None
 
 
 def _clean(question, limit):
@@ -242,6 +248,11 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     n_ctx = info["n_ctx"]
     eos, q_id = info["eos_id"], info["q_id"]
     ids, cut, more = prompt_ids(question, n_ctx)
+    if _abstain is not None and _known and off_topic(_clean(question, n_ctx * _tok.max_token_bytes)[0], _known):
+        # no word of the question is in the corpus: the abstain answer, without a model pass
+        if stream:
+            _out(_abstain + "\n")
+        return _abstain
     if cut and stream:
         _out("[question cut by %s%d tokens to fit the %d-token context]\n"
              % ("more than " if more else "", cut, n_ctx))

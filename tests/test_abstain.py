@@ -180,7 +180,7 @@ def test_training_teaches_the_declared_answer_and_convert_records_it(data, tmp_p
     rep = convert.convert(tmp_path / "run", tmp_path / "m.bin", progress=False)
     assert rep["format_version"] == 2 and rep["abstain_answer"] == SAY
     with Model(tmp_path / "m.bin") as m:
-        assert modelfile.parse_meta(m.meta()) == {"abstain_answer": SAY}
+        assert modelfile.parse_meta(m.meta())["abstain_answer"] == SAY
     ood = tmp_path / "ood.txt"
     ood.write_text("Who wrote Hamlet?\n\nWhat is the capital of Peru?\n", encoding="utf-8")
     out = evaluate.evaluate(tmp_path / "m.bin", own, ood_file=ood, log=None, progress=False, limit=5)
@@ -195,3 +195,106 @@ def test_abstain_zero_trains_without_off_topic_questions(data, tmp_path):
     res = train_mod.train(c, tok, tmp_path / "run", epochs=1, max_steps=2, **dict(KW, abstain=0, log=None))
     assert res["abstain"]["off_topic_questions"] == 0
     assert "abstain_answer" not in json.loads((tmp_path / "run" / "config.json").read_text())
+
+
+def test_chat_reads_the_abstain_answer_under_micropython(tmp_path):
+    """py/chat.py's meta reading under real MicroPython (the PyPI unix port) on the board double,
+    which reads the meta section of a real version 2 file."""
+    import subprocess
+
+    from test_chat import micropython_cmd
+
+    v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY + " \u00e9t\u00e9"})
+    code = ("import sys\nsys.path[:0] = [%r, %r]\nimport chat\nchat.load(%r)\nprint(chat.abstain_answer())\n"
+            "chat.load(%r)\nprint(chat.abstain_answer())\n"
+            % (str(REPO / "tests" / "board_double"), str(REPO / "py"), str(tmp_path / "v2.bin"), str(SHIPPED)))
+    p = subprocess.run(micropython_cmd() + ["-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert p.stdout.splitlines() == [SAY + " \u00e9t\u00e9", "None"]
+
+
+# ----------------------------------------------------------------------------- py/topic.py
+TOPIC_CASES = ["How do I water a Cactus?", "PLANTS plants plant's 'quoted' glass ss", "Who wrote WAR and Peace?",
+               "\u00c9t\u00e9 na\u00efve caf\u00e9 \u212a", "!!!", "how are you", "repot-ting 2x4 o'clock it's",
+               "\u00fcber Stra\u00dfe MIXED case 123abc", ""]
+
+
+def test_topic_content_words_are_the_same_under_micropython():
+    import subprocess
+
+    import topic
+    from test_chat import micropython_cmd
+
+    code = ("import sys\nsys.path.insert(0, %r)\nimport topic\nfor t in %r:\n"
+            "    print(' '.join(sorted(topic.content_words(t))))\n" % (str(REPO / "py"), TOPIC_CASES))
+    p = subprocess.run(micropython_cmd() + ["-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    want = [" ".join(sorted(topic.content_words(t))) for t in TOPIC_CASES]
+    assert p.stdout.split("\n")[:-1] == want
+    assert want[0] == "cactu water" and want[1] == "glass plant quoted ss"  # "s" dropped, "ss" kept
+
+
+def test_off_topic_needs_one_known_word():
+    import topic
+
+    known = topic.known_words_line(["How often do I water a cactus?", "Cacti want sun and dry soil."])
+    assert known == "cacti cactu dry often soil sun water"
+    assert topic.off_topic("Who wrote Hamlet?", known)
+    assert not topic.off_topic("my CACTUS looks sad", known)
+    assert not topic.off_topic("how are you?", known)  # no content word: the model decides
+    assert not topic.off_topic("Who wrote Hamlet?", "")
+
+
+def test_ask_gives_the_abstain_answer_without_a_model_pass_for_an_unknown_subject(tmp_path, capsys):
+    import chat
+
+    v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY, "known_words": "psram ram"})
+    try:
+        m = chat.load(str(tmp_path / "v2.bin"))
+        m.reset_counters()
+        assert chat.ask("Who wrote Hamlet?") == SAY
+        assert m.counters()["passes"] == 0
+        assert capsys.readouterr().out == SAY + "\n"
+        assert chat.ask("What is PSRAM?", stream=False) != SAY  # a known word: the model answers
+        assert m.counters()["passes"] > 0
+    finally:
+        chat.close()
+
+
+def test_train_records_the_known_words_and_convert_writes_them(data, tmp_path):
+    from tinygpt import convert, evaluate
+
+    d, c, tok = data
+    train_mod.train(c, tok, tmp_path / "run", epochs=1, max_steps=2, **dict(KW, abstain=5, log=None))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["abstain_known_words"] == abstain.known_words(corpus.parse(c))
+    convert.convert(tmp_path / "run", tmp_path / "m.bin", progress=False)
+    with Model(tmp_path / "m.bin") as m:
+        assert modelfile.parse_meta(m.meta())["known_words"] == cfg["abstain_known_words"]
+    ood = tmp_path / "ood.txt"
+    ood.write_text("zebra xylophone quantum?\n", encoding="utf-8")
+    out = evaluate.evaluate(tmp_path / "m.bin", c, ood_file=ood, log=None, progress=False, limit=3)
+    assert out["ood_results"][0]["gated"] and out["ood_results"][0]["int8"] == cfg["abstain_answer"]
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\xc0\xaf", b"\xe2\x82"])
+def test_engine_refuses_a_meta_section_that_is_not_utf8(tmp_path, bad):
+    p = tmp_path / "bad.bin"
+    v2_copy(p, {"abstain_answer": "x" * 8})
+    size = len(p.read_bytes())
+    _patch(p, size - 1 - len(bad), bad)  # the last bytes before the final line feed
+    with pytest.raises(ValueError, match="meta section is not UTF-8"):
+        Model(p)
+    with pytest.raises(reference.FormatError, match="meta: not UTF-8"):
+        reference.load(p)
+
+
+def test_max_minutes_fits_the_schedule_to_the_time(data, tmp_path):
+    """Issue 22 (3): with --max-minutes and no --max-steps the cosine schedule ends when the time
+    does, instead of the run stopping in mid-schedule at a high learning rate."""
+    d, c, tok = data
+    res = train_mod.train(c, tok, tmp_path / "r", epochs=2000, max_minutes=0.05, **dict(KW, log=None))
+    assert res["planned_steps"] is not None and res["total_steps"] < res["planned_steps"]
+    assert res["steps"] <= res["total_steps"]
+    fixed = train_mod.train(c, tok, tmp_path / "r2", epochs=2, max_minutes=5, **dict(KW, log=None))
+    assert fixed["planned_steps"] is None and fixed["steps"] == fixed["total_steps"]  # fits: the plan stays

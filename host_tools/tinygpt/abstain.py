@@ -17,39 +17,35 @@ from __future__ import annotations
 
 import os
 import random
-import re
+import sys
 from pathlib import Path
 
 from . import corpus as corpus_mod
 
 QUESTIONS_FILE = Path(__file__).parent / "data" / "abstain_questions.txt"
-# Words too common to say what a question is about ("how do i ... ?"): sharing only these with the
-# corpus does not make a list question on-topic.
-COMMON_WORDS = frozenset("""
-a about after all also am an and any anyone are as at be been before best better between but by can
-could did do does doing don't else ever every for from get gets getting give go going good got had has
-have how i i'm if in into is isn't it it's its just know like long make many me more most much my need
-new no not now of off on one or other our out over please really right should so some something still
-tell than thank thanks that that's the their them then there these they thing things this those to too
-up us use used using very want was way we well were what what's whats when where which who why will
-with without work would yes you your
-""".split())
 ON_TOPIC_SHARE = 0.5
-_WORD = re.compile(r"[a-z0-9']+")
+MAX_KNOWN_WORDS_BYTES = 60000  # the meta section holds at most 64 KiB (docs/model-format.md section 8)
+
+
+def _topic():
+    """py/topic.py, the code the board runs (one definition of a content word for both)."""
+    py_dir = str(Path(__file__).resolve().parents[2] / "py")
+    if py_dir not in sys.path:
+        sys.path.insert(0, py_dir)
+    import topic
+
+    return topic
 
 
 def content_words(text: str) -> set[str]:
-    """The lowercase words of text that are not COMMON_WORDS (a trailing 's' dropped, so that
-    "plants" and "plant" are one word)."""
-    out = set()
-    for w in _WORD.findall(text.lower()):
-        w = w.strip("'")
-        if not w or w in COMMON_WORDS:
-            continue
-        if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-            w = w[:-1]
-        out.add(w)
-    return out
+    """py/topic.py's content words: lowercase ASCII words that are not its COMMON_WORDS."""
+    return _topic().content_words(text)
+
+
+def known_words(entries) -> str:
+    """The meta value `known_words` of a corpus: every content word of its questions, answers
+    and prose (py/topic.py decides with it on the board)."""
+    return _topic().known_words_line([t for e in entries for t in (e.question, e.answer, e.text) if t])
 
 
 def read_questions(path=None) -> list[str]:

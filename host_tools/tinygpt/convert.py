@@ -115,6 +115,13 @@ def read_hf_config(hf_dir) -> dict:
             raise ValueError(f"{path}: abstain_answer must be one line of text (1 to 300 characters, no control "
                              f"characters), got {abst!r}")
     out["abstain_answer"] = abst
+    known = cfg.get("abstain_known_words")
+    if known is not None and (abst is None or not isinstance(known, str) or len(known.encode("utf-8")) > 60000
+                              or known != " ".join(sorted(set(known.split()))) or any(
+                                  not ("a" <= c <= "z" or "0" <= c <= "9" or c in "' ") for c in known)):
+        raise ValueError(f"{path}: abstain_known_words must be sorted lowercase ASCII words, one space between, "
+                         f"at most 60000 bytes, next to an abstain_answer")
+    out["abstain_known_words"] = known
     out["path"] = path
     return out
 
@@ -422,7 +429,11 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             "eos_id": eos, "bos_id": bos,
             "q_id": id_or_none("q_id"), "a_id": id_or_none("a_id"), "do_id": id_or_none("do_id"),
         }
-        meta = None if cfg["abstain_answer"] is None else {modelfile.ABSTAIN_KEY: cfg["abstain_answer"]}
+        meta = None
+        if cfg["abstain_answer"] is not None:
+            meta = {modelfile.ABSTAIN_KEY: cfg["abstain_answer"]}
+            if cfg["abstain_known_words"]:
+                meta[modelfile.KNOWN_WORDS_KEY] = cfg["abstain_known_words"]
         buf, info = modelfile.build_model_bytes(hparams, tensors, section, meta)
         parent = os.path.dirname(os.path.abspath(out_path))
         os.makedirs(parent, exist_ok=True)

@@ -296,22 +296,23 @@ def load_ood_questions(path) -> list[str]:
 
 
 def abstain_answer_of(hf_dir, model_file):
-    """The abstain answer the model was trained with: the run's config.json, else the model
-    file's meta section; None when it has none."""
+    """(abstain answer, known_words) the model was trained with: the run's config.json, else the
+    model file's meta section; (None, None) when it has none."""
     if hf_dir is not None:
         try:
-            a = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")).get("abstain_answer")
+            cfg = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            a = None
-        if a:
-            return a
+            cfg = {}
+        if cfg.get("abstain_answer"):
+            return cfg["abstain_answer"], cfg.get("abstain_known_words")
     if model_file is not None:
         from .engine import Model
-        from .modelfile import ABSTAIN_KEY, parse_meta
+        from .modelfile import ABSTAIN_KEY, KNOWN_WORDS_KEY, parse_meta
 
         with Model(model_file) as m:
-            return parse_meta(m.meta()).get(ABSTAIN_KEY)
-    return None
+            meta = parse_meta(m.meta())
+        return meta.get(ABSTAIN_KEY), meta.get(KNOWN_WORDS_KEY)
+    return None, None
 
 
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
@@ -374,7 +375,10 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if not model_file.is_file():
                 raise ValueError(f"INT8 model file not found: {model_file}")
 
-        abstain = abstain_answer_of(hf_dir, model_file)
+        abstain, known = abstain_answer_of(hf_dir, model_file)
+        from .abstain import _topic
+
+        topic = _topic()
         int8 = None
         if model_file is not None:
             from .engine import Model
@@ -397,10 +401,12 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             for q, expected in questions + [(q, None) for q in ood]:
                 ids = board_prompt_ids(tok, q, n_ctx)
                 guess = None
+                # chat.ask's first check: no word of the question in the corpus -> the abstain answer
+                gated = bool(abstain and known and topic.off_topic(q, known))
                 if expected is None:  # out of domain: no expected answer to draft from
-                    r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids)}
+                    r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids), "gated": gated}
                     for name, runner in runners.items():
-                        r[name] = generate(runner, tok, ids, max_new_tokens)
+                        r[name] = abstain if gated else generate(runner, tok, ids, max_new_tokens)
                     ood_results.append(r)
                     if bar is not None:
                         bar.update(1)
@@ -408,9 +414,9 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                 if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
                     full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())
                     guess = full[len(ids):] if full[:len(ids)] == ids else None
-                r = {"question": q, "expected": expected, "prompt_tokens": len(ids)}
+                r = {"question": q, "expected": expected, "prompt_tokens": len(ids), "gated": gated}
                 for name, runner in runners.items():
-                    ans = generate(runner, tok, ids, max_new_tokens, draft=guess)
+                    ans = abstain if gated else generate(runner, tok, ids, max_new_tokens, draft=guess)
                     r[name] = ans
                     r["ok_" + name] = ans == expected.strip()
                 results.append(r)
@@ -460,7 +466,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         "hf_dir": str(hf_dir) if hf_dir is not None else None,
         "model_file": model_label,
         "results": results, "mismatches": mismatches, "plot": None,
-        "abstain_answer": abstain, "abstention": abst, "ood_file": str(ood_file) if ood_file else None,
+        "abstain_answer": abstain, "abstention": abst, "known_words": len(known.split()) if known else None, "ood_file": str(ood_file) if ood_file else None,
         "n_ood": len(ood_results), "ood_results": ood_results,
     }
     _print_table(out, log)

@@ -50,6 +50,7 @@ TOKENIZER_KIND = 6
 META_KIND = 7          # format version 2: "key: value" text lines after the tokenizer (spec section 8)
 MAX_META_BYTES = 65536
 ABSTAIN_KEY = "abstain_answer"
+KNOWN_WORDS_KEY = "known_words"  # the corpus's content words (py/topic.py)
 
 # header layout (spec section 2): "<4s5I" at 0 (magic .. quant_scheme), "<7I" at 24
 # (n_vocab .. activation), "<f" at 52 (layer_norm_epsilon), "<9I" at 56 (eos_id .. flags,

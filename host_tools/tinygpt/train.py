@@ -163,6 +163,7 @@ LOSSES = ("all", "answer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ESTIMATE_STEPS = 3   # steps timed (after the first) for the time estimate
 TIME_FIT_SHARE = 0.93  # of --max-minutes planned for steps; the rest: the final validation, saving
+TIME_FIT_MARGIN = 1.05  # seconds per step planned, over the measured ones (validations come on top)
 BEST_DIR = "best"    # the model of the best validation, save_pretrained layout
 
 CHECKPOINT_DIR = "checkpoint"
@@ -659,7 +660,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
             raise ValueError(f"validation file {val_file} has no Q/A or Q/Do entries")
     fit_entries = [e for e in entries if e.kind != "prose"]  # the questions --fix-misses answers exactly
     abstain_text = corpus_mod.abstain_answer(corpus)
-    n_abstain, abstain_sha = 0, None
+    n_abstain, abstain_sha, known_words = 0, None, None
     if abstain != 0:
         from . import abstain as abstain_mod
 
@@ -667,6 +668,11 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         off_topic, n_on_topic = abstain_mod.off_topic_entries(entries, abstain_text, want, seed,
                                                                abstain_questions)
         n_abstain = len(off_topic)
+        known_words = abstain_mod.known_words(entries)  # py/topic.py's check on the board
+        if len(known_words.encode("utf-8")) > abstain_mod.MAX_KNOWN_WORDS_BYTES:
+            log(f"abstain: the corpus has {len(known_words.split())} distinct content words, more than the model "
+                f"file's meta section holds; the model alone decides when to abstain")
+            known_words = None
         abstain_sha = sha256_file(abstain_questions or abstain_mod.QUESTIONS_FILE)
         log(f"abstain: {n_abstain} off-topic questions answered with {abstain_text!r} "
             f"({n_on_topic} of the list left out as on-topic for this corpus)")
@@ -777,8 +783,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     device = resolve_device(device)
     config = make_config(preset, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    if n_abstain:  # save_pretrained keeps it in config.json; convert writes it to the model file
+    if n_abstain:  # save_pretrained keeps them in config.json; convert writes them to the model file
         config.abstain_answer = abstain_text
+        config.abstain_known_words = known_words
     identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
                           if k not in ("transformers_version", "dtype", "torch_dtype")}
     ckpt = None
@@ -1080,10 +1087,12 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
                         # the schedule ends when the budget does: the last steps run at the low rate
                         # that a stop by --max-minutes in mid-schedule never reaches. The rate per
                         # step includes the validations so far (and the first step's one-off cost).
+                        # The recent speed (last 50 steps), so that the plan follows the machine's load both
+                        # ways: a busy spell shortens it, and it grows back (up to the plan) when it ends.
                         spent = time.perf_counter() - t_session
-                        per_step = max(speed, spent / len(step_times))
-                        fit = step + int((max_minutes * 60 * TIME_FIT_SHARE - spent) / per_step)
-                        if step < fit < total_steps:
+                        fit = step + int((max_minutes * 60 * TIME_FIT_SHARE - spent) / (speed * TIME_FIT_MARGIN))
+                        fit = min(fit, identity.get("planned_steps") or total_steps)
+                        if step < fit != total_steps:
                             if identity.get("planned_steps") is None:
                                 identity["planned_steps"] = total_steps
                                 say(f"--max-minutes {max_minutes:g}: about {_plural(fit, 'step')} fit in the time, so "

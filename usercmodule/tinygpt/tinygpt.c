@@ -973,6 +973,17 @@ static int check_meta(const uint8_t *p, uint32_t n, tg_error *err) {
             return fail(err, TG_E_VALUE, "meta section holds control byte 0x%02x at %u",
                         (unsigned)p[i], (unsigned)i);
         }
+        if (p[i] >= 0x80) { /* a UTF-8 sequence: lead byte, then 1-3 continuation bytes */
+            uint32_t more = (p[i] & 0xE0) == 0xC0 ? 1 : (p[i] & 0xF0) == 0xE0 ? 2 : (p[i] & 0xF8) == 0xF0 ? 3 : 0;
+            int bad = more == 0 || p[i] < 0xC2 || p[i] > 0xF4 || n - i <= more;
+            for (uint32_t k = 1; !bad && k <= more; k++) {
+                bad = (p[i + k] & 0xC0) != 0x80;
+            }
+            if (bad) {
+                return fail(err, TG_E_VALUE, "meta section is not UTF-8 at byte %u", (unsigned)i);
+            }
+            i += more;
+        }
     }
     return TG_OK;
 }
