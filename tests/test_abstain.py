@@ -298,3 +298,20 @@ def test_max_minutes_fits_the_schedule_to_the_time(data, tmp_path):
     assert res["steps"] <= res["total_steps"]
     fixed = train_mod.train(c, tok, tmp_path / "r2", epochs=2, max_minutes=5, **dict(KW, log=None))
     assert fixed["planned_steps"] is None and fixed["steps"] == fixed["total_steps"]  # fits: the plan stays
+
+
+def test_a_run_from_before_abstention_resumes_with_abstain_0(data, tmp_path):
+    import torch
+
+    d, c, tok = data
+    out = tmp_path / "old"
+    train_mod.train(c, tok, out, epochs=1, stop_after=2, **dict(KW, log=None))
+    ck = out / train_mod.CHECKPOINT_DIR / train_mod.CHECKPOINT_FILE
+    state = torch.load(ck, weights_only=False)
+    for k in ("abstain", "abstain_sha256", "abstain_answer"):
+        del state["identity"][k]  # as a checkpoint written before these keys existed
+    torch.save(state, ck)
+    res = train_mod.train(c, tok, out, epochs=1, resume=True, **dict(KW, log=None))
+    assert res["stopped"] is False
+    with pytest.raises(ValueError, match="--abstain: checkpoint 0 vs now 3"):
+        train_mod.train(c, tok, tmp_path / "old", epochs=2, resume=True, **dict(KW, log=None, abstain=3))

@@ -793,7 +793,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     if resume:
         ckpt = load_checkpoint(out_dir) if out_dir.is_dir() else None
         if ckpt is not None:
-            old = ckpt["identity"]
+            old = dict(ckpt["identity"])
+            if "abstain" not in old and identity["abstain"] == 0:  # a run from before abstention, resumed
+                old.update(abstain=0, abstain_sha256=None, abstain_answer=identity["abstain_answer"])  # with --abstain 0
             # epochs / max_steps may grow: that continues a run (see the module docstring)
             diff = [k for k in IDENTITY_KEYS if k not in ("epochs", "max_steps", "warmup_steps")
                     and old.get(k) != identity.get(k)]
