@@ -22,6 +22,7 @@ if str(REPO / "py") not in sys.path:
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from test_chat import micropy_bin  # noqa: E402,F401 - the fixture (MICROPY_BIN, else a skip with the build steps)
 from test_train import KW, data  # noqa: E402,F401 - data: test_train's tiny corpus and tokenizer
 from tinygpt import abstain, cli, corpus, modelfile, reference  # noqa: E402
 from tinygpt import train as train_mod  # noqa: E402
@@ -315,3 +316,28 @@ def test_a_run_from_before_abstention_resumes_with_abstain_0(data, tmp_path):
     assert res["stopped"] is False
     with pytest.raises(ValueError, match="--abstain: checkpoint 0 vs now 3"):
         train_mod.train(c, tok, tmp_path / "old", epochs=2, resume=True, **dict(KW, log=None, abstain=3))
+
+
+QUESTIONS = ["Who wrote Hamlet?", "What is PSRAM?", "psram", "zzzz", "Is PSRAM the same as RAM?"]
+
+
+def test_the_board_module_answers_and_abstains_like_the_pc(micropy_bin, tmp_path):  # noqa: F811
+    """The real MicroPython binding (MICROPY_BIN) reads the meta section; chat.ask on it gives the
+    PC's answers, the abstain answer included."""
+    import subprocess
+
+    import chat
+
+    v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY, "known_words": "psram ram"})
+    code = ("import sys\nsys.path.insert(0, %r)\nimport chat, tinygpt\nprint(tinygpt.FORMAT_VERSION)\n"
+            "chat.load(%r)\nprint(chat.abstain_answer())\nfor q in %r:\n    print(chat.ask(q, stream=False))\n"
+            % (str(REPO / "py"), str(tmp_path / "v2.bin"), QUESTIONS))
+    p = subprocess.run([micropy_bin, "-X", "heapsize=16M", "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    try:
+        chat.load(str(tmp_path / "v2.bin"))
+        want = ["2", SAY] + [chat.ask(q, stream=False) for q in QUESTIONS]
+    finally:
+        chat.close()
+    assert p.stdout.split("\n")[:-1] == want
+    assert want[2] == SAY and want[3] != SAY
