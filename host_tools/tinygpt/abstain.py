@@ -15,7 +15,6 @@ corpus uses so many everyday words that 260 of the 1,156 shipped questions were 
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
@@ -50,29 +49,13 @@ def known_words(entries) -> str:
 
 def read_questions(path=None) -> list[str]:
     """The questions of a list file: one per line, '#' lines and blank lines skipped."""
-    p = QUESTIONS_FILE if path is None else Path(path)
-    if not p.is_file():
-        raise ValueError(f"off-topic question list not found: {os.fspath(p)}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{os.fspath(p)} is not UTF-8 text ({e})") from None
-    out = []
-    for no, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if any(corpus_mod._is_control(ch) for ch in line):
-            raise ValueError(f"{os.fspath(p)}:{no}: control character in the question")
-        out.append(line)
-    if not out:
-        raise ValueError(f"off-topic question list {os.fspath(p)} holds no question")
-    return out
+    return corpus_mod.load_question_lines(QUESTIONS_FILE if path is None else path, "off-topic question list")
 
 
 def off_topic_entries(entries, answer: str, n: int, seed: int, path=None) -> tuple[list, int]:
-    """Up to n Entry objects (kind 'qa', line 0) pairing list questions with ``answer``: those that
-    share no content word with the corpus entries, in a seeded random order. Returns (entries,
+    """Up to n Entry objects (kind 'qa', line 0) pairing list questions with ``answer``: those of
+    which less than ON_TOPIC_SHARE of the content words occur in the corpus entries, in a seeded
+    random order. Returns (entries,
     number of list questions left out as on-topic)."""
     vocab = set()
     for e in entries:

@@ -496,6 +496,33 @@ def load_questions(path) -> list[tuple[str, str]]:
     return [(e.question, e.target) for e in _parse_text(text)[0] if e.kind != "prose"]
 
 
+def load_question_lines(path, what="questions file") -> list[str]:
+    """Questions one per line (blank lines and '#' lines skipped), or the Q: lines of a file in
+    the corpus format. Raises ValueError naming the file and line of a problem."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise ValueError(f"{what} not found: {p}")
+    with open(p, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text ({e})") from None
+    if any(line.startswith(Q_PREFIX) for line in text.splitlines()):
+        return [q for q, _ in load_questions(p)]
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(_is_control(ch) for ch in line):
+            raise ValueError(f"{p}:{no}: control character in the question")
+        out.append(line)
+    if not out:
+        raise ValueError(f"{what} {p} holds no question")
+    return out
+
+
 def format_stats(st: dict, path=None, tokenizer=None) -> str:
     """`tinygpt corpus stats`: the stats dict as an aligned table (`--json` prints the dict)."""
     from .ui import format_rows

@@ -273,26 +273,7 @@ def generate(runner, tok, prompt_ids, max_new_tokens=80, draft=None) -> str:
 def load_ood_questions(path) -> list[str]:
     """Out-of-domain questions: one per line ('#' lines and blank lines skipped), or the Q: lines
     of a corpus-format file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"out-of-domain questions file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text ({e})") from None
-    if any(line.startswith(corpus_mod.Q_PREFIX) for line in text.splitlines()):
-        return [q for q, _ in corpus_mod.load_questions(p)]
-    out = []
-    for no, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if any(corpus_mod._is_control(ch) for ch in line):
-            raise ValueError(f"{p}:{no}: control character in the question")
-        out.append(line)
-    if not out:
-        raise ValueError(f"{p} holds no question")
-    return out
+    return corpus_mod.load_question_lines(path, "out-of-domain questions file")
 
 
 def abstain_answer_of(hf_dir, model_file):

@@ -722,12 +722,11 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         return lists
 
     # off-topic questions (line 0, augmented variants too) that do not fit the context are left out
-    long_off = [e for e, ids in zip(entries, tok.encode_batch(corpus_mod.training_texts(entries),
-                                                               add_special_tokens=False))
-                if e.line == 0 and len(ids) > T]
-    if long_off:
-        long_off = {id(e) for e in long_off}
-        entries = [e for e in entries if id(e) not in long_off]
+    off = [e for e in entries if e.line == 0]
+    too_long = {id(e) for e, enc in zip(off, tok.encode_batch(corpus_mod.training_texts(off), add_special_tokens=False))
+                if len(enc.ids) > T}
+    if too_long:
+        entries = [e for e in entries if id(e) not in too_long]
     token_lists = tokenize(entries, corpus)
     starts = answer_starts(tok, entries)
     val_lists = tokenize(val_entries, val_file or corpus)
