@@ -19,6 +19,10 @@ try:
     from draft import Drafter, read_section
 except ImportError:  # a board deployed without draft.py: answers come without drafting
     Drafter = None
+try:
+    from retrieve import RETRIEVAL_KEY, Index
+except ImportError:  # a board deployed without retrieve.py: the model's answers as they come
+    Index = None
 
 MAX_NEW_TOKENS = 80
 MIN_ANSWER_ROOM = 16  # context positions kept free for the answer when a question is cut
@@ -36,6 +40,7 @@ _path = None
 _answers = b""  # the corpus answers' ids from the model file's drafts section (draft.py)
 _abstain = None  # the model's abstain answer (its meta section), None if it has none
 _known = None    # the corpus's content words (meta known_words, topic.py), None if none
+_index = None    # the corpus answers' word index (meta retrieval, retrieve.py), None if none
 ABSTAIN_KEY = "abstain_answer"
 KNOWN_WORDS_KEY = "known_words"
 
@@ -67,15 +72,17 @@ def load(path=None, n_ctx=None, n_threads=None):
 
 def _load_meta():
     """The meta section's "key: value" lines (docs/model-format.md section 8): the abstain answer."""
-    global _abstain, _known
-    _abstain = _known = None
-    text = bytes(_model.meta()).decode("utf-8")
-    for line in text.split("\n"):
+    global _abstain, _known, _index
+    _abstain = _known = _index = None
+    meta = {}
+    for line in bytes(_model.meta()).decode("utf-8").split("\n"):
         i = line.find(": ")  # not str.partition: optional in MicroPython builds
-        if i > 0 and line[:i] == ABSTAIN_KEY:
-            _abstain = line[i + 2:]
-        elif i > 0 and line[:i] == KNOWN_WORDS_KEY:
-            _known = line[i + 2:]
+        if i > 0:
+            meta[line[:i]] = line[i + 2:]
+    _abstain = meta.get(ABSTAIN_KEY)
+    _known = meta.get(KNOWN_WORDS_KEY)
+    if Index is not None and RETRIEVAL_KEY in meta:
+        _index = Index(meta)
 
 
 def abstain_answer():
@@ -102,13 +109,13 @@ def _load_answers(path):
 
 
 def close():
-    global _model, _tok, _answers, _abstain, _known
+    global _model, _tok, _answers, _abstain, _known, _index
     if _model is not None:
         _model.close()
     _model = None
     _tok = None
     _answers = b""
-    _abstain = _known = None
+    _abstain = _known = _index = None
 
 
 def _clean(question, limit):
@@ -238,17 +245,17 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     Ctrl-C stops the answer; what was generated so far is returned.
     draft: guess the next tokens from the corpus answers and the question, and let the model
     check several in one pass (the same answer as without, token for token when greedy; the
-    same distribution when sampling); False: one pass per token."""
+    same distribution when sampling); False: one pass per token.
+    A model file with a word index (retrieve.py) has its answer checked against the corpus
+    answers before it is shown: the answer then appears whole, once decided."""
     if _model is None:
         load()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError("max_new_tokens must be an int >= 1")
-    m = _model
-    info = m.info()
-    n_ctx = info["n_ctx"]
-    eos, q_id = info["eos_id"], info["q_id"]
+    n_ctx = _model.info()["n_ctx"]
     ids, cut, more = prompt_ids(question, n_ctx)
-    if _abstain is not None and _known and off_topic(_clean(question, n_ctx * _tok.max_token_bytes)[0], _known):
+    text = _clean(question, n_ctx * _tok.max_token_bytes)[0]
+    if _abstain is not None and _known and off_topic(text, _known):
         # no word of the question is in the corpus: the abstain answer, without a model pass
         if stream:
             _out(_abstain + "\n")
@@ -256,6 +263,24 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
     if cut and stream:
         _out("[question cut by %s%d tokens to fit the %d-token context]\n"
              % ("more than " if more else "", cut, n_ctx))
+    sampling = (temperature, top_k, top_p, repetition_penalty)
+    if _index is None:
+        return _generate(ids, max_new_tokens, sampling, seed, stream, timing, draft)[0]
+    answer, interrupted = _generate(ids, max_new_tokens, sampling, seed, False, timing, draft)
+    if not interrupted:
+        answer = _index.choose(text, answer, _abstain)[0]
+    if stream:
+        _out(answer + (" [interrupted]\n" if interrupted else "\n"))
+    return answer
+
+
+def _generate(ids, max_new_tokens, sampling, seed, stream, timing, draft):
+    """The model's answer to the prompt ids: (text, interrupted by Ctrl-C)."""
+    m = _model
+    info = m.info()
+    n_ctx = info["n_ctx"]
+    eos, q_id = info["eos_id"], info["q_id"]
+    temperature, top_k, top_p, repetition_penalty = sampling
     dec = Decoder(_tok)
     text = ""
     printed = 0
@@ -269,7 +294,6 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
         drafter.start(ids)
         k_max = info["max_draft"] - 1
         k = k_max // 2
-    sampling = (temperature, top_k, top_p, repetition_penalty)
     known = []  # tokens already checked by the model, not yet shown (accepted drafts)
     m.reset()
     try:
@@ -318,7 +342,7 @@ def ask(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p
         if timing:
             dt = us_since(t0) / 1e6
             _out("(%d prompt + %d answer tokens, %.1f tok/s)\n" % (len(ids), n_new, n_new / dt if dt > 0 else 0))
-    return text
+    return text, interrupted
 
 
 def is_command(answer):

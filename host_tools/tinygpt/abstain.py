@@ -26,14 +26,19 @@ ON_TOPIC_SHARE = 0.5
 MAX_KNOWN_WORDS_BYTES = 60000  # the meta section holds at most 64 KiB (docs/model-format.md section 8)
 
 
-def _topic():
-    """py/topic.py, the code the board runs (one definition of a content word for both)."""
+def py_module(name: str):
+    """A module of py/, the code the board runs (topic.py: one definition of a content word for
+    both; retrieve.py: one answer rule for both)."""
+    import importlib
+
     py_dir = str(Path(__file__).resolve().parents[2] / "py")
     if py_dir not in sys.path:
         sys.path.insert(0, py_dir)
-    import topic
+    return importlib.import_module(name)
 
-    return topic
+
+def _topic():
+    return py_module("topic")
 
 
 def content_words(text: str) -> set[str]:

@@ -461,7 +461,7 @@ def cmd_emulate(args):
 
 
 def _add_board_parsers(sub):
-    from . import board, deploy, emulate, firmware, flash
+    from . import board, deploy, emulate, firmware, flash, reindex
 
     bu = sub.add_parser("budget", help="will a model or preset fit a board: flash, PSRAM, largest n_ctx")
     bu.add_argument("model", metavar="MODEL_or_PRESET", help="a model file or a preset name")
@@ -484,6 +484,10 @@ def _add_board_parsers(sub):
     fw = sub.add_parser("firmware", help="build the ESP32-S3 firmware (MicroPython + tinygpt) with ESP-IDF")
     firmware.add_arguments(fw)
     fw.set_defaults(func=cmd_firmware)
+
+    ix = sub.add_parser("index", help="copy a model file with its corpus's word index (chat.ask checks answers with it)")
+    reindex.add_arguments(ix)
+    ix.set_defaults(func=lambda args: reindex.run_cli(args))
 
     em = sub.add_parser("emulate", help="run the tinygpt firmware on an emulated Cortex-M7 (QEMU); prints its "
                                         "serial port for --port and mpremote")

@@ -122,6 +122,19 @@ def read_hf_config(hf_dir) -> dict:
         raise ValueError(f"{path}: abstain_known_words must be sorted lowercase ASCII words, one space between, "
                          f"at most 60000 bytes, next to an abstain_answer")
     out["abstain_known_words"] = known
+    # the corpus answers' word index for py/retrieve.py (tinygpt train writes it; checked as the
+    # board reads it, so that a broken one is refused here and not on the board)
+    index = cfg.get("retrieval_index")
+    if index is not None:
+        from . import retrieval
+
+        try:
+            if not isinstance(index, dict) or retrieval.load_index(index) is None:
+                raise ValueError("it has no 'retrieval' key")
+            modelfile.meta_section(index)
+        except ValueError as e:
+            raise ValueError(f"{path}: retrieval_index is not a valid word index ({e})") from None
+    out["retrieval_index"] = index
     out["path"] = path
     return out
 
@@ -430,10 +443,13 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             "q_id": id_or_none("q_id"), "a_id": id_or_none("a_id"), "do_id": id_or_none("do_id"),
         }
         meta = None
-        if cfg["abstain_answer"] is not None:
-            meta = {modelfile.ABSTAIN_KEY: cfg["abstain_answer"]}
+        if cfg["abstain_answer"] is not None or cfg["retrieval_index"]:
+            meta = {}
+            if cfg["abstain_answer"] is not None:
+                meta[modelfile.ABSTAIN_KEY] = cfg["abstain_answer"]
             if cfg["abstain_known_words"]:
                 meta[modelfile.KNOWN_WORDS_KEY] = cfg["abstain_known_words"]
+            meta.update(cfg["retrieval_index"] or {})
         buf, info = modelfile.build_model_bytes(hparams, tensors, section, meta)
         parent = os.path.dirname(os.path.abspath(out_path))
         os.makedirs(parent, exist_ok=True)

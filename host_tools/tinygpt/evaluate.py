@@ -279,21 +279,35 @@ def load_ood_questions(path) -> list[str]:
 def abstain_answer_of(hf_dir, model_file):
     """(abstain answer, known_words) the model was trained with: the run's config.json, else the
     model file's meta section; (None, None) when it has none."""
-    if hf_dir is not None:
+    abstain, known, _ = answer_checks_of(hf_dir, model_file)
+    return abstain, known
+
+
+def answer_checks_of(hf_dir, model_file):
+    """(abstain answer, known_words, py/retrieve.py Index or None): what chat.ask checks an answer
+    with on the board. From the model file's meta section (what the board reads), else the run's
+    config.json."""
+    from .modelfile import ABSTAIN_KEY, KNOWN_WORDS_KEY, parse_meta
+    from .retrieval import load_index
+
+    meta = {}
+    if model_file is not None:
+        from .engine import Model
+
+        with Model(model_file) as m:
+            meta = parse_meta(m.meta())
+    elif hf_dir is not None:
         try:
             cfg = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cfg = {}
         if cfg.get("abstain_answer"):
-            return cfg["abstain_answer"], cfg.get("abstain_known_words")
-    if model_file is not None:
-        from .engine import Model
-        from .modelfile import ABSTAIN_KEY, KNOWN_WORDS_KEY, parse_meta
-
-        with Model(model_file) as m:
-            meta = parse_meta(m.meta())
-        return meta.get(ABSTAIN_KEY), meta.get(KNOWN_WORDS_KEY)
-    return None, None
+            meta[ABSTAIN_KEY] = cfg["abstain_answer"]
+            if cfg.get("abstain_known_words"):
+                meta[KNOWN_WORDS_KEY] = cfg["abstain_known_words"]
+        if isinstance(cfg.get("retrieval_index"), dict):
+            meta.update(cfg["retrieval_index"])
+    return meta.get(ABSTAIN_KEY), meta.get(KNOWN_WORDS_KEY), load_index(meta)
 
 
 def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, plot=None,
@@ -356,7 +370,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if not model_file.is_file():
                 raise ValueError(f"INT8 model file not found: {model_file}")
 
-        abstain, known = abstain_answer_of(hf_dir, model_file)
+        abstain, known, index = answer_checks_of(hf_dir, model_file)
         from .abstain import _topic
 
         topic = _topic()
@@ -372,6 +386,15 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             if int8 is not None:
                 runners["int8"] = _Int8Runner(int8)
             results, ood_results = [], []
+
+            def checked(q, answer, r, name):
+                """chat.ask's check of the model's answer against the corpus answers (py/retrieve.py)."""
+                if index is None:
+                    return answer
+                chosen, how = index.choose(q, answer, abstain)
+                r["model_" + name], r["how_" + name] = answer, how
+                return chosen
+
             bar = None
             if progress:
                 from .ui import progress_bar
@@ -387,7 +410,7 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                 if expected is None:  # out of domain: no expected answer to draft from
                     r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids), "gated": gated}
                     for name, runner in runners.items():
-                        r[name] = abstain if gated else generate(runner, tok, ids, max_new_tokens)
+                        r[name] = abstain if gated else checked(q, generate(runner, tok, ids, max_new_tokens), r, name)
                     ood_results.append(r)
                     if bar is not None:
                         bar.update(1)
@@ -397,7 +420,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                     guess = full[len(ids):] if full[:len(ids)] == ids else None
                 r = {"question": q, "expected": expected, "prompt_tokens": len(ids), "gated": gated}
                 for name, runner in runners.items():
-                    ans = abstain if gated else generate(runner, tok, ids, max_new_tokens, draft=guess)
+                    ans = abstain if gated else checked(q, generate(runner, tok, ids, max_new_tokens, draft=guess),
+                                                        r, name)
                     r[name] = ans
                     r["ok_" + name] = ans == expected.strip()
                 results.append(r)
@@ -449,6 +473,11 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         "results": results, "mismatches": mismatches, "plot": None,
         "abstain_answer": abstain, "abstention": abst, "known_words": len(known.split()) if known else None, "ood_file": str(ood_file) if ood_file else None,
         "n_ood": len(ood_results), "ood_results": ood_results,
+        "retrieval": None if index is None else {name: {
+            "answers": len(index.answers),
+            "replaced": sum(r.get("how_" + name, "model") != "model" for r in results),
+            "model_alone_exact": sum(r.get("model_" + name, r[name]) == r["expected"].strip() for r in results),
+        } for name in runners},
     }
     _print_table(out, log)
     if plot:
@@ -492,6 +521,10 @@ def _print_table(res, log):
         v, c = res[key], res[key + "_count"]
         log(f"{label:<32} {'-' if v is None else f'{v:.3f}':>7} {'-' if c is None else f'{c}/{n}':>11}")
     ab = res.get("abstention") or {}
+    for name, a in (res.get("retrieval") or {}).items():
+        label = "float" if name == "float" else "INT8"
+        log(f"{'model alone exact, ' + label:<32} {a['model_alone_exact'] / n if n else 0:>7.3f} "
+            f"{str(a['model_alone_exact']) + '/' + str(n):>11}   (answers replaced by the word check: {a['replaced']})")
     if res.get("abstain_answer") is None:
         if res.get("n_ood"):
             log("abstention: the model has no abstain answer (trained without one), so none is counted")

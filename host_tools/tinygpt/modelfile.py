@@ -48,7 +48,7 @@ ACTIVATION_CODES = {"gelu_new": ACT_GELU_NEW, "gelu_pytorch_tanh": ACT_GELU_NEW,
 TOKENIZER_MAGIC = b"TTOK"
 TOKENIZER_KIND = 6
 META_KIND = 7          # format version 2: "key: value" text lines after the tokenizer (spec section 8)
-MAX_META_BYTES = 65536
+MAX_META_BYTES = 262144
 ABSTAIN_KEY = "abstain_answer"
 KNOWN_WORDS_KEY = "known_words"  # the corpus's content words (py/topic.py)
 
@@ -334,14 +334,15 @@ def atomic_write_bytes(path, data) -> None:
 
 def meta_section(meta: dict) -> bytes:
     """The meta section (spec section 8) of a dict of str -> str: one "key: value" line each, in
-    the dict's order. Keys are lowercase ASCII words; values one line of text without control
-    characters (they travel to the board as they are)."""
+    the dict's order. Keys are lowercase ASCII letters, digits and '_', starting with a letter;
+    values one line of text without control characters (they travel to the board as they are)."""
     if not isinstance(meta, dict):
         raise ValueError(f"meta must be a dict of str -> str, got {type(meta).__name__}")
     lines = []
     for k, v in meta.items():
-        if not (isinstance(k, str) and k and all(c.islower() and c.isascii() or c == "_" for c in k)):
-            raise ValueError(f"meta key {k!r} must be lowercase ASCII letters and '_'")
+        if not (isinstance(k, str) and k and "a" <= k[0] <= "z"
+                and all("a" <= c <= "z" or "0" <= c <= "9" or c == "_" for c in k)):
+            raise ValueError(f"meta key {k!r} must be lowercase ASCII letters, digits and '_', starting with a letter")
         if not isinstance(v, str) or v != v.strip() or not v:
             raise ValueError(f"meta value of {k!r} must be a non-empty str without surrounding spaces")
         bad = [c for c in v if ord(c) < 32 or 127 <= ord(c) < 160]

@@ -291,7 +291,7 @@ MAGIC = b"TGPT"
 TOK_MAGIC = b"TTOK"
 FORMAT_VERSION = 2      # versions 1 and 2 are read; 2 adds the meta section (kind 7)
 HEADER_SIZE = 128
-MAX_META_BYTES = 65536
+MAX_META_BYTES = 262144
 NO_ID = 0xFFFFFFFF
 DTYPE_INT8, DTYPE_F32, DTYPE_RAW = 1, 2, 3
 
@@ -605,7 +605,7 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
 
 def parse_meta(sec: bytes) -> dict:
     """The meta section (spec section 8): UTF-8 lines "key: value", each ended by a line feed,
-    no other control character, at most 64 KiB."""
+    no other control character, at most 256 KiB."""
     if len(sec) > MAX_META_BYTES:
         raise FormatError("meta: %d bytes, more than %d" % (len(sec), MAX_META_BYTES))
     for i, b in enumerate(sec):

@@ -677,6 +677,11 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         log(f"abstain: {n_abstain} off-topic questions answered with {abstain_text!r} "
             f"({n_on_topic} of the list left out as on-topic for this corpus)")
         entries = entries + off_topic
+    from . import retrieval
+
+    # the corpus answers and their words, for py/retrieve.py's check of the model's answers on the
+    # board (not the off-topic entries: their answer is the abstain answer, which it knows apart)
+    retrieval_index = retrieval.index_meta(fit_entries)
     augment_counts = None
     if augment:
         from . import augment as augment_mod
@@ -785,8 +790,10 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     if n_abstain:  # save_pretrained keeps them in config.json; convert writes them to the model file
         config.abstain_answer = abstain_text
         config.abstain_known_words = known_words
+    config.retrieval_index = retrieval_index
     identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
-                          if k not in ("transformers_version", "dtype", "torch_dtype")}
+                          if k not in ("transformers_version", "dtype", "torch_dtype",
+                                       "retrieval_index")}  # derived from the corpus, whose hash is in it
     ckpt = None
     extended_from = None
     if resume:

@@ -18,7 +18,7 @@
 
 #define TG_FORMAT_VERSION 2u /* the newest read; version 1 files (no meta section) load too */
 #define TG_HEADER_SIZE 128u
-#define TG_MAX_META_BYTES 65536u /* a meta section larger than this is refused */
+#define TG_MAX_META_BYTES 262144u /* a meta section larger than this is refused */
 #define TG_NO_TOKEN 0xFFFFFFFFu
 
 /* Status codes. Every failure has its own code; tg_error.msg names the exact problem. */
