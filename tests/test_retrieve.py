@@ -22,6 +22,7 @@ if str(REPO / "py") not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import retrieve  # noqa: E402
+from test_chat import micropy_bin  # noqa: E402,F401 - the fixture (MICROPY_BIN, else a skip with the build steps)
 from test_train import KW, data  # noqa: E402,F401 - data: test_train's tiny corpus and tokenizer
 from tinygpt import cli, corpus, modelfile, reference, retrieval  # noqa: E402
 from tinygpt import train as train_mod  # noqa: E402
@@ -232,3 +233,25 @@ def test_train_indexes_the_corpus_and_convert_and_eval_use_it(data, tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="retrieval_index is not a valid word index"):
         convert.convert(tmp_path / "run", tmp_path / "m2.bin", progress=False)
+
+
+def test_the_board_module_checks_answers_like_the_pc(micropy_bin, tmp_path):  # noqa: F811
+    """The real MicroPython binding (MICROPY_BIN) with an indexed model file (182 KB of meta):
+    chat.ask gives the PC's answers, retrieved and abstained ones included."""
+    import chat
+
+    out = tmp_path / "ix.bin"
+    cli.main(["index", str(SHIPPED), "--corpus", str(REPO / "data" / "corpus.txt"), "-o", str(out)])
+    qs = [e.question for e in corpus.parse(REPO / "data" / "heldout.txt") if e.kind != "prose"][:12]
+    qs += ["What is the capital of France?", "how are you?", "zzzz", "best pizza dough"]
+    code = ("import sys\nsys.path.insert(0, %r)\nimport chat\nchat.load(%r)\nfor q in %r:\n"
+            "    print(chat.ask(q, stream=False))\n" % (str(REPO / "py"), str(out), qs))
+    p = subprocess.run([micropy_bin, "-X", "heapsize=16M", "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    try:
+        chat.load(str(out))
+        want = [chat.ask(q, stream=False) for q in qs]
+    finally:
+        chat.close()
+    assert p.stdout.split("\n")[:-1] == want
+    assert corpus.DEFAULT_ABSTAIN in want
