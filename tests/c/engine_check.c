@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "read_file.h"
 #include "tinygpt.h"
 
 extern int tg_port_fail_after; /* tg_port_posix.c: inject an allocation failure */
@@ -27,24 +28,6 @@ static void check(int cond, const char *name, const char *why) {
         failed++;
         printf("FAIL %s: %s\n", name, why);
     }
-}
-
-static uint8_t *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = aligned_alloc(16, ((size_t)n + 15) & ~(size_t)15);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
 }
 
 /* Load a copy of buf[0:len] (so ASan sees reads past the end) and run one step if it loads. */

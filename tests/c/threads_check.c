@@ -10,25 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "read_file.h"
 #include "tinygpt.h"
-
-static uint8_t *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = aligned_alloc(16, ((size_t)n + 15) & ~(size_t)15);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
 
 static tg_model *load(const uint8_t *buf, size_t len, uint32_t n_threads) {
     tg_options opt = {.n_threads = n_threads};
