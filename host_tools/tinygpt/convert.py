@@ -330,10 +330,11 @@ def _progress(total, enabled, desc):
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
+        from .ui import progress_bar
+
+        return progress_bar(total=total, desc=desc, unit="step", leave=False)
+    except ImportError:  # pragma: no cover - tqdm missing
         return None
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
 
 
 def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:

@@ -1048,9 +1048,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
         bar = None
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr,
-                       dynamic_ncols=True)
+            from .ui import progress_bar
+
+            bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step")
 
         def say(msg):  # a line that does not break the progress bar
             if bar is not None:
