@@ -3,7 +3,6 @@ off-topic questions, the model file records it (format version 2, meta section),
 `tinygpt info --json` and `tinygpt eval --ood` read it. Version 1 files still load and answer
 bit for bit as before."""
 import json
-import os
 import struct
 import sys
 import zlib
@@ -13,14 +12,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import tinygpt  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO / "host_tools"))
-if str(REPO / "py") not in sys.path:
+if str(REPO / "py") not in sys.path:  # conftest.py has put host_tools/ there
     sys.path.insert(0, str(REPO / "py"))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from test_chat import micropy_bin  # noqa: E402,F401 - the fixture (MICROPY_BIN, else a skip with the build steps)
 from test_train import KW, data  # noqa: E402,F401 - data: test_train's tiny corpus and tokenizer

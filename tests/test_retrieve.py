@@ -3,7 +3,6 @@ built by host_tools/tinygpt/retrieval.py, carried in the meta section, applied b
 tinygpt eval). Integer arithmetic, so that MicroPython and CPython pick the same answer."""
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -12,14 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import tinygpt  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO / "host_tools"))
-if str(REPO / "py") not in sys.path:
+if str(REPO / "py") not in sys.path:  # conftest.py has put host_tools/ there
     sys.path.insert(0, str(REPO / "py"))
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import retrieve  # noqa: E402
 from test_chat import micropy_bin  # noqa: E402,F401 - the fixture (MICROPY_BIN, else a skip with the build steps)
@@ -255,3 +248,22 @@ def test_the_board_module_checks_answers_like_the_pc(micropy_bin, tmp_path):  # 
         chat.close()
     assert p.stdout.split("\n")[:-1] == want
     assert corpus.DEFAULT_ABSTAIN in want
+
+
+def test_a_prose_only_corpus_trains_without_an_index(data, tmp_path):
+    d, c, tok = data
+    prose = tmp_path / "prose.txt"
+    prose.write_text("The ESP32-S3 has two cores and 8 MB of PSRAM on this board.\n\n"
+                     "PSRAM holds the KV cache of the model.\n", encoding="utf-8")
+    train_mod.train(prose, tok, tmp_path / "run", epochs=1, max_steps=1, **dict(KW, abstain=0, log=None))
+    assert json.loads((tmp_path / "run" / "config.json").read_text()).get("retrieval_index") is None
+
+
+def test_an_index_too_large_for_the_meta_section_is_left_out_at_the_start(data, tmp_path, monkeypatch):
+    d, c, tok = data
+    monkeypatch.setattr(modelfile, "MAX_META_BYTES", 500)
+    lines = []
+    train_mod.train(c, tok, tmp_path / "run", epochs=1, max_steps=1,
+                    **dict(KW, abstain=0, log=lambda *a: lines.append(" ".join(map(str, a)))))
+    assert any(x.startswith("retrieval: the corpus's word index") for x in lines), lines
+    assert json.loads((tmp_path / "run" / "config.json").read_text()).get("retrieval_index") is None

@@ -39,10 +39,11 @@ def reindex(model_path, corpus_path, out_path, log=print) -> dict:
     if len(known.encode("utf-8")) <= abstain_mod.MAX_KNOWN_WORDS_BYTES:
         meta[modelfile.KNOWN_WORDS_KEY] = known
     meta.update(retrieval.index_meta(entries))
-    buf, info = modelfile.build_model_bytes(dict(mf.hparams), dict(mf.tensors), mf.tokenizer_section, meta)
+    meta_bytes = len(modelfile.meta_section(meta))  # names a section too large for the engine
+    buf, _ = modelfile.build_model_bytes(dict(mf.hparams), dict(mf.tensors), mf.tokenizer_section, meta)
     modelfile.atomic_write_bytes(out_path, bytes(buf) + drafts)
     n_answers = sum(1 for k in meta if k.startswith("answer_"))
-    log(f"wrote {out_path}: {n_answers} answers indexed, meta section {len(modelfile.meta_section(meta)):,} bytes, "
+    log(f"wrote {out_path}: {n_answers} answers indexed, meta section {meta_bytes:,} bytes, "
         f"abstain answer {meta[modelfile.ABSTAIN_KEY]!r}")
     return {"output": str(out_path), "answers": n_answers, "abstain_answer": meta[modelfile.ABSTAIN_KEY]}
 

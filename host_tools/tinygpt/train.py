@@ -681,7 +681,16 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
 
     # the corpus answers and their words, for py/retrieve.py's check of the model's answers on the
     # board (not the off-topic entries: their answer is the abstain answer, which it knows apart)
-    retrieval_index = retrieval.index_meta(fit_entries)
+    retrieval_index = retrieval.index_meta(fit_entries) if fit_entries else None  # prose only: none
+    if retrieval_index is not None:
+        from . import modelfile
+
+        size = sum(len(f"{k}: {v}\n".encode("utf-8")) for k, v in retrieval_index.items())
+        size += len((known_words or "").encode("utf-8")) + 400  # + the word list and the abstain answer
+        if size > modelfile.MAX_META_BYTES:  # found now, not by convert after the training
+            log(f"retrieval: the corpus's word index ({size:,} bytes with the word list) is more than the model "
+                f"file's meta section holds ({modelfile.MAX_META_BYTES:,}); answers are not checked against it")
+            retrieval_index = None
     augment_counts = None
     if augment:
         from . import augment as augment_mod
