@@ -3,6 +3,7 @@
 #   >>> import chat
 #   >>> chat.ask("What is WiFi?")        # streams the answer, returns it
 #   >>> chat.chat()                      # type questions; an empty line or Ctrl-D leaves
+#   >>> chat.generate("Once upon a time", 100)   # plain text continued (story models)
 #
 # One file for MicroPython and CPython: the heavy math is the C module `tinygpt` (built into
 # the firmware, or the host package on a PC), the tokenizer is bpe.py beside this file.
@@ -343,6 +344,76 @@ def _generate(ids, max_new_tokens, sampling, seed, stream, timing, draft):
             dt = us_since(t0) / 1e6
             _out("(%d prompt + %d answer tokens, %.1f tok/s)\n" % (len(ids), n_new, n_new / dt if dt > 0 else 0))
     return text, interrupted
+
+
+def generate(prompt, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
+             repetition_penalty=1.0, seed=None, stream=True):
+    """Continue plain text (a story model, say: no Q:/A: wrapping) by up to max_new_tokens tokens,
+    greedy by default. Streams the text as it comes when stream is True; returns the
+    continuation. It stops at the end-of-text token or when the context is full; Ctrl-C stops
+    it and keeps what came. An empty prompt starts from the model's bos token. A prompt longer
+    than the context keeps its last tokens (and says so)."""
+    if _model is None:
+        load()
+    if not isinstance(prompt, str):
+        raise TypeError("prompt must be a str")
+    info = _model.info()
+    n_ctx = info["n_ctx"]
+    ids = _tok.encode(prompt) if prompt else [info["bos_id"]]
+    if len(ids) > n_ctx - 1:
+        if stream:
+            _out("[prompt cut to its last %d of %d tokens to fit the %d-token context]\n"
+                 % (n_ctx - 1, len(ids), n_ctx))
+        ids = ids[len(ids) - (n_ctx - 1):] if n_ctx > 1 else ids[-1:]
+    dec = Decoder(_tok)
+    parts = []
+
+    def shown(tok):
+        s = dec.feed(tok)
+        parts.append(s)
+        if stream:
+            _out(s)
+
+    generate_ids(ids, max_new_tokens, (temperature, top_k, top_p, repetition_penalty), seed, shown)
+    s = dec.flush()
+    parts.append(s)
+    if stream:
+        _out(s + "\n")
+    return "".join(parts)
+
+
+def generate_ids(ids, max_new_tokens, sampling=(0.0, 0, 1.0, 1.0), seed=None, on_token=None):
+    """The token ids that follow ids (a list the context holds): up to max_new_tokens, stopping
+    after the end-of-text id (not included) or when the context is full. on_token(id) sees each
+    id as it comes. Returns (ids, interrupted by Ctrl-C)."""
+    if _model is None:
+        load()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be an int >= 1")
+    m = _model
+    info = m.info()
+    if not ids or len(ids) > info["n_ctx"]:
+        raise ValueError("the prompt must be 1 to n_ctx = %d tokens, got %d" % (info["n_ctx"], len(ids)))
+    temperature, top_k, top_p, repetition_penalty = sampling
+    out = []
+    interrupted = False
+    m.reset()
+    try:
+        m.prefill(ids)
+        while True:
+            tok = m.sample(temperature, top_k, top_p, repetition_penalty, seed if not out else None)
+            if tok == info["eos_id"]:
+                break
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            # no pass for the last token: its logits would never be used
+            if len(out) >= max_new_tokens or m.pos >= info["n_ctx"]:
+                break
+            m.step(tok)
+    except KeyboardInterrupt:
+        interrupted = True
+    return out, interrupted
 
 
 def is_command(answer):

@@ -329,7 +329,7 @@ def test_the_board_module_answers_and_abstains_like_the_pc(micropy_bin, tmp_path
     assert p.returncode == 0, p.stderr
     try:
         chat.load(str(tmp_path / "v2.bin"))
-        want = ["2", SAY] + [chat.ask(q, stream=False) for q in QUESTIONS]
+        want = [str(modelfile.FORMAT_VERSION), SAY] + [chat.ask(q, stream=False) for q in QUESTIONS]
     finally:
         chat.close()
     assert p.stdout.split("\n")[:-1] == want

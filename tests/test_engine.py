@@ -183,7 +183,7 @@ def test_loader_errors(converted):
     Model(data).close()  # the unmodified bytes load
 
     assert "magic" in _load_error(b"XGPT" + data[4:])
-    assert "format version 3" in _load_error(_patched(data, 4, "<I", 3, fix_crc=False))
+    assert "format version 4" in _load_error(_patched(data, 4, "<I", 4, fix_crc=False))
     assert "CRC32 mismatch" in _load_error(data[:-1] + bytes([data[-1] ^ 1]))
     assert "shorter than the 128-byte header" in _load_error(data[:100])
     assert "truncated" in _load_error(data[:-16])

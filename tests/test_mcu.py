@@ -111,6 +111,11 @@ MODELS = {
     "tiny_random": lambda: bench.random_model_bytes(tiny_hparams()),
     # tiny shape, trained-like spread, erf GELU, non-default epsilon
     "tiny_spread_gelu": lambda: spread_model_bytes(tiny_hparams(activation="gelu", layer_norm_epsilon=1e-6)),
+    # Llama (format version 3): the tiny Llama preset, grouped-query attention, tied head; and
+    # multi-query attention with an own output head and rope theta 500000
+    "tiny_llama": lambda: bench.random_model_bytes(bench.bench_hparams("llama-tiny")),
+    "tiny_llama_mqa_untied": lambda: bench.random_model_bytes(dict(bench.bench_hparams("llama-tiny"), n_kv_head=1,
+                                                                 head_tied=False, rope_theta=500000.0)),
 }
 
 

@@ -687,7 +687,7 @@ def _raises(buf, match, **kw):
 
 HEADER_CASES = [
     (dict(magic=b"TGPX"), "magic"),
-    (dict(format_version=3), "format_version 3"),
+    (dict(format_version=4), "format_version 4"),
     (dict(format_version=0), "format_version"),
     (dict(header_size=64), "header_size 64"),
     (dict(quant_scheme=2), "quant_scheme"),

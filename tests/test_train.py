@@ -365,3 +365,39 @@ def test_fix_misses_trains_until_every_training_question_is_answered(data, tmp_p
     assert log["fixed_misses"][-1]["after"] == 0 and log["args"]["fix_misses"] == 200
     with pytest.raises(ValueError, match="--fix-misses must be"):
         train_mod.train(c, tok, tmp_path / "r2", epochs=1, fix_misses=-1, **dict(KW, log=None))
+
+
+# ----------------------------------------------------------------------------- --arch llama
+
+def test_llama_trains_converts_and_answers_like_its_float_model(data, tmp_path):
+    """--arch llama: an HF LlamaForCausalLM is trained, converted to a version 3 file, and the
+    engine's greedy answers equal the float model's on the training questions it has learned."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tinygpt import compare, convert
+    from tinygpt.engine import Model
+
+    d, c, tok = data
+    out = tmp_path / "llama"
+    res = train_mod.train(c, tok, out, epochs=30, arch="llama", **dict(KW, log=None))
+    assert res["args"]["arch"] == "llama" and not res["stopped"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2 and cfg["intermediate_size"] == 192
+    assert res["losses"][-1] < res["losses"][0] / 3
+    rep = convert.convert(out, tmp_path / "m.bin", progress=False)
+    assert rep["format_version"] == 3
+    with pytest.raises(ValueError, match="has no Llama variant"):
+        train_mod.train(c, tok, tmp_path / "x", arch="llama", **dict(KW, log=None, preset="hw1"))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    ids = tk.encode("Q: What is the led?\nA: The led is").ids
+    with torch.no_grad():
+        fl = model(torch.tensor([ids])).logits[0].numpy()
+    with Model(tmp_path / "m.bin") as m:
+        q = compare.engine_logits(m, ids)
+    r = compare.agreement(fl, q)
+    assert r["cosine_min"] >= 0.999 and bool(r["top1"][-1]) and int(np.argmax(q[-1])) == int(np.argmax(fl[-1]))

@@ -43,10 +43,38 @@ def synthetic_tokenizer_section(n_vocab):
             + np.array(merges, dtype="<u4").reshape(-1).tobytes())
 
 
+def bench_hparams(name):
+    """The hyperparameters of a bench model name: a GPT-2 preset, or "llama-" + a Llama preset."""
+    from .presets import LLAMA_PRESETS
+
+    if name.startswith("llama-") and name[6:] in LLAMA_PRESETS:
+        hp = dict(LLAMA_PRESETS[name[6:]])
+    elif name in PRESETS:
+        hp = dict(PRESETS[name])
+    else:
+        raise ValueError("unknown preset %r (known: %s)" % (name, ", ".join(bench_names())))
+    hp["n_vocab"] = hp.pop("vocab_size")
+    return hp
+
+
+def bench_names():
+    from .presets import LLAMA_PRESETS
+
+    return list(PRESETS) + ["llama-" + k for k in LLAMA_PRESETS]
+
+
+# what `tinygpt bench` runs without --preset: every GPT-2 preset and the Llama of the same size
+# as the default one
+DEFAULT_BENCH = list(PRESETS) + ["llama-d256x8"]
+
+
 def random_model_bytes(hparams, seed=0):
-    """The bytes of a model file with GPT-2-like random weights (N(0, 0.02), unit LN gains)."""
+    """The bytes of a model file with GPT-2-like random weights (N(0, 0.02), unit LN gains); a
+    Llama model for hparams with arch 'llama'."""
     rng = np.random.default_rng(seed)
     E, I, V, P, L = (hparams[k] for k in ("n_embd", "n_inner", "n_vocab", "n_positions", "n_layer"))
+    if hparams.get("arch") == "llama":
+        return _random_llama_bytes(hparams, rng)
     t = {}
     t["wte_q"], t["wte_s"] = modelfile.quantize_rows(rng.normal(0, 0.02, (V, E)).astype(np.float32))
     t["wpe"] = rng.normal(0, 0.01, (P, E)).astype(np.float32)
@@ -63,14 +91,37 @@ def random_model_bytes(hparams, seed=0):
     return bytes(buf)
 
 
+def _random_llama_bytes(hparams, rng):
+    from .llama import rope_table
+
+    E, I, V, P, L, H = (hparams[k] for k in ("n_embd", "n_inner", "n_vocab", "n_positions", "n_layer", "n_head"))
+    D = E // H
+    KVD = hparams["n_kv_head"] * D
+    t = {"rope": rope_table(P, D, hparams.get("rope_theta", 10000.0)), "rmsf_g": np.ones(E, np.float32)}
+    t["wte_q"], t["wte_s"] = modelfile.quantize_rows(rng.normal(0, 0.02, (V, E)).astype(np.float32))
+    for l in range(L):
+        for name, (o, i) in (("qkv", (E + 2 * KVD, E)), ("o", (E, E)), ("gu", (2 * I, E)), ("down", (E, I))):
+            w, s = modelfile.quantize_rows(rng.normal(0, 0.02, (o, i)).astype(np.float32))
+            t["h.%d.%s_w" % (l, name)], t["h.%d.%s_s" % (l, name)] = w, s
+        t["h.%d.rms1_g" % l], t["h.%d.rms2_g" % l] = np.ones(E, np.float32), np.ones(E, np.float32)
+    if not hparams.get("head_tied", True):
+        t["head_q"], t["head_s"] = modelfile.quantize_rows(rng.normal(0, 0.02, (V, E)).astype(np.float32))
+    buf, _ = modelfile.build_model_bytes(dict(hparams, eos_id=0), t, synthetic_tokenizer_section(V))
+    return bytes(buf)
+
+
 def bytes_read(info, n_tokens):
     """Weight bytes the engine reads to process n_tokens in one batch (one chunk): every layer
-    matrix once, the head (wte_q, wte_s) once for the last token, an embedding row and a wpe
-    row per token."""
-    E, V = info["n_embd"], info["n_vocab"]
-    embed = V * E + 4 * V + 4 * info["n_positions"] * E + 8 * E  # wte_q, wte_s, wpe, lnf
-    layers = info["weight_bytes"] - embed
-    return layers + (V * E + 4 * V + 8 * E) + n_tokens * (E + 4 + 4 * E)
+    matrix once, the head (wte_q, wte_s, or a Llama's own head) once for the last token, an
+    embedding row and a wpe row (Llama: a rope row) per token."""
+    E, V, P = info["n_embd"], info["n_vocab"], info["n_positions"]
+    llama = info.get("arch") == "llama"
+    row = 4 * (info["head_dim"] if llama else E)  # the position row of a token: rope or wpe
+    norm_f = (4 if llama else 8) * E              # the final norm's gain (and bias)
+    head = V * E + 4 * V
+    own_head = head if llama and not info.get("head_tied", True) else 0
+    layers = info["weight_bytes"] - head - P * row - norm_f - own_head  # wte, wpe / rope, lnf
+    return layers + head + norm_f + n_tokens * (E + 4 + row)
 
 
 def bench_model(model, n_prompt=16, n_decode=32, repeats=3):
@@ -134,10 +185,8 @@ def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print, thr
     if model_path:
         sources[str(model_path)] = model_path
     else:
-        for name in presets or list(PRESETS):
-            hp = dict(PRESETS[name])
-            hp["n_vocab"] = hp.pop("vocab_size")
-            sources[name] = random_model_bytes(hp)
+        for name in presets or DEFAULT_BENCH:
+            sources[name] = random_model_bytes(bench_hparams(name))
     for name, source in sources.items():
         if threads and threads > 1:
             results[name] = bench_threads(source, threads, n_ctx=n_ctx)
@@ -184,6 +233,9 @@ def matmul_macs(info):
     """Weight multiply-adds of one decoded token: every layer matrix and the output head
     (attention over the cache comes on top and grows with the position)."""
     E, I = info["n_embd"], info["n_inner"]
+    if info.get("arch") == "llama":  # q, k, v (n_kv_head heads), o; gate, up, down
+        KVD = info["n_kv_head"] * info["head_dim"]
+        return info["n_layer"] * (E * (E + 2 * KVD) + E * E + 3 * E * I) + info["n_vocab"] * E
     return info["n_layer"] * (4 * E * E + 2 * E * I) + info["n_vocab"] * E
 
 
@@ -228,10 +280,8 @@ def run_mcu(presets=None, model_path=None, as_json=False, out=print):
         models = {str(model_path): lambda: Path(model_path).read_bytes()}
     else:
         models = {}
-        for name in presets or list(PRESETS):
-            hp = dict(PRESETS[name])
-            hp["n_vocab"] = hp.pop("vocab_size")
-            models[name] = lambda hp=hp: random_model_bytes(hp)
+        for name in presets or DEFAULT_BENCH:
+            models[name] = lambda hp=bench_hparams(name): random_model_bytes(hp)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tinygpt-bench-mcu-") as tmp:
         objects = {}

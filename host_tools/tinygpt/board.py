@@ -427,8 +427,10 @@ def read_model_header(path) -> dict:
                 raise BoardError("%s: not a tinygpt model file (no TGPT header)" % p)
             (ver, _hs, file_size, _crc, _q, n_vocab, n_pos, n_embd, n_layer, n_head, n_inner,
              _act) = struct.unpack_from("<12I", head, 4)
-            if ver != 1:
-                raise BoardError("%s: model format version %d, this tool reads version 1" % (p, ver))
+            if ver not in (1, 2, 3):
+                raise BoardError("%s: model format version %d, this tool reads versions 1 to 3" % (p, ver))
+            # version 3: arch and n_kv_head at 88 (docs/model-format.md section 2)
+            arch, n_kv_head = struct.unpack_from("<2I", head, 88) if ver == 3 else (0, 0)
             n_tensors, dir_off = struct.unpack_from("<2I", head, 76)
             f.seek(dir_off)
             directory = f.read(16 * n_tensors)
@@ -452,7 +454,8 @@ def read_model_header(path) -> dict:
     if n_merges is None:
         raise BoardError("%s: model file has no tokenizer section" % p)
     return dict(n_vocab=n_vocab, n_positions=n_pos, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                n_inner=n_inner, file_size=file_size, n_merges=n_merges)
+                n_inner=n_inner, file_size=file_size, n_merges=n_merges,
+                arch="llama" if arch == 1 else "gpt2", n_kv_head=n_kv_head if arch == 1 else n_head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,16 +481,20 @@ FS_OVERHEAD_BLOCKS = 8             # littlefs metadata blocks a file needs besid
 FS_BLOCK = 4 * KiB
 
 
-def engine_kv_bytes(L, C, E, H) -> int:
-    """tinygpt.c alloc_state: K and V int8 [L][C][E] plus f32 scales [L][C][H] each."""
-    return 2 * L * C * E + 2 * 4 * L * C * H
+def engine_kv_bytes(L, C, E, H, KV=None) -> int:
+    """tinygpt.c alloc_state: K and V int8 [L][C][KV*D] plus f32 scales [L][C][KV] each (KV, the
+    key/value heads: n_head for GPT-2)."""
+    KV = H if KV is None else KV
+    KVD = KV * (E // H)
+    return 2 * L * C * KVD + 2 * 4 * L * C * KV
 
 
-def engine_scratch_bytes(V, E, I, H, C, B) -> int:
+def engine_scratch_bytes(V, E, I, H, C, B, KV=None, llama=False) -> int:
     """tinygpt.c alloc_state, the blocks counted in scratch_bytes (x ... order)."""
-    wide = max(3 * E, I)
-    qwide = max(E, I)
     D = E // H
+    KVD = (H if KV is None else KV) * D
+    wide = max(E + 2 * KVD, 2 * I if llama else I)  # q, k, v; fc (Llama: gate and up)
+    qwide = max(E, I)
     return (4 * B * E          # residual stream
             + 4 * B * wide     # linear outputs
             + 4 * B * E        # attention outputs
@@ -551,6 +558,7 @@ def budget(model_or_preset, board: str = "N16R8", n_ctx: int | None = None,
         raise BoardError("placement must be 'partition' or 'file', not %r" % placement)
     label, hp, estimated = _model_facts(model_or_preset)
     V, P, E, L, H, I = (hp[k] for k in ("n_vocab", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"))
+    KV = hp.get("n_kv_head") or H
     F = hp["file_size"]
     C = P if n_ctx is None else int(n_ctx)
     if not 1 <= C <= P:
@@ -559,8 +567,8 @@ def budget(model_or_preset, board: str = "N16R8", n_ctx: int | None = None,
     def psram_items(c):
         B = min(DEFAULT_MAX_BATCH, c)
         items = {
-            "kv_cache": engine_kv_bytes(L, c, E, H),
-            "scratch": engine_scratch_bytes(V, E, I, H, c, B),
+            "kv_cache": engine_kv_bytes(L, c, E, H, KV),
+            "scratch": engine_scratch_bytes(V, E, I, H, c, B, KV, hp.get("arch") == "llama"),
             "engine_other": engine_other_bytes(L, c),
             "tokenizer_heap": tokenizer_heap_bytes(hp["n_merges"]),
             "python_working": PYTHON_WORKING_BYTES,

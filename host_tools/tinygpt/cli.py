@@ -94,6 +94,53 @@ def cmd_ask(args):
             raise UserError(str(e))
 
 
+def cmd_generate(args):
+    """Plain text continued (no Q:/A: wrapping), through py/chat.py's generate."""
+    import json
+
+    chat = _device_chat(args.model, args.n_ctx)
+    settings = _settings(args)
+    sampling = tuple(settings[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty"))
+    info = chat._model.info()
+    if args.ids is not None:
+        ids = _parse_ids(args.ids, info["n_vocab"])
+    else:
+        prompt = _question_text(args.prompt)
+        if args.json:
+            ids = chat._tok.encode(prompt) if prompt else [info["bos_id"]]
+        else:
+            chat.generate(prompt, **{k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                               "repetition_penalty", "seed")})
+            return
+    if len(ids) > info["n_ctx"] - 1:
+        raise UserError("the prompt is %d tokens; the context (n_ctx %d) holds at most %d before the first new one"
+                        % (len(ids), info["n_ctx"], info["n_ctx"] - 1))
+    if args.json:
+        new, _ = chat.generate_ids(ids, settings["max_new_tokens"], sampling, settings["seed"])
+        print(json.dumps({"ids": new, "text": chat._tok.decode(new).decode("utf-8", "replace")}, ensure_ascii=False))
+        return
+    from bpe import Decoder
+
+    dec = Decoder(chat._tok)
+    chat.generate_ids(ids, settings["max_new_tokens"], sampling, settings["seed"],
+                      lambda t: print(dec.feed(t), end="", flush=True))
+    print(dec.flush())
+
+
+def _parse_ids(text, n_vocab):
+    """--ids 1,2,3: token ids, each in 0..n_vocab-1."""
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.lstrip("-").isdigit():
+            raise UserError("--ids takes comma-separated token ids, got %r" % part)
+        v = int(part)
+        if not 0 <= v < n_vocab:
+            raise UserError("--ids: token id %d is outside 0..%d (the model's vocabulary)" % (v, n_vocab - 1))
+        ids.append(v)
+    return ids
+
+
 def cmd_chat(args):
     if hasattr(sys.stdin, "reconfigure"):  # typed bytes that are not UTF-8 become U+FFFD, as in `ask`
         sys.stdin.reconfigure(errors="replace")
@@ -128,8 +175,10 @@ def cmd_convert(args):
     from . import convert
 
     hf_dir = Path(args.hf_dir)
-    if not hf_dir.is_dir():
-        raise UserError("%s: not a directory (expected a Hugging Face model directory)" % hf_dir)
+    if not (hf_dir.is_dir() or hf_dir.is_file()):
+        raise UserError("%s: not found (expected a Hugging Face model directory or a llama2.c checkpoint)" % hf_dir)
+    if hf_dir.is_file():  # llama2.c: no float model of its own to compare with here, nor a corpus
+        args.no_check, args.no_drafts = True, args.drafts is None
     report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer,
                              progress=not args.quiet and is_terminal())  # no bar fragments in pipes/logs
     if not args.quiet:
@@ -215,13 +264,12 @@ def _selftest(path):
 # -- bench ---------------------------------------------------------------------------------
 def cmd_bench(args):
     from . import bench
-    from .presets import PRESETS
 
     if args.model and args.preset:
         raise UserError("give either --preset or a MODEL file, not both")
     for p in args.preset or []:
-        if p not in PRESETS:
-            raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(PRESETS)))
+        if p not in bench.bench_names():
+            raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(bench.bench_names())))
     model = _existing_file(args.model, "model file") if args.model else None
     if args.questions:  # issue 12: plain vs drafted decoding of real questions
         if not model or args.mcu or args.preset:
@@ -310,7 +358,7 @@ def cmd_train(args):
                       early_stop=args.early_stop, augment=args.augment, device=args.device,
                       fix_misses=args.fix_misses, abstain=args.abstain,
                       abstain_questions=_existing_file(args.abstain_questions, "off-topic question list")
-                      if args.abstain_questions else None)
+                      if args.abstain_questions else None, arch=args.arch)
     if res.get("stopped") in ("SIGINT", "SIGTERM"):
         sys.exit(130 if res["stopped"] == "SIGINT" else 143)
 
@@ -507,13 +555,32 @@ def build_parser():
     _add_port_args(a, "ask the board on this serial port instead (its model, its chat.py)")
     a.set_defaults(func=cmd_ask)
 
+    g = sub.add_parser("generate", help="continue plain text with the model (no Q:/A: wrapping): stories",
+                       description="Greedy by default; the sampling options are those of ask. Stops at the "
+                                   "end-of-text token, after -n tokens, or when the context is full.")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue (\"\" starts from the model's bos token)")
+    what.add_argument("--ids", help="the prompt as token ids, comma-separated: 1,2,3")
+    g.add_argument("-n", dest="max_new_tokens", type=int, default=80, help="at most this many new tokens (default 80)")
+    g.add_argument("--json", action="store_true", help='print {"ids": [...], "text": ...} of the continuation')
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help="model file (default: the shipped model)")
+    g.add_argument("--n-ctx", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate, timing=False)
+
     ch = sub.add_parser("chat", help="interactive questions and answers on the PC, or on a board with --port")
     _add_generation_args(ch)
     _add_port_args(ch, "chat with the board on this serial port instead (its model, its chat.py)")
     ch.set_defaults(func=cmd_chat)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 directory to a tinygpt model file")
-    c.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin")
+    c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 or Llama directory, or a llama2.c "
+                       "checkpoint, to a tinygpt model file")
+    c.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin, or a "
+                   "llama2.c checkpoint file (its export.py versions 0, 1 and 2; needs --tokenizer)")
     c.add_argument("-o", "--output", required=True, help="model file to write")
     c.add_argument("--tokenizer", help="tokenizer directory (default: HF_DIR)")
     c.add_argument("--prompt", default="Q: What is PSRAM?\nA:", help="sample prompt for the float vs INT8 check")
@@ -551,7 +618,7 @@ def build_parser():
     tt.add_argument("--min-frequency", type=int, default=2)
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    from .presets import PRESETS
+    from .presets import LLAMA_PRESETS, PRESETS
     from .train import DEFAULTS, DEVICES, LOSSES
     tr = sub.add_parser("train", help="train a GPT-2 of a preset on a corpus (CPU or GPU)",
                         description="Train a model on a corpus. Prints the plan and, after a few steps, the "
@@ -563,6 +630,10 @@ def build_parser():
     tr.add_argument("--preset", default=DEFAULTS["preset"],
                     help="model size: %s (default %%(default)s; `small` trains in minutes for a first try, "
                          "`tiny` is for tests only)" % ", ".join(PRESETS))
+    tr.add_argument("--arch", choices=("gpt2", "llama"), default=DEFAULTS["arch"],
+                    help="architecture (default %%(default)s); llama: RMSNorm, SwiGLU, rotary positions and half "
+                         "as many key/value heads, at about the preset's model-file size (presets %s)"
+                    % ", ".join(LLAMA_PRESETS))
     tr.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                     help="passes over the corpus (default %(default)s); with --resume, a larger number "
                          "continues a finished run")

@@ -5,9 +5,9 @@ import numpy as np
 def hf_logits(hf_dir, ids):
     """Float32 logits [len(ids), vocab] of the Hugging Face model in hf_dir (eager attention)."""
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM  # GPT-2 or Llama, from config.json
 
-    model = GPT2LMHeadModel.from_pretrained(str(hf_dir), attn_implementation="eager", torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager", dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         out = model(torch.tensor([list(ids)], dtype=torch.long))

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face GPT-2 checkpoint to a tinygpt model file (docs/model-format.md).
+"""Convert a Hugging Face GPT-2 or Llama checkpoint to a tinygpt model file (docs/model-format.md).
 
 ``convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict`` reads ``config.json``,
 the weights (``model.safetensors`` or ``pytorch_model.bin``, also sharded with an
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import modelfile
+from . import llama, llama2c, modelfile
 
 SUPPORTED_ACTIVATIONS = modelfile.ACTIVATION_CODES  # gelu_new / gelu_pytorch_tanh -> 0, gelu -> 1
 SUPPORTED_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
@@ -49,8 +49,12 @@ def read_hf_config(hf_dir) -> dict:
     archs = cfg.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
+    if model_type == "llama" or (model_type is None and set(archs) & llama.ARCHITECTURES):
+        out = llama.read_config(cfg, path)
+        out["arch"] = "llama"
+        return _read_meta_fields(cfg, path, out)
     if model_type is not None and model_type != "gpt2":
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (only 'gpt2')")
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (only 'gpt2' and 'llama')")
     if archs and not (set(archs) & SUPPORTED_ARCHITECTURES):
         raise ValueError(f"{path}: architectures {archs} not supported "
                          f"(expected one of {sorted(SUPPORTED_ARCHITECTURES)})")
@@ -106,6 +110,12 @@ def read_hf_config(hf_dir) -> dict:
     out["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True) is not False
     bos = cfg.get("bos_token_id")
     out["bos_token_id"] = bos if isinstance(bos, int) and not isinstance(bos, bool) else None
+    out["arch"] = "gpt2"
+    return _read_meta_fields(cfg, path, out)
+
+
+def _read_meta_fields(cfg: dict, path: str, out: dict) -> dict:
+    """The fields `tinygpt train` adds to config.json for the meta section, checked."""
     # the answer `tinygpt train` taught for questions the corpus does not cover (None: a model
     # trained without it, or by another tool); it goes into the model file's meta section
     abst = cfg.get("abstain_answer")
@@ -337,8 +347,31 @@ def _progress(total, enabled, desc):
         return None
 
 
+def _put_gpt2_tensors(sd: dict, cfg: dict, put_q, put_f) -> None:
+    """GPT-2's tensors (spec section 3) through put_q(qname, sname, w[out, in]) and put_f."""
+    put_q("wte_q", "wte_s", sd["wte.weight"])
+    put_f("wpe", sd["wpe.weight"])
+    for l in range(cfg["n_layer"]):
+        p = o = f"h.{l}."
+        put_f(o + "ln1_g", sd[p + "ln_1.weight"])
+        put_f(o + "ln1_b", sd[p + "ln_1.bias"])
+        put_q(o + "attn_w", o + "attn_s", np.ascontiguousarray(sd[p + "attn.c_attn.weight"].T))
+        put_f(o + "attn_b", sd[p + "attn.c_attn.bias"])
+        put_q(o + "proj_w", o + "proj_s", np.ascontiguousarray(sd[p + "attn.c_proj.weight"].T))
+        put_f(o + "proj_b", sd[p + "attn.c_proj.bias"])
+        put_f(o + "ln2_g", sd[p + "ln_2.weight"])
+        put_f(o + "ln2_b", sd[p + "ln_2.bias"])
+        put_q(o + "fc_w", o + "fc_s", np.ascontiguousarray(sd[p + "mlp.c_fc.weight"].T))
+        put_f(o + "fc_b", sd[p + "mlp.c_fc.bias"])
+        put_q(o + "mproj_w", o + "mproj_s", np.ascontiguousarray(sd[p + "mlp.c_proj.weight"].T))
+        put_f(o + "mproj_b", sd[p + "mlp.c_proj.bias"])
+    put_f("lnf_g", sd["ln_f.weight"])
+    put_f("lnf_b", sd["ln_f.bias"])
+
+
 def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
-    """Convert the GPT-2 checkpoint in ``hf_dir`` to a tinygpt model file at ``out_path``.
+    """Convert the GPT-2 or Llama checkpoint in ``hf_dir`` (a Hugging Face directory, or a
+    llama2.c checkpoint file with ``tokenizer`` given) to a tinygpt model file at ``out_path``.
 
     Returns a report: ``out_path``, ``file_size``, ``crc32``, ``hparams`` (as written),
     ``source`` (weights file), ``tokenizer`` (counts and section size), ``tensors``
@@ -350,8 +383,13 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
 
     hf_dir = os.fspath(hf_dir)
     out_path = os.fspath(out_path)
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"Hugging Face model directory not found: {hf_dir}")
+    is_llama2c = llama2c.is_checkpoint(hf_dir)
+    if not is_llama2c and not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"model not found: {hf_dir} (a Hugging Face model directory or a llama2.c "
+                                "checkpoint file)")
+    if is_llama2c and tokenizer is None:
+        raise ValueError(f"{hf_dir} is a llama2.c checkpoint, which holds no tokenizer: give --tokenizer DIR "
+                         "(a byte-level BPE tokenizer.json of the checkpoint's vocabulary)")
     if os.path.isdir(out_path):
         raise ValueError(f"output path is a directory: {out_path}")
     steps = 4
@@ -363,7 +401,11 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             bar.update(1)
 
     try:
-        cfg = read_hf_config(hf_dir)
+        if is_llama2c:
+            cfg, sd_llama2c, _about = llama2c.read_checkpoint(hf_dir)
+            cfg.update(abstain_answer=None, abstain_known_words=None, retrieval_index=None, bos_token_id=None)
+        else:
+            cfg = read_hf_config(hf_dir)
         V = cfg["vocab_size"]
 
         tok = load_tokenizer(hf_dir if tokenizer is None else tokenizer)
@@ -387,9 +429,14 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             bos = eos
         step("tokenizer")
 
-        raw, source = load_hf_weights(hf_dir)
-        sd = normalize_state_dict(raw, cfg, source)
-        del raw
+        is_llama = cfg["arch"] == "llama"
+        if is_llama2c:
+            sd, source = sd_llama2c, hf_dir
+            del sd_llama2c
+        else:
+            raw, source = load_hf_weights(hf_dir)
+            sd = (llama.normalize_state_dict if is_llama else normalize_state_dict)(raw, cfg, source)
+            del raw
         step("weights loaded")
 
         tensors: dict[str, np.ndarray] = {}
@@ -415,24 +462,10 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
                            "max_abs": float(np.max(np.abs(v))) if v.size else 0.0,
                            "shape": tuple(v.shape), "dtype": "f32", "nbytes": v.nbytes}
 
-        put_q("wte_q", "wte_s", sd["wte.weight"])
-        put_f("wpe", sd["wpe.weight"])
-        for l in range(cfg["n_layer"]):
-            p = o = f"h.{l}."
-            put_f(o + "ln1_g", sd[p + "ln_1.weight"])
-            put_f(o + "ln1_b", sd[p + "ln_1.bias"])
-            put_q(o + "attn_w", o + "attn_s", np.ascontiguousarray(sd[p + "attn.c_attn.weight"].T))
-            put_f(o + "attn_b", sd[p + "attn.c_attn.bias"])
-            put_q(o + "proj_w", o + "proj_s", np.ascontiguousarray(sd[p + "attn.c_proj.weight"].T))
-            put_f(o + "proj_b", sd[p + "attn.c_proj.bias"])
-            put_f(o + "ln2_g", sd[p + "ln_2.weight"])
-            put_f(o + "ln2_b", sd[p + "ln_2.bias"])
-            put_q(o + "fc_w", o + "fc_s", np.ascontiguousarray(sd[p + "mlp.c_fc.weight"].T))
-            put_f(o + "fc_b", sd[p + "mlp.c_fc.bias"])
-            put_q(o + "mproj_w", o + "mproj_s", np.ascontiguousarray(sd[p + "mlp.c_proj.weight"].T))
-            put_f(o + "mproj_b", sd[p + "mlp.c_proj.bias"])
-        put_f("lnf_g", sd["ln_f.weight"])
-        put_f("lnf_b", sd["ln_f.bias"])
+        if is_llama:  # llama2.c rotates neighbouring pairs already, Hugging Face halves
+            llama.put_tensors(sd, cfg, put_q, put_f, pairs_from_halves=not is_llama2c)
+        else:
+            _put_gpt2_tensors(sd, cfg, put_q, put_f)
         del sd
         step("quantized")
 
@@ -442,6 +475,7 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
             "activation": cfg["activation"], "layer_norm_epsilon": cfg["layer_norm_epsilon"],
             "eos_id": eos, "bos_id": bos,
             "q_id": id_or_none("q_id"), "a_id": id_or_none("a_id"), "do_id": id_or_none("do_id"),
+            **(llama.hparams(cfg) if is_llama else {}),
         }
         meta = None
         if cfg["abstain_answer"] is not None or cfg["retrieval_index"]:
@@ -477,8 +511,16 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
         "tensors": {n: stats[n] for n in order},
         "quantized_rel_rms_err": math.sqrt(sq_err / sq_ref) if sq_ref > 0 else 0.0,
         "worst": {"name": worst, **{k: stats[worst][k] for k in ("max_abs_err", "rel_rms_err")}},
-        "kv_cache_bytes": hp["n_layer"] * hp["n_positions"] * (2 * hp["n_embd"] + 8 * hp["n_head"]),
+        "kv_cache_bytes": _kv_cache_bytes(hp),
     }
+
+
+def _kv_cache_bytes(hp: dict) -> int:
+    """The INT8 KV cache at n_positions: per layer and position, the keys and values of every
+    key/value head (n_head for GPT-2) and one f32 scale each per head."""
+    kv = hp.get("n_kv_head") or hp["n_head"]
+    kvd = kv * (hp["n_embd"] // hp["n_head"])
+    return hp["n_layer"] * hp["n_positions"] * (2 * kvd + 8 * kv)
 
 
 def _fmt_bytes(n: int) -> str:

@@ -47,7 +47,9 @@ class _Info(ctypes.Structure):
                 ("eos_id", "bos_id", "q_id", "a_id", "do_id", "n_ctx", "max_batch", "head_dim")] + \
                [(name, ctypes.c_uint64) for name in
                 ("file_bytes", "weight_bytes", "kv_bytes", "scratch_bytes")] + \
-               [(name, ctypes.c_uint32) for name in ("tokenizer_bytes", "max_draft", "n_threads", "meta_bytes")]
+               [(name, ctypes.c_uint32) for name in ("tokenizer_bytes", "max_draft", "n_threads", "meta_bytes",
+                                                     "arch", "n_kv_head")] + \
+               [("rope_theta", ctypes.c_float), ("head_tied", ctypes.c_uint32)]
 
 
 class _Counters(ctypes.Structure):
@@ -245,7 +247,9 @@ class Model:
         for key in ("q_id", "a_id", "do_id"):
             if self._info[key] == NO_TOKEN:
                 self._info[key] = None
-        self._info["activation"] = ("gelu_new", "gelu")[info.activation]
+        self._info["activation"] = ("gelu_new", "gelu", "silu")[info.activation]
+        self._info["arch"] = ("gpt2", "llama")[info.arch]
+        self._info["head_tied"] = bool(info.head_tied)
         self._info["mapped"] = False  # the file is read into memory (mapped only on a board's flash)
         self._n_vocab, self._n_ctx = info.n_vocab, info.n_ctx
         # The callbacks reach the model through a weak reference: no cycle, so dropping the last

@@ -1,4 +1,4 @@
-"""Writer for the tinygpt model file, format versions 1 and 2 (docs/model-format.md).
+"""Writer for the tinygpt model file, format versions 1 to 3 (docs/model-format.md).
 
 Public API:
 
@@ -15,6 +15,9 @@ Public API:
 ``n_embd``, ``n_layer``, ``n_head``, ``n_inner`` (None -> 4*n_embd), ``activation`` (0/1 or
 'gelu_new'/'gelu_pytorch_tanh'/'gelu'), ``layer_norm_epsilon`` (float), ``eos_id``,
 ``bos_id`` (default eos_id), ``q_id``/``a_id``/``do_id`` (default/None -> 0xFFFFFFFF).
+A Llama model (format version 3) adds ``arch='llama'``, ``n_kv_head`` (default n_head),
+``rope_theta`` (default 10000.0), ``head_tied`` (default True); its activation is 'silu' (SwiGLU)
+and ``layer_norm_epsilon`` is the RMSNorm epsilon.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 MAGIC = b"TGPT"
-FORMAT_VERSION = 2  # the newest written and read; version 1 (no meta section) still loads
+FORMAT_VERSION = 3  # the newest read; version 3 adds the architecture fields (Llama)
+GPT2_FORMAT_VERSION = 2  # what a GPT-2 file is written as (version 1 without a meta section)
 HEADER_SIZE = 128
 QUANT_SCHEME = 1
 NO_TOKEN = 0xFFFFFFFF
@@ -43,7 +47,11 @@ DTYPE_NAMES = {DTYPE_INT8: "int8", DTYPE_F32: "f32", DTYPE_RAW: "raw"}
 
 ACT_GELU_NEW = 0  # tanh form
 ACT_GELU = 1  # erf form
+ACT_SILU = 2  # Llama's SwiGLU
 ACTIVATION_CODES = {"gelu_new": ACT_GELU_NEW, "gelu_pytorch_tanh": ACT_GELU_NEW, "gelu": ACT_GELU}
+ARCH_GPT2 = 0
+ARCH_LLAMA = 1
+ARCH_CODES = {"gpt2": ARCH_GPT2, "llama": ARCH_LLAMA}
 
 TOKENIZER_MAGIC = b"TTOK"
 TOKENIZER_KIND = 6
@@ -84,6 +92,29 @@ _LAYER = [
 _GLOBAL_POST = [
     (4, "lnf_g", DTYPE_F32, lambda E, I, V, P: (E,)),
     (5, "lnf_b", DTYPE_F32, lambda E, I, V, P: (E,)),
+]
+# Llama (spec section 3.1): shapes as functions of (E, I, V, P, D, KVD)
+_LLAMA_PRE = [
+    (1, "wte_q", DTYPE_INT8, lambda E, I, V, P, D, K: (V, E)),
+    (2, "wte_s", DTYPE_F32, lambda E, I, V, P, D, K: (V,)),
+    (8, "rope", DTYPE_F32, lambda E, I, V, P, D, K: (P, D)),
+]
+_LLAMA_LAYER = [
+    (32, "rms1_g", DTYPE_F32, lambda E, I, V, P, D, K: (E,)),
+    (33, "qkv_w", DTYPE_INT8, lambda E, I, V, P, D, K: (E + 2 * K, E)),
+    (34, "qkv_s", DTYPE_F32, lambda E, I, V, P, D, K: (E + 2 * K,)),
+    (35, "o_w", DTYPE_INT8, lambda E, I, V, P, D, K: (E, E)),
+    (36, "o_s", DTYPE_F32, lambda E, I, V, P, D, K: (E,)),
+    (37, "rms2_g", DTYPE_F32, lambda E, I, V, P, D, K: (E,)),
+    (38, "gu_w", DTYPE_INT8, lambda E, I, V, P, D, K: (2 * I, E)),
+    (39, "gu_s", DTYPE_F32, lambda E, I, V, P, D, K: (2 * I,)),
+    (40, "down_w", DTYPE_INT8, lambda E, I, V, P, D, K: (E, I)),
+    (41, "down_s", DTYPE_F32, lambda E, I, V, P, D, K: (E,)),
+]
+_LLAMA_POST = [
+    (9, "rmsf_g", DTYPE_F32, lambda E, I, V, P, D, K: (E,)),
+    (10, "head_q", DTYPE_INT8, lambda E, I, V, P, D, K: (V, E)),  # untied heads only
+    (11, "head_s", DTYPE_F32, lambda E, I, V, P, D, K: (V,)),
 ]
 
 
@@ -150,6 +181,16 @@ def normalize_hparams(hparams: dict) -> dict:
         hp["n_inner"] = 4 * out["n_embd"]
     out["n_inner"] = _as_int(hp, "n_inner", 1, 65536)
 
+    arch = hp.get("arch", ARCH_GPT2)
+    if isinstance(arch, str):
+        if arch not in ARCH_CODES:
+            raise ValueError(f"unsupported arch {arch!r} (supported: {', '.join(ARCH_CODES)})")
+        arch = ARCH_CODES[arch]
+    if arch not in ARCH_CODES.values():
+        raise ValueError(f"hparams['arch'] must be 'gpt2' or 'llama', got {arch!r}")
+    out["arch"] = arch
+    if arch == ARCH_LLAMA:
+        return _normalize_llama(hp, out)
     act = hp.get("activation", ACT_GELU_NEW)
     if isinstance(act, str):
         if act not in ACTIVATION_CODES:
@@ -168,7 +209,52 @@ def normalize_hparams(hparams: dict) -> dict:
     if not (math.isfinite(eps32) and eps32 > 0):
         raise ValueError(f"layer_norm_epsilon must be finite and > 0 as f32, got {eps!r}")
     out["layer_norm_epsilon"] = eps32
+    _normalize_ids(hp, out)
+    out["n_tensors"] = 6 + 16 * out["n_layer"]
+    return out
 
+
+def _normalize_llama(hp: dict, out: dict) -> dict:
+    """The Llama fields of normalize_hparams (header version 3)."""
+    act = hp.get("activation", ACT_SILU)
+    if act not in (ACT_SILU, "silu", "swiglu"):
+        raise ValueError(f"a Llama model's activation is 'silu' (SwiGLU), got {act!r}")
+    out["activation"] = ACT_SILU
+    eps = hp.get("layer_norm_epsilon", hp.get("rms_norm_eps", 1e-5))
+    try:
+        eps32 = float(np.float32(eps))
+    except (TypeError, ValueError):
+        raise ValueError(f"hparams['layer_norm_epsilon'] (RMSNorm) must be a number, got {eps!r}") from None
+    if not (math.isfinite(eps32) and eps32 > 0):
+        raise ValueError(f"the RMSNorm epsilon must be finite and > 0 as f32, got {eps!r}")
+    out["layer_norm_epsilon"] = eps32
+    H = out["n_head"]
+    if hp.get("n_kv_head") is None:
+        hp["n_kv_head"] = H
+    out["n_kv_head"] = _as_int(hp, "n_kv_head", 1, H)
+    if H % out["n_kv_head"]:
+        raise ValueError(f"n_kv_head {out['n_kv_head']} does not divide n_head {H}")
+    if (out["n_embd"] // H) % 2:
+        raise ValueError(f"head_dim {out['n_embd'] // H} is odd: rotary embeddings turn pairs")
+    theta = hp.get("rope_theta", 10000.0)
+    try:
+        theta32 = float(np.float32(theta))
+    except (TypeError, ValueError):
+        raise ValueError(f"hparams['rope_theta'] must be a number, got {theta!r}") from None
+    if not (math.isfinite(theta32) and theta32 > 0):
+        raise ValueError(f"rope_theta must be finite and > 0 as f32, got {theta!r}")
+    out["rope_theta"] = theta32
+    tied = hp.get("head_tied", True)
+    if not isinstance(tied, (bool, np.bool_)):
+        raise ValueError(f"hparams['head_tied'] must be True or False, got {tied!r}")
+    out["head_tied"] = bool(tied)
+    _normalize_ids(hp, out)
+    # without the meta section, which a version 3 file always has
+    out["n_tensors"] = 3 + 10 * out["n_layer"] + 1 + (0 if tied else 2) + 1
+    return out
+
+
+def _normalize_ids(hp: dict, out: dict) -> None:
     V = out["n_vocab"]
     if hp.get("eos_id") is None:
         raise ValueError("hparams is missing 'eos_id'")
@@ -182,8 +268,6 @@ def normalize_hparams(hparams: dict) -> dict:
             out[key] = NO_TOKEN
         else:
             out[key] = _as_int(hp, key, 0, V - 1)
-    out["n_tensors"] = 6 + 16 * out["n_layer"]
-    return out
 
 
 def tensor_specs(hparams: dict, with_meta: bool = False) -> list[TensorSpec]:
@@ -196,13 +280,24 @@ def tensor_specs(hparams: dict, with_meta: bool = False) -> list[TensorSpec]:
     def add(kind, name, dtype, shape, layer=0):
         specs.append(TensorSpec(len(specs), name, kind, layer, kind + 256 * layer, dtype, shape))
 
-    for kind, name, dt, shp in _GLOBAL_PRE:
-        add(kind, name, dt, shp(E, I, V, P))
-    for layer in range(L):
-        for kind, name, dt, shp in _LAYER:
-            add(kind, f"h.{layer}.{name}", dt, shp(E, I, V, P), layer)
-    for kind, name, dt, shp in _GLOBAL_POST:
-        add(kind, name, dt, shp(E, I, V, P))
+    if hp["arch"] == ARCH_LLAMA:
+        D = E // hp["n_head"]
+        dims = (E, I, V, P, D, hp["n_kv_head"] * D)
+        for kind, name, dt, shp in _LLAMA_PRE:
+            add(kind, name, dt, shp(*dims))
+        for layer in range(L):
+            for kind, name, dt, shp in _LLAMA_LAYER:
+                add(kind, f"h.{layer}.{name}", dt, shp(*dims), layer)
+        for kind, name, dt, shp in _LLAMA_POST[:1 if hp["head_tied"] else 3]:
+            add(kind, name, dt, shp(*dims))
+    else:
+        for kind, name, dt, shp in _GLOBAL_PRE:
+            add(kind, name, dt, shp(E, I, V, P))
+        for layer in range(L):
+            for kind, name, dt, shp in _LAYER:
+                add(kind, f"h.{layer}.{name}", dt, shp(E, I, V, P), layer)
+        for kind, name, dt, shp in _GLOBAL_POST:
+            add(kind, name, dt, shp(E, I, V, P))
     add(TOKENIZER_KIND, "tokenizer", DTYPE_RAW, None)
     if with_meta:
         add(META_KIND, "meta", DTYPE_RAW, None)
@@ -226,6 +321,8 @@ def plan_layout(hparams: dict, tokenizer_nbytes: int, meta_nbytes: int | None = 
     'file_size'}``; meta_nbytes None: a version 1 file (no meta section). Tensors are packed in
     directory order, each at the next 16-aligned offset."""
     hp = normalize_hparams(hparams) if "n_tensors" not in hparams else hparams
+    if meta_nbytes is None and hp["arch"] == ARCH_LLAMA:
+        meta_nbytes = 0  # a version 3 file always has the meta section
     specs = tensor_specs(hp, with_meta=meta_nbytes is not None)
     dir_offset = HEADER_SIZE
     pos = dir_offset + DIR_ENTRY.size * len(specs)
@@ -378,6 +475,9 @@ def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes,
     meta None: a version 1 file; a dict (e.g. {"abstain_answer": ...}): version 2 with a meta
     section."""
     hp = normalize_hparams(hparams)
+    llama = hp["arch"] == ARCH_LLAMA
+    if llama and meta is None:
+        meta = {}  # a version 3 file always has the meta section, even empty
     meta_bytes = None if meta is None else meta_section(meta)
     if not isinstance(tensors, dict):
         raise ValueError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
@@ -410,14 +510,16 @@ def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes,
         DIR_ENTRY.pack_into(buf, layout["dir_offset"] + DIR_ENTRY.size * spec.order,
                             spec.tensor_id, spec.dtype, offset, nbytes)
 
-    version = 1 if meta_bytes is None else FORMAT_VERSION
+    version = 1 if meta_bytes is None else 3 if llama else GPT2_FORMAT_VERSION
     struct.pack_into("<4s5I", buf, 0, MAGIC, version, HEADER_SIZE, file_size, 0, QUANT_SCHEME)
     struct.pack_into("<7I", buf, 24, hp["n_vocab"], hp["n_positions"], hp["n_embd"], hp["n_layer"],
                      hp["n_head"], hp["n_inner"], hp["activation"])
     struct.pack_into("<f", buf, 52, hp["layer_norm_epsilon"])
     struct.pack_into("<9I", buf, 56, hp["eos_id"], hp["bos_id"], hp["q_id"], hp["a_id"], hp["do_id"],
                      len(layout["entries"]), layout["dir_offset"], 0, 0)
-    # bytes 88..127 (reserved) stay zero
+    if llama:  # version 3: arch, n_kv_head, rope_theta, head_tied at 88..103
+        struct.pack_into("<2IfI", buf, 88, ARCH_LLAMA, hp["n_kv_head"], hp["rope_theta"], int(hp["head_tied"]))
+    # the rest of the header (reserved) stays zero
     crc = zlib.crc32(memoryview(buf)[20:]) & 0xFFFFFFFF
     struct.pack_into("<I", buf, 16, crc)
     info = {"hparams": hp, "file_size": file_size, "crc32": crc, "tokenizer": tok_info,
@@ -451,15 +553,20 @@ def format_info(info: dict, path=None) -> str:
     def size(n):
         return _h(n), "(%d bytes)" % n
 
+    llama = info.get("arch") == "llama"
     rows = [("%s" % path if path is not None else "model", None),
+            ("architecture", "", "Llama (RMSNorm, SwiGLU, rope theta %g, %s output head)"
+             % (info["rope_theta"], "tied" if info["head_tied"] else "own") if llama else "GPT-2"),
             ("vocabulary", info["n_vocab"], "tokens"),
             ("positions", info["n_positions"], "tokens (n_positions)"),
             ("embedding", info["n_embd"], "(n_embd)"),
             ("layers", info["n_layer"], ""),
-            ("heads", info["n_head"], "of %d dimensions each" % info["head_dim"]),
+            ("heads", info["n_head"], "of %d dimensions each" % info["head_dim"]
+             + ("" if info.get("arch") != "llama" else ", %d key/value heads" % info["n_kv_head"])),
             ("feed-forward", info["n_inner"], "(n_inner)"),
-            ("activation", "", info["activation"]),
-            ("layer norm epsilon", "%g" % info["layer_norm_epsilon"], ""),
+            ("activation", "", info["activation"] + (" (SwiGLU)" if info["activation"] == "silu" else "")),
+            ("layer norm epsilon" if info.get("arch") != "llama" else "RMSNorm epsilon",
+             "%g" % info["layer_norm_epsilon"], ""),
             ("token ids", "", ids()),
             ("abstain answer", "", repr(info[ABSTAIN_KEY]) if info.get(ABSTAIN_KEY) else
              "none (a model trained without one answers every question from its corpus)"),

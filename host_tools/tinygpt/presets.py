@@ -24,6 +24,18 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, n_embd=64, n_head=4, n_layer=2, n_inner=256, n_positions=64),
 }
 
+# Llama variants (`tinygpt train --arch llama --preset NAME`): the GPT-2 preset's width, depth,
+# heads, vocabulary and context, half as many key/value heads (grouped-query attention), and an
+# intermediate size that gives about the same model-file bytes (SwiGLU has three matrices where
+# GPT-2's MLP has two; the smaller KV projections give some of it back).
+LLAMA_PRESETS: dict[str, dict] = {
+    "d256x8": dict(PRESETS["d256x8"], n_kv_head=4, n_inner=600, arch="llama"),
+    "small": dict(PRESETS["small"], n_kv_head=2, n_inner=384, arch="llama"),
+    "tiny": dict(PRESETS["tiny"], n_kv_head=2, n_inner=192, arch="llama"),
+}
+LLAMA_BASE_CONFIG = dict(rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=None)
+
 # Fixed config fields (the engine implements exactly these).
 # bos/eos default to None (GPT2Config's 50256 is outside these vocabularies); set them from the
 # tokenizer (tokenizer_section.special_token_ids) when training. The converter takes eos from
@@ -37,18 +49,41 @@ N_SPECIAL_DEFAULT = 4  # <|endoftext|>, Q:, A:, Do:
 AVG_MERGED_TOKEN_BYTES = 6.0
 
 
-def make_config(preset, **overrides):
-    """``transformers.GPT2Config`` for a preset name (or a dict of kwargs), with overrides."""
+def preset_hparams(preset, arch: str = "gpt2") -> dict:
+    """The hyperparameters of a preset name (or a dict) for an architecture ('gpt2', 'llama')."""
+    if arch not in ("gpt2", "llama"):
+        raise ValueError(f"unknown architecture {arch!r} (known: gpt2, llama)")
+    if isinstance(preset, dict):
+        return dict(preset, arch=preset.get("arch", arch))
+    if not isinstance(preset, str):
+        raise ValueError(f"preset must be a name or a dict, got {type(preset).__name__}")
+    table = LLAMA_PRESETS if arch == "llama" else PRESETS
+    if preset not in table:
+        if arch == "llama" and preset in PRESETS:
+            raise ValueError(f"preset {preset!r} has no Llama variant (Llama presets: {', '.join(LLAMA_PRESETS)})")
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(table)})")
+    return dict(table[preset], arch=arch)
+
+
+def make_config(preset, arch: str = "gpt2", **overrides):
+    """``transformers.GPT2Config`` (or ``LlamaConfig`` for arch 'llama' or a dict with
+    arch='llama') for a preset name or a dict of kwargs, with overrides. The GPT-2 dropout
+    overrides map to Llama's one attention dropout (resid_pdrop and embd_pdrop have no Llama
+    counterpart and are dropped)."""
+    kw = preset_hparams(preset, arch)
+    if kw.pop("arch") == "llama":
+        from transformers import LlamaConfig
+
+        drop = overrides.pop("attn_pdrop", 0.0)
+        overrides.pop("resid_pdrop", None)
+        overrides.pop("embd_pdrop", None)
+        shape = dict(vocab_size=kw["vocab_size"], hidden_size=kw["n_embd"], num_attention_heads=kw["n_head"],
+                     num_key_value_heads=kw.get("n_kv_head") or kw["n_head"], num_hidden_layers=kw["n_layer"],
+                     intermediate_size=kw["n_inner"], max_position_embeddings=kw["n_positions"])
+        return LlamaConfig(**{**LLAMA_BASE_CONFIG, **shape, **overrides}, attention_dropout=drop,
+                           hidden_act="silu", attention_bias=False, mlp_bias=False)
     from transformers import GPT2Config
 
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        kw = dict(PRESETS[preset])
-    elif isinstance(preset, dict):
-        kw = dict(preset)
-    else:
-        raise ValueError(f"preset must be a name or a dict, got {type(preset).__name__}")
     kw = {**BASE_CONFIG, **kw, **overrides}
     return GPT2Config(**kw)
 
@@ -85,6 +120,14 @@ def _hparams_from(preset_or_hparams) -> dict:
         "layer_norm_epsilon": src.get("layer_norm_epsilon", 1e-5),
         "eos_id": 0,
     }
+    if src.get("arch") in ("llama", modelfile.ARCH_LLAMA) or src.get("model_type") == "llama":
+        hp.update(arch="llama", activation="silu", n_kv_head=src.get("n_kv_head", src.get("num_key_value_heads")),
+                  head_tied=bool(src.get("head_tied", src.get("tie_word_embeddings", True))))
+        for key, hf in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                        ("n_head", "num_attention_heads"), ("n_inner", "intermediate_size"),
+                        ("n_positions", "max_position_embeddings")):
+            if hp[key] is None:
+                hp[key] = src.get(hf)
     return modelfile.normalize_hparams(hp)
 
 
@@ -96,7 +139,8 @@ def estimate_bytes(preset_or_hparams, n_ctx: int | None = None, tokenizer_nbytes
     ``tokenizer_nbytes`` is given; ``tokenizer_estimated`` says which), ``header``,
     ``directory``, ``padding``, ``file_size`` (exact for that tokenizer size),
     ``params`` (float parameter count), ``n_ctx`` and ``kv_cache`` (per layer per position:
-    E int8 each for K and V plus n_head f32 scales each for K and V).
+    n_kv_head * head_dim int8 each for K and V plus n_kv_head f32 scales each for K and V;
+    GPT-2's n_kv_head is n_head).
     """
     hp = _hparams_from(preset_or_hparams)
     estimated = tokenizer_nbytes is None
@@ -128,6 +172,9 @@ def estimate_bytes(preset_or_hparams, n_ctx: int | None = None, tokenizer_nbytes
     n_ctx = hp["n_positions"] if n_ctx is None else int(n_ctx)
     out["n_ctx"] = n_ctx
     E, H, L = hp["n_embd"], hp["n_head"], hp["n_layer"]
-    out["kv_cache"] = L * n_ctx * (2 * E + 2 * 4 * H)
+    KV = hp.get("n_kv_head") or H  # key/value heads (Llama); GPT-2: n_head
+    out["kv_cache"] = L * n_ctx * (2 * KV * (E // H) + 2 * 4 * KV)
     out["hparams"] = {k: hp[k] for k in ("n_vocab", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+    out["hparams"]["arch"] = "llama" if hp.get("arch") == modelfile.ARCH_LLAMA else "gpt2"
+    out["hparams"]["n_kv_head"] = KV
     return out

@@ -219,6 +219,32 @@ def layernorm(x, g, b, eps) -> np.ndarray:
     return (d * inv[..., None]) * g + b
 
 
+def rmsnorm(x, g, eps) -> np.ndarray:
+    """Spec 4.7 (Llama) over the last axis: ``(x_i * (1 / sqrt(Σ x_i*x_i / n + eps))) * g_i``."""
+    x = _f32(x)
+    n = F32(x.shape[-1])
+    inv = _ONE / np.sqrt(seqsum(x * x, -1) / n + F32(eps))
+    return (x * inv[..., None]) * _f32(g)
+
+
+def silu(x) -> np.ndarray:
+    """Spec 4.7: ``x / (1 + exp32(-x))``."""
+    x = _f32(x)
+    return x / (_ONE + exp32(-x))
+
+
+def rope(v, cs) -> np.ndarray:
+    """Spec 4.7: turn the pairs (v[2i], v[2i+1]) of the last axis (one head) by the angle whose
+    cosine and sine are cs[2i], cs[2i+1] (broadcast over the leading axes)."""
+    v = _f32(v)
+    x0, x1 = v[..., 0::2], v[..., 1::2]
+    c, sn = cs[..., 0::2], cs[..., 1::2]
+    out = np.empty_like(v)
+    out[..., 0::2] = x0 * c - x1 * sn
+    out[..., 1::2] = x0 * sn + x1 * c
+    return out
+
+
 def quant(v):
     """Spec 4.3 over the last axis: returns ``(q int8[..., n], s float32[...])``."""
     v = _f32(v)
@@ -284,12 +310,12 @@ def linear(q, s_x, W, s_w, b=None, *, acc=None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 class FormatError(ValueError):
-    """The buffer is not a valid tinygpt model file (version 1 or 2)."""
+    """The buffer is not a valid tinygpt model file (version 1, 2 or 3)."""
 
 
 MAGIC = b"TGPT"
 TOK_MAGIC = b"TTOK"
-FORMAT_VERSION = 2      # versions 1 and 2 are read; 2 adds the meta section (kind 7)
+FORMAT_VERSION = 3      # versions 1-3 are read; 2 adds the meta section (kind 7), 3 the arch fields
 HEADER_SIZE = 128
 MAX_META_BYTES = 262144
 NO_ID = 0xFFFFFFFF
@@ -320,15 +346,43 @@ TENSOR_KINDS = {
     29: ("mproj_w", DTYPE_INT8, lambda h: (h["n_embd"], h["n_inner"])),
     30: ("mproj_s", DTYPE_F32, lambda h: (h["n_embd"],)),
     31: ("mproj_b", DTYPE_F32, lambda h: (h["n_embd"],)),
+    # Llama (arch 1): spec section 3.1
+    8: ("rope", DTYPE_F32, lambda h: (h["n_positions"], h["n_embd"] // h["n_head"])),
+    9: ("rmsf_g", DTYPE_F32, lambda h: (h["n_embd"],)),
+    10: ("head_q", DTYPE_INT8, lambda h: (h["n_vocab"], h["n_embd"])),
+    11: ("head_s", DTYPE_F32, lambda h: (h["n_vocab"],)),
+    32: ("rms1_g", DTYPE_F32, lambda h: (h["n_embd"],)),
+    33: ("qkv_w", DTYPE_INT8, lambda h: (h["n_embd"] + 2 * _kv_dim(h), h["n_embd"])),
+    34: ("qkv_s", DTYPE_F32, lambda h: (h["n_embd"] + 2 * _kv_dim(h),)),
+    35: ("o_w", DTYPE_INT8, lambda h: (h["n_embd"], h["n_embd"])),
+    36: ("o_s", DTYPE_F32, lambda h: (h["n_embd"],)),
+    37: ("rms2_g", DTYPE_F32, lambda h: (h["n_embd"],)),
+    38: ("gu_w", DTYPE_INT8, lambda h: (2 * h["n_inner"], h["n_embd"])),
+    39: ("gu_s", DTYPE_F32, lambda h: (2 * h["n_inner"],)),
+    40: ("down_w", DTYPE_INT8, lambda h: (h["n_embd"], h["n_inner"])),
+    41: ("down_s", DTYPE_F32, lambda h: (h["n_embd"],)),
 }
+
+
+def _kv_dim(h) -> int:
+    return h["n_kv_head"] * (h["n_embd"] // h["n_head"])
 _DTYPE_NAMES = {DTYPE_INT8: "int8", DTYPE_F32: "f32", DTYPE_RAW: "raw"}
 _NP_DTYPES = {DTYPE_INT8: np.dtype("<i1"), DTYPE_F32: np.dtype("<f4")}
 
 
-def tensor_layout(n_layer: int, version: int = 1):
+def tensor_layout(n_layer: int, version: int = 1, arch: int = 0, head_tied: bool = True):
     """Canonical directory order: list of (tensor_id, kind, layer, full name); version 2 ends
-    with the meta section."""
+    with the meta section; arch 1 (Llama, version 3) has the order of spec section 3.1."""
     out = []
+    if arch == 1:
+        for kind in (1, 2, 8):
+            out.append((kind, kind, 0, TENSOR_KINDS[kind][0]))
+        for layer in range(n_layer):
+            for kind in range(32, 42):
+                out.append((kind + 256 * layer, kind, layer, "h.%d.%s" % (layer, TENSOR_KINDS[kind][0])))
+        for kind in (9, 6, 7) if head_tied else (9, 10, 11, 6, 7):
+            out.append((kind, kind, 0, TENSOR_KINDS[kind][0]))
+        return out
     for kind in (1, 2, 3):
         out.append((kind, kind, 0, TENSOR_KINDS[kind][0]))
     for layer in range(n_layer):
@@ -381,7 +435,8 @@ _HEADER_FIELDS = (
 assert struct.calcsize(_HEADER_FMT) == HEADER_SIZE
 
 HPARAM_KEYS = ("n_vocab", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation",
-               "layer_norm_epsilon", "eos_id", "bos_id", "q_id", "a_id", "do_id")
+               "layer_norm_epsilon", "eos_id", "bos_id", "q_id", "a_id", "do_id",
+               "arch", "n_kv_head", "rope_theta", "head_tied")
 
 
 def _pad(n: int, a: int) -> int:
@@ -394,8 +449,8 @@ def _check_header(hd: dict, mv: memoryview, check_crc: bool) -> None:
 
     if hd["magic"] != MAGIC:
         bad("bad magic %r (expected b'TGPT')" % hd["magic"])
-    if hd["format_version"] not in (1, 2):
-        bad("format_version %d is not supported (only 1 and 2)" % hd["format_version"])
+    if hd["format_version"] not in (1, 2, 3):
+        bad("format_version %d is not supported (only 1, 2 and 3)" % hd["format_version"])
     if hd["header_size"] != HEADER_SIZE:
         bad("header_size %d != 128" % hd["header_size"])
     fs = hd["file_size"]
@@ -419,8 +474,33 @@ def _check_header(hd: dict, mv: memoryview, check_crc: bool) -> None:
         bad("n_head %d out of range 1..n_embd (%d)" % (hd["n_head"], hd["n_embd"]))
     if hd["n_embd"] % hd["n_head"]:
         bad("n_embd %d is not divisible by n_head %d" % (hd["n_embd"], hd["n_head"]))
-    if hd["activation"] not in (0, 1):
-        bad("activation %d unknown (0 = gelu_new, 1 = gelu)" % hd["activation"])
+    # version 3: arch, n_kv_head, rope_theta, head_tied at bytes 88..103 (spec section 2)
+    v3 = hd["format_version"] == 3
+    arch, n_kv, theta, tied = struct.unpack("<IIfI", hd["reserved"][:16]) if v3 else (0, 0, 0.0, 0)
+    if v3 and any(hd["reserved"][16:]):
+        bad("reserved bytes 104..127 are not all zero")
+    if not v3 and any(hd["reserved"]):
+        bad("reserved bytes 88..127 are not all zero")
+    if arch not in (0, 1):
+        bad("arch %d unknown (0 = GPT-2, 1 = Llama)" % arch)
+    if arch == 0:
+        if n_kv or hd["reserved"][8:12] != bytes(4) or tied:
+            bad("a GPT-2 file has n_kv_head, rope_theta and head_tied 0")
+        if hd["activation"] not in (0, 1):
+            bad("activation %d unknown (0 = gelu_new, 1 = gelu)" % hd["activation"])
+        hd.update(arch=0, n_kv_head=hd["n_head"], rope_theta=0.0, head_tied=1)
+    else:
+        if hd["activation"] != 2:
+            bad("a Llama file has activation 2 (SwiGLU), not %d" % hd["activation"])
+        if not (1 <= n_kv <= hd["n_head"] and hd["n_head"] % n_kv == 0):
+            bad("n_kv_head %d does not divide n_head %d" % (n_kv, hd["n_head"]))
+        if (hd["n_embd"] // max(hd["n_head"], 1)) % 2:
+            bad("head_dim %d is odd" % (hd["n_embd"] // hd["n_head"]))
+        if not (math.isfinite(theta) and theta > 0):
+            bad("rope_theta %r must be finite and > 0" % theta)
+        if tied not in (0, 1):
+            bad("head_tied %d is not 0 or 1" % tied)
+        hd.update(arch=1, n_kv_head=n_kv, rope_theta=theta, head_tied=tied)
     eps = hd["layer_norm_epsilon"]
     if not (math.isfinite(eps) and eps > 0):
         bad("layer_norm_epsilon %r must be finite and > 0" % eps)
@@ -430,16 +510,17 @@ def _check_header(hd: dict, mv: memoryview, check_crc: bool) -> None:
     for key in ("q_id", "a_id", "do_id"):
         if hd[key] != NO_ID and hd[key] >= hd["n_vocab"]:
             bad("%s %d >= n_vocab %d (and not 0xFFFFFFFF)" % (key, hd[key], hd["n_vocab"]))
-    n_global = 6 if hd["format_version"] == 1 else 7
-    want = n_global + 16 * hd["n_layer"]
+    if hd["arch"] == 1:
+        n_global, per_layer = (6 if hd["head_tied"] else 8), 10
+    else:
+        n_global, per_layer = (6 if hd["format_version"] == 1 else 7), 16
+    want = n_global + per_layer * hd["n_layer"]
     if hd["n_tensors"] != want:
-        bad("n_tensors %d != %d + 16*n_layer = %d" % (hd["n_tensors"], n_global, want))
+        bad("n_tensors %d != %d + %d*n_layer = %d" % (hd["n_tensors"], n_global, per_layer, want))
     if hd["dir_offset"] % 16 or hd["dir_offset"] < HEADER_SIZE:
         bad("dir_offset %d must be a multiple of 16 and >= 128" % hd["dir_offset"])
     if hd["flags"] != 0:
         bad("flags 0x%x != 0 (reserved)" % hd["flags"])
-    if any(hd["reserved"]):
-        bad("reserved bytes 88..127 are not all zero")
     if hd["dir_offset"] + 16 * hd["n_tensors"] > fs:
         bad("tensor directory [%d, %d) runs past file_size %d"
             % (hd["dir_offset"], hd["dir_offset"] + 16 * hd["n_tensors"], fs))
@@ -533,6 +614,7 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
     fs = hd["file_size"]
     hp = {k: hd[k] for k in HPARAM_KEYS}
     hp["layer_norm_epsilon"] = F32(hd["layer_norm_epsilon"])
+    hp["rope_theta"] = F32(hd["rope_theta"])
 
     n_t = hd["n_tensors"]
     d0 = hd["dir_offset"]
@@ -544,7 +626,7 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
     prev_end = d0 + 16 * n_t
     prev_name = "the tensor directory"
     for i, ((tid, kind, layer, name), (e_id, e_dt, e_off, e_nb)) in enumerate(
-            zip(tensor_layout(hd["n_layer"], hd["format_version"]), ent)):
+            zip(tensor_layout(hd["n_layer"], hd["format_version"], hd["arch"], hd["head_tied"]), ent)):
         where = "tensor %d '%s'" % (i, name)
         if e_id != tid:
             raise FormatError("%s: tensor_id %d (0x%x) != expected %d (kind %d, layer %d)"
@@ -682,6 +764,9 @@ class ReferenceModel:
         self.E, self.L, self.H = hp["n_embd"], hp["n_layer"], hp["n_head"]
         self.I = hp["n_inner"]
         self.D = self.E // self.H
+        self.llama = hp.get("arch", 0) == 1
+        self.KV = hp["n_kv_head"] if self.llama else self.H   # key/value heads
+        self.KVD = self.KV * self.D
         self.act = hp["activation"]
         self.eps = F32(hp["layer_norm_epsilon"])
         self.n_ctx = self.P if n_ctx is None else int(n_ctx)
@@ -693,10 +778,10 @@ class ReferenceModel:
         # int8 matrices as float32 (exact small integers) for the blocked BLAS products
         self._wf = {k: np.asarray(v, np.float32) for k, v in t.items() if v.dtype == np.int8}
         self.trace_enabled = trace
-        self.K8 = np.zeros((self.L, self.n_ctx, self.E), np.int8)
-        self.V8 = np.zeros((self.L, self.n_ctx, self.E), np.int8)
-        self.sK = np.zeros((self.L, self.n_ctx, self.H), np.float32)
-        self.sV = np.zeros((self.L, self.n_ctx, self.H), np.float32)
+        self.K8 = np.zeros((self.L, self.n_ctx, self.KVD), np.int8)
+        self.V8 = np.zeros((self.L, self.n_ctx, self.KVD), np.int8)
+        self.sK = np.zeros((self.L, self.n_ctx, self.KV), np.float32)
+        self.sV = np.zeros((self.L, self.n_ctx, self.KV), np.float32)
         self.pos = 0
         self.trace = {}
 
@@ -716,10 +801,12 @@ class ReferenceModel:
         """q8 int8 [T, H, D], sq [T, H] for positions pos0..pos0+T-1 -> out f32 [T, E]."""
         T, H, D = q8.shape
         P = pos0 + T
-        K = self.K8[l, :P].reshape(P, H, D).transpose(1, 2, 0).astype(np.float32)  # [H, D, P]
-        Vf = self.V8[l, :P].reshape(P, H, D).transpose(1, 0, 2).astype(np.float32)  # [H, P, D]
-        sK = self.sK[l, :P].T                      # [H, P]
-        sV = self.sV[l, :P].T
+        # query head h reads key/value head h // (H / KV) (grouped-query attention, spec 4.7)
+        g = np.arange(H) // (H // self.KV)
+        K = self.K8[l, :P].reshape(P, self.KV, D)[:, g].transpose(1, 2, 0).astype(np.float32)  # [H, D, P]
+        Vf = self.V8[l, :P].reshape(P, self.KV, D)[:, g].transpose(1, 0, 2).astype(np.float32)  # [H, P, D]
+        sK = self.sK[l, :P][:, g].T                # [H, P]
+        sV = self.sV[l, :P][:, g].T
         qf = q8.transpose(1, 0, 2).astype(np.float32)   # [H, T, D]
         acc = None
         for k0 in range(0, D, _BLOCK):             # exact int dot products (see int_matmul)
@@ -768,6 +855,8 @@ class ReferenceModel:
                     rec[i][key] = v.copy() if isinstance(v, np.ndarray) else F32(v)
 
         positions = pos0 + np.arange(T)
+        if self.llama:
+            return self._forward_llama(toks, positions, tr, rec, put)
         h = t["wte_q"][toks].astype(np.float32) * t["wte_s"][toks][:, None] + t["wpe"][positions]
         put("emb", h)
         for l in range(self.L):
@@ -797,6 +886,55 @@ class ReferenceModel:
                     put(p + key, arr)
         fq, fs = quant(layernorm(h, t["lnf_g"], t["lnf_b"], self.eps))
         logits = linear(fq, fs, None, t["wte_s"], None, acc=int_matmul(fq, self._wf["wte_q"]))
+        if tr:
+            put("fq", fq)
+            put("fs", fs)
+            put("logits", logits)
+            for i in range(T):
+                self.trace[pos0 + i] = rec[i]
+        self.pos = pos0 + T
+        return logits
+
+    def _forward_llama(self, toks, positions, tr, rec, put):
+        """Spec 4.7: the Llama forward pass (same trace keys; 'qkv' after the rotation, 'fc' the
+        2I gate and up values)."""
+        t = self.t
+        T, E, H, D, KV, KVD, I = toks.size, self.E, self.H, self.D, self.KV, self.KVD, self.I
+        pos0 = self.pos
+        cs = t["rope"][positions][:, None, :]                      # [T, 1, D]
+        h = t["wte_q"][toks].astype(np.float32) * t["wte_s"][toks][:, None]
+        put("emb", h)
+        for l in range(self.L):
+            p = "h.%d." % l
+            xq, xs = quant(rmsnorm(h, t[p + "rms1_g"], self.eps))
+            qkv = linear(xq, xs, None, t[p + "qkv_s"], None, acc=int_matmul(xq, self._wf[p + "qkv_w"]))
+            q = rope(qkv[:, :E].reshape(T, H, D), cs)
+            k = rope(qkv[:, E:E + KVD].reshape(T, KV, D), cs)
+            qkv = np.concatenate([q.reshape(T, E), k.reshape(T, KVD), qkv[:, E + KVD:]], axis=1)
+            k8, sk = quant(k)
+            v8, sv = quant(qkv[:, E + KVD:].reshape(T, KV, D))
+            self.K8[l, positions] = k8.reshape(T, KVD)
+            self.V8[l, positions] = v8.reshape(T, KVD)
+            self.sK[l, positions] = sk
+            self.sV[l, positions] = sv
+            q8, sq = quant(q)
+            out = self._attention(l, q8, sq, pos0)
+            aq, as_ = quant(out)
+            h = h + linear(aq, as_, None, t[p + "o_s"], None, acc=int_matmul(aq, self._wf[p + "o_w"]))
+            x2q, x2s = quant(rmsnorm(h, t[p + "rms2_g"], self.eps))
+            f = linear(x2q, x2s, None, t[p + "gu_s"], None, acc=int_matmul(x2q, self._wf[p + "gu_w"]))
+            gq, gs = quant(silu(f[:, :I]) * f[:, I:])
+            h = h + linear(gq, gs, None, t[p + "down_s"], None, acc=int_matmul(gq, self._wf[p + "down_w"]))
+            if tr:
+                for key, arr in (("xq1", xq), ("xs1", xs), ("qkv", qkv),
+                                 ("k8", k8.reshape(T, KVD)), ("sk", sk),
+                                 ("v8", v8.reshape(T, KVD)), ("sv", sv), ("attn", out),
+                                 ("aq", aq), ("as", as_), ("xq2", x2q), ("xs2", x2s),
+                                 ("fc", f), ("gq", gq), ("gs", gs), ("h", h)):
+                    put(p + key, arr)
+        fq, fs = quant(rmsnorm(h, t["rmsf_g"], self.eps))
+        hq, hs = ("wte_q", "wte_s") if "head_q" not in t else ("head_q", "head_s")
+        logits = linear(fq, fs, None, t[hs], None, acc=int_matmul(fq, self._wf[hq]))
         if tr:
             put("fq", fq)
             put("fs", fs)

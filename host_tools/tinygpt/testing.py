@@ -202,3 +202,42 @@ def make_random_hf_model(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
             json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
                        "additional_special_tokens": SPECIAL_TOKENS[1:]}, f)
     return {"out_dir": out_dir, "model": model, "tokenizer": tok, "config": config, "eos_id": eos_id}
+
+
+def make_random_hf_llama(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, n_positions, *,
+                         n_kv_head=None, rope_theta=10000.0, tied=False, seed=0, init_std=0.1,
+                         rms_norm_eps=1e-5):
+    """Create a random LlamaForCausalLM (safetensors) plus a byte-level BPE tokenizer.json in
+    ``out_dir``. The RMSNorm gains are drawn around 1 so that they matter. Returns
+    ``{'out_dir', 'model', 'tokenizer', 'config', 'eos_id'}``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tok = make_synthetic_tokenizer(vocab_size, seed=seed)
+    eos_id = tok.token_to_id("<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=n_embd, num_attention_heads=n_head, num_hidden_layers=n_layer,
+        num_key_value_heads=n_kv_head or n_head, intermediate_size=n_inner, max_position_embeddings=n_positions,
+        rms_norm_eps=rms_norm_eps, rope_theta=rope_theta, tie_word_embeddings=tied, initializer_range=init_std,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    return {"out_dir": out_dir, "model": model, "tokenizer": tok, "config": config, "eos_id": eos_id}

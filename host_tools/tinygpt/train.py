@@ -137,6 +137,7 @@ from .modelfile import sha256_file
 # final rate instead of in mid-schedule.
 DEFAULTS = dict(
     preset="d256x8",
+    arch="gpt2",
     augment=8,
     epochs=10,
     lr=2e-3,
@@ -564,8 +565,8 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
           stop_after=None, progress=True, max_minutes=None, loss=DEFAULTS["loss"],
           label_smoothing=DEFAULTS["label_smoothing"], val_split=None, val_file=None, val_every=None,
           early_stop=None, augment=DEFAULTS["augment"], device=DEFAULTS["device"], fix_misses=0, abstain=None,
-          abstain_questions=None) -> dict:
-    """Train GPT-2 ``preset`` on ``corpus`` with the tokenizer in ``tokenizer_dir``; write the
+          abstain_questions=None, arch=DEFAULTS["arch"]) -> dict:
+    """Train GPT-2 (or, with arch='llama', Llama) ``preset`` on ``corpus`` with the tokenizer in ``tokenizer_dir``; write the
     run into ``out_dir``. See the module docstring. Returns the train_log dict (plus
     ``out_dir``; ``stopped`` is False for a complete run, else why it stopped: "stop_after",
     "time", "early_stop", "SIGINT" or "SIGTERM").
@@ -614,10 +615,9 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    from .presets import PRESETS
+    from .presets import preset_hparams
 
-    if isinstance(preset, str) and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    preset_hp = preset_hparams(preset, arch)  # ValueError names an unknown preset or architecture
     if val_split is not None and val_file is not None:
         raise ValueError("give --val-split or --val-file, not both")
     if early_stop is not None and val_split is None and val_file is None:
@@ -716,7 +716,6 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     for special in (corpus_mod.Q_PREFIX, corpus_mod.A_PREFIX, corpus_mod.DO_PREFIX):
         if tok.token_to_id(special) is None:
             log(f"warning: tokenizer {tok_file} has no {special!r} token; the engine's stop rules need it")
-    preset_hp = PRESETS[preset] if isinstance(preset, str) else dict(preset)
     preset_vocab = preset_hp.get("vocab_size")
     if preset_vocab is not None and vocab_size > preset_vocab:
         raise ValueError(f"tokenizer {tok_file} has {vocab_size} tokens but preset {preset!r} is sized for "
@@ -765,7 +764,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         val_every = steps_per_epoch[0]
     identity = {
         "corpus_sha256": sha256_file(corpus), "tokenizer_sha256": sha256_file(tok_file),
-        "preset": preset, "n_positions": T,
+        "preset": preset, "arch": arch, "n_positions": T,
         "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": seed, "dropout": float(dropout),
         "max_steps": max_steps, "warmup_steps": warmup_steps, "min_lr_ratio": float(min_lr_ratio),
         "weight_decay": float(weight_decay), "schedule": schedule, "loss": loss,
@@ -789,12 +788,12 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     # -- torch from here on ---------------------------------------------------------------------
     import torch
     import transformers
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from .presets import make_config
 
     device = resolve_device(device)
-    config = make_config(preset, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+    config = make_config(preset, arch, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     if n_abstain:  # save_pretrained keeps them in config.json; convert writes them to the model file
         config.abstain_answer = abstain_text
@@ -851,7 +850,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(config)  # GPT2LMHeadModel or LlamaForCausalLM
         model.to(device)
         model.train()
         decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
@@ -1172,7 +1171,7 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         info = {
             # absolute paths: `tinygpt convert RUN` from another folder finds the same corpus (for drafts)
             "args": {"corpus": str(corpus.resolve()), "tokenizer": str(tok_file.resolve()),
-                     "out_dir": str(out_dir.resolve()), "preset": preset,
+                     "out_dir": str(out_dir.resolve()), "preset": preset, "arch": arch,
                      "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "dropout": dropout,
                      "checkpoint_every": checkpoint_every, "max_steps": max_steps, "warmup_steps": warmup_steps,
                      "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "schedule": schedule,

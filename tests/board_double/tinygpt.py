@@ -10,7 +10,7 @@
 import struct
 import time
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _NO_TOKEN = 0xFFFFFFFF
 _TOKENIZER_KIND = 6
 _META_KIND = 7

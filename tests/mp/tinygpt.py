@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - every MicroPython port used here has a
     array = None
 
 MAGIC = b"TGSCRIPT1\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SCRIPT = None
 LAST = None
 

@@ -436,7 +436,7 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
     tinygpt_model_obj_t *self = get_open(self_in);
     tg_info h;
     tg_get_info(self->model, &h);
-    mp_obj_t d = mp_obj_new_dict(24);
+    mp_obj_t d = mp_obj_new_dict(30);
     dict_int(d, MP_QSTR_n_vocab, h.n_vocab);
     dict_int(d, MP_QSTR_n_positions, h.n_positions);
     dict_int(d, MP_QSTR_n_embd, h.n_embd);
@@ -457,7 +457,13 @@ static mp_obj_t tinygpt_model_info(mp_obj_t self_in) {
                           opt_ids[i] == TG_NO_TOKEN ? mp_const_none : mp_obj_new_int(opt_ids[i]));
     }
     mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_activation),
-                      MP_OBJ_NEW_QSTR(h.activation ? MP_QSTR_gelu : MP_QSTR_gelu_new));
+                      MP_OBJ_NEW_QSTR(h.activation == 2 ? MP_QSTR_silu
+                                      : h.activation ? MP_QSTR_gelu : MP_QSTR_gelu_new));
+    mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_arch),
+                      MP_OBJ_NEW_QSTR(h.arch == TG_ARCH_LLAMA ? MP_QSTR_llama : MP_QSTR_gpt2));
+    dict_int(d, MP_QSTR_n_kv_head, h.n_kv_head);
+    mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_rope_theta), mp_obj_new_float((mp_float_t)h.rope_theta));
+    mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_head_tied), mp_obj_new_bool(h.head_tied));
     mp_obj_dict_store(d, MP_OBJ_NEW_QSTR(MP_QSTR_layer_norm_epsilon),
                       mp_obj_new_float((mp_float_t)h.layer_norm_epsilon));
     dict_int(d, MP_QSTR_file_bytes, (mp_int_t)h.file_bytes);

@@ -4,7 +4,7 @@
  * Sections, in reading order:
  *   1. small helpers: errors, little-endian reads, CRC32
  *   2. float32 math exactly as docs/model-format.md section 4.1 specifies (exp32, tanh32, erf32)
- *   3. kernels: LayerNorm, activation quantization, int8 matmul, GELU
+ *   3. kernels: LayerNorm, RMSNorm, activation quantization, int8 matmul, GELU, SiLU, RoPE
  *   4. the model struct and the loader (validates every byte it will ever read)
  *   5. the forward pass (prefill processes a batch; step is a batch of one)
  *   6. sampling
@@ -213,6 +213,18 @@ static void layernorm(float *y, const float *x, const float *g, const float *b, 
     for (uint32_t i = 0; i < n; i++) {
         float d = x[i] - mean;
         y[i] = (d * inv) * g[i] + b[i];
+    }
+}
+
+/* RMSNorm (Llama, spec 4.7): no mean, no bias. */
+static void rmsnorm(float *y, const float *x, const float *g, uint32_t n, float eps) {
+    float ss = 0.0f;
+    for (uint32_t i = 0; i < n; i++) {
+        ss += x[i] * x[i];
+    }
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (uint32_t i = 0; i < n; i++) {
+        y[i] = (x[i] * inv) * g[i];
     }
 }
 
@@ -525,10 +537,30 @@ static float gelu(float x, uint32_t activation) {
     return (0.5f * x) * (1.0f + erf32(x * 0.707106769f));
 }
 
+/* SwiGLU's gate (Llama): silu(x) = x * sigmoid(x), as x / (1 + e^-x). exp32 clamps its
+ * argument, so a large negative x gives a tiny quotient, never inf/inf. */
+static float silu(float x) {
+    return x / (1.0f + exp32(-x));
+}
+
+/* Rotary position embedding of one head's D values in place: the pairs (v[2i], v[2i+1]) turn by
+ * the angle whose cosine and sine are cs[2i], cs[2i+1] (the file's rope row of the position).
+ * The converter puts Hugging Face's rotate-half pairs (i, i + D/2) into this order. */
+static void rope(float *v, const float *cs, uint32_t D) {
+    for (uint32_t i = 0; i < D; i += 2) {
+        float x0 = v[i], x1 = v[i + 1], c = cs[i], sn = cs[i + 1];
+        v[i] = x0 * c - x1 * sn;
+        v[i + 1] = x0 * sn + x1 * c;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* 4. Model and loader                                                                      */
 /* ---------------------------------------------------------------------------------------- */
 
+/* One layer's tensors. A Llama layer uses the same slots: ln1_g/ln2_g are its RMSNorm gains,
+ * attn_w its fused q/k/v rows, proj_w its output projection, fc_w its fused gate/up rows and
+ * mproj_w its down projection; it has no biases (NULL) and no LayerNorm biases. */
 typedef struct {
     const float *ln1_g, *ln1_b;
     const int8_t *attn_w;
@@ -547,17 +579,21 @@ struct tg_model {
     /* weights: pointers into the caller's buffer */
     const int8_t *wte_q;
     const float *wte_s, *wpe, *lnf_g, *lnf_b;
+    const float *rope;    /* Llama: [P][D] (cos, sin) pairs; GPT-2: NULL (wpe instead) */
+    const int8_t *head_q; /* output head: wte_q/wte_s when tied */
+    const float *head_s;
     tg_layer *layers;
     const uint8_t *tokenizer;
     const uint8_t *meta; /* NULL in a version 1 file */
-    /* KV cache: [layer][pos][n_embd] int8, scales [layer][pos][n_head] */
+    /* KV cache: [layer][pos][kv_dim] int8 (kv_dim = n_kv_head * head_dim), scales
+     * [layer][pos][n_kv_head] */
     int8_t *k8, *v8;
     float *sk, *sv;
     int32_t *tokens; /* the ids in the cache, for the repetition penalty */
     uint32_t pos;
     /* scratch, sized for max_batch tokens */
     float *x;       /* [B][E] residual stream */
-    float *buf;     /* [B][max(3E, I)] linear outputs: qkv, then fc */
+    float *buf;     /* [B][wide] linear outputs: qkv (E + 2 kv_dim), then fc (I; Llama 2I) */
     float *att;     /* [B][E] attention outputs */
     int8_t *xq;     /* [B][max(E, I)] quantized activations */
     float *xs;      /* [B] their scales */
@@ -611,13 +647,19 @@ enum { DT_I8 = 1, DT_F32 = 2, DT_RAW = 3 };
 
 enum {
     K_WTE_Q = 1, K_WTE_S = 2, K_WPE = 3, K_LNF_G = 4, K_LNF_B = 5, K_TOKENIZER = 6, K_META = 7,
+    K_ROPE = 8, K_RMSF_G = 9, K_HEAD_Q = 10, K_HEAD_S = 11, /* Llama globals */
     K_LN1_G = 16, K_LN1_B, K_ATTN_W, K_ATTN_S, K_ATTN_B, K_PROJ_W, K_PROJ_S, K_PROJ_B,
-    K_LN2_G, K_LN2_B, K_FC_W, K_FC_S, K_FC_B, K_MPROJ_W, K_MPROJ_S, K_MPROJ_B
+    K_LN2_G, K_LN2_B, K_FC_W, K_FC_S, K_FC_B, K_MPROJ_W, K_MPROJ_S, K_MPROJ_B,
+    K_RMS1_G = 32, K_QKV_W, K_QKV_S, K_O_W, K_O_S, K_RMS2_G, K_GU_W, K_GU_S, K_DOWN_W, K_DOWN_S
 };
 
-static const char *const layer_kind_names[16] = {
+#define GPT2_LAYER_TENSORS 16u
+#define LLAMA_LAYER_TENSORS 10u
+
+static const char *const layer_kind_names[26] = {
     "ln1_g", "ln1_b", "attn_w", "attn_s", "attn_b", "proj_w", "proj_s", "proj_b",
-    "ln2_g", "ln2_b", "fc_w", "fc_s", "fc_b", "mproj_w", "mproj_s", "mproj_b"};
+    "ln2_g", "ln2_b", "fc_w", "fc_s", "fc_b", "mproj_w", "mproj_s", "mproj_b",
+    "rms1_g", "qkv_w", "qkv_s", "o_w", "o_s", "rms2_g", "gu_w", "gu_s", "down_w", "down_s"};
 
 static const char *global_kind_name(uint32_t kind) {
     switch (kind) {
@@ -627,51 +669,71 @@ static const char *global_kind_name(uint32_t kind) {
         case K_LNF_G: return "lnf_g";
         case K_LNF_B: return "lnf_b";
         case K_META: return "meta";
+        case K_ROPE: return "rope";
+        case K_RMSF_G: return "rmsf_g";
+        case K_HEAD_Q: return "head_q";
+        case K_HEAD_S: return "head_s";
         default: return "tokenizer";
     }
 }
 
-/* Directory slot -> (kind, layer): the canonical order of spec section 3. */
-static void slot_kind(uint32_t slot, uint32_t n_layer, uint32_t *kind, uint32_t *layer) {
+/* Directory slot -> (kind, layer): the canonical order of spec section 3 (GPT-2) or 3.1
+ * (Llama). */
+static void slot_kind(uint32_t slot, const tg_info *h, uint32_t *kind, uint32_t *layer) {
+    static const uint32_t llama_pre[3] = {K_WTE_Q, K_WTE_S, K_ROPE};
+    static const uint32_t llama_post[5] = {K_RMSF_G, K_HEAD_Q, K_HEAD_S, K_TOKENIZER, K_META};
+    int llama = h->arch == TG_ARCH_LLAMA;
+    uint32_t per_layer = llama ? LLAMA_LAYER_TENSORS : GPT2_LAYER_TENSORS;
+    *layer = 0;
     if (slot < 3) {
-        *kind = slot + 1;
-        *layer = 0;
-    } else if (slot < 3 + 16 * n_layer) {
-        *kind = 16 + (slot - 3) % 16;
-        *layer = (slot - 3) / 16;
+        *kind = llama ? llama_pre[slot] : slot + 1;
+    } else if (slot < 3 + per_layer * h->n_layer) {
+        *kind = (llama ? K_RMS1_G : K_LN1_G) + (slot - 3) % per_layer;
+        *layer = (slot - 3) / per_layer;
     } else {
-        *kind = 4 + (slot - 3 - 16 * n_layer);
-        *layer = 0;
+        uint32_t i = slot - 3 - per_layer * h->n_layer;
+        if (!llama) {
+            *kind = 4 + i;
+        } else {
+            *kind = llama_post[i == 0 || !h->head_tied ? i : i + 2];
+        }
     }
 }
 
 /* Expected dtype and element count of a tensor kind; 0 elements = any size (tokenizer, meta). */
 static void kind_shape(const tg_info *h, uint32_t kind, uint32_t *dtype, uint64_t *count) {
     uint64_t E = h->n_embd, I = h->n_inner, V = h->n_vocab, P = h->n_positions;
+    uint64_t KVD = (uint64_t)h->n_kv_head * h->head_dim;
     *dtype = DT_F32;
     switch (kind) {
-        case K_WTE_Q: *dtype = DT_I8; *count = V * E; break;
-        case K_WTE_S: *count = V; break;
+        case K_WTE_Q: case K_HEAD_Q: *dtype = DT_I8; *count = V * E; break;
+        case K_WTE_S: case K_HEAD_S: *count = V; break;
         case K_WPE: *count = P * E; break;
-        case K_LNF_G: case K_LNF_B: *count = E; break;
+        case K_ROPE: *count = P * h->head_dim; break;
+        case K_LNF_G: case K_LNF_B: case K_RMSF_G: *count = E; break;
         case K_TOKENIZER: case K_META: *dtype = DT_RAW; *count = 0; break;
         case K_ATTN_W: *dtype = DT_I8; *count = 3 * E * E; break;
         case K_ATTN_S: case K_ATTN_B: *count = 3 * E; break;
-        case K_PROJ_W: *dtype = DT_I8; *count = E * E; break;
+        case K_PROJ_W: case K_O_W: *dtype = DT_I8; *count = E * E; break;
         case K_FC_W: *dtype = DT_I8; *count = I * E; break;
         case K_FC_S: case K_FC_B: *count = I; break;
-        case K_MPROJ_W: *dtype = DT_I8; *count = E * I; break;
-        default: *count = E; break; /* ln*, proj_s/b, mproj_s/b */
+        case K_MPROJ_W: case K_DOWN_W: *dtype = DT_I8; *count = E * I; break;
+        case K_QKV_W: *dtype = DT_I8; *count = (E + 2 * KVD) * E; break;
+        case K_QKV_S: *count = E + 2 * KVD; break;
+        case K_GU_W: *dtype = DT_I8; *count = 2 * I * E; break;
+        case K_GU_S: *count = 2 * I; break;
+        default: *count = E; break; /* ln*, rms*, proj_s/b, mproj_s/b, o_s, down_s */
     }
 }
 
 static int is_scale_kind(uint32_t kind) {
     return kind == K_WTE_S || kind == K_ATTN_S || kind == K_PROJ_S || kind == K_FC_S ||
-           kind == K_MPROJ_S;
+           kind == K_MPROJ_S || kind == K_HEAD_S || kind == K_QKV_S || kind == K_O_S ||
+           kind == K_GU_S || kind == K_DOWN_S;
 }
 
 static void tensor_name(char *out, size_t n, uint32_t kind, uint32_t layer) {
-    if (kind >= 16 && kind < 32) {
+    if (kind >= 16 && kind <= K_DOWN_S) {
         snprintf(out, n, "h.%u.%s", (unsigned)layer, layer_kind_names[kind - 16]);
     } else {
         snprintf(out, n, "%s", global_kind_name(kind));
@@ -780,7 +842,7 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
         return fail(err, TG_E_MAGIC, "not a tinygpt model (magic is not 'TGPT')");
     }
     uint32_t version = rd32(buf + 4);
-    if (version != 1 && version != TG_FORMAT_VERSION) {
+    if (version < 1 || version > TG_FORMAT_VERSION) {
         return fail(err, TG_E_VERSION, "format version %u, this engine reads versions 1 to %u",
                     (unsigned)version, (unsigned)TG_FORMAT_VERSION);
     }
@@ -804,7 +866,8 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
         return fail(err, TG_E_HEADER, "flags 0x%x set; this engine knows none",
                     (unsigned)rd32(buf + 84));
     }
-    for (uint32_t i = 88; i < TG_HEADER_SIZE; i++) {
+    uint32_t reserved_from = version >= 3 ? 104 : 88; /* version 3: arch fields at 88..103 */
+    for (uint32_t i = reserved_from; i < TG_HEADER_SIZE; i++) {
         if (buf[i] != 0) {
             return fail(err, TG_E_HEADER, "reserved header byte %u is not zero", (unsigned)i);
         }
@@ -824,6 +887,17 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
     h->a_id = rd32(buf + 68);
     h->do_id = rd32(buf + 72);
     h->file_bytes = file_size;
+    h->arch = version >= 3 ? rd32(buf + 88) : TG_ARCH_GPT2;
+    h->n_kv_head = version >= 3 ? rd32(buf + 92) : 0;
+    h->rope_theta = version >= 3 ? rdf32(buf + 96) : 0.0f;
+    h->head_tied = version >= 3 ? rd32(buf + 100) : 0;
+    int llama = h->arch == TG_ARCH_LLAMA;
+    if (h->arch > TG_ARCH_LLAMA) {
+        return fail(err, TG_E_HEADER, "unknown arch %u (0 = GPT-2, 1 = Llama)", (unsigned)h->arch);
+    }
+    if (!llama && (h->n_kv_head != 0 || rd32(buf + 96) != 0 || h->head_tied != 0)) {
+        return fail(err, TG_E_HEADER, "a GPT-2 file has n_kv_head, rope_theta and head_tied 0");
+    }
     struct { const char *name; uint32_t v, lo, hi; } dims[] = {
         {"n_vocab", h->n_vocab, 1, 65536}, {"n_positions", h->n_positions, 1, 65536},
         {"n_embd", h->n_embd, 1, 65536},   {"n_layer", h->n_layer, 1, 1024},
@@ -840,9 +914,32 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
                     (unsigned)h->n_embd, (unsigned)h->n_head);
     }
     h->head_dim = h->n_embd / h->n_head;
-    if (h->activation > 1) {
+    if (!llama && h->activation > 1) {
         return fail(err, TG_E_DIMS, "unknown activation %u (0 = gelu_new, 1 = gelu)",
                     (unsigned)h->activation);
+    }
+    if (llama) {
+        if (h->activation != 2) {
+            return fail(err, TG_E_DIMS, "a Llama file has activation 2 (SwiGLU), not %u",
+                        (unsigned)h->activation);
+        }
+        if (h->n_kv_head < 1 || h->n_kv_head > h->n_head || h->n_head % h->n_kv_head != 0) {
+            return fail(err, TG_E_DIMS, "n_kv_head %u does not divide n_head %u",
+                        (unsigned)h->n_kv_head, (unsigned)h->n_head);
+        }
+        if (h->head_dim % 2 != 0) {
+            return fail(err, TG_E_DIMS, "head_dim %u is odd: rotary embeddings turn pairs",
+                        (unsigned)h->head_dim);
+        }
+        if (!(h->rope_theta > 0.0f) || !(h->rope_theta <= FLT_MAX)) {
+            return fail(err, TG_E_DIMS, "rope_theta must be finite and > 0");
+        }
+        if (h->head_tied > 1) {
+            return fail(err, TG_E_HEADER, "head_tied %u is not 0 or 1", (unsigned)h->head_tied);
+        }
+    } else {
+        h->n_kv_head = h->n_head; /* GPT-2: one key/value head per query head */
+        h->head_tied = 1;
     }
     float eps = h->layer_norm_epsilon;
     if (!(eps > 0.0f) || !(eps <= FLT_MAX)) {
@@ -861,11 +958,14 @@ static int check_header(const uint8_t *buf, size_t len, tg_info *h, tg_error *er
         }
     }
     uint32_t n_tensors = rd32(buf + 76), dir_offset = rd32(buf + 80);
-    uint32_t n_global = rd32(buf + 4) == 1 ? 6 : 7; /* version 2 adds the meta section */
-    if (n_tensors != n_global + 16 * h->n_layer) {
+    /* version 2 adds the meta section; a Llama file has rope and no wpe, an RMSNorm gain and
+     * no bias, and its own output head when it is not tied */
+    uint32_t n_global = version == 1 ? 6 : llama ? (h->head_tied ? 6 : 8) : 7;
+    uint32_t per_layer = llama ? LLAMA_LAYER_TENSORS : GPT2_LAYER_TENSORS;
+    if (n_tensors != n_global + per_layer * h->n_layer) {
         return fail(err, TG_E_DIRECTORY, "n_tensors %u, expected %u for %u layers (version %u)",
-                    (unsigned)n_tensors, (unsigned)(n_global + 16 * h->n_layer),
-                    (unsigned)h->n_layer, (unsigned)rd32(buf + 4));
+                    (unsigned)n_tensors, (unsigned)(n_global + per_layer * h->n_layer),
+                    (unsigned)h->n_layer, (unsigned)version);
     }
     if (dir_offset % 16 != 0 || dir_offset < TG_HEADER_SIZE ||
         (uint64_t)dir_offset + 16 * (uint64_t)n_tensors > file_size) {
@@ -901,7 +1001,7 @@ typedef struct {
 
 static void read_entry(const uint8_t *buf, const tg_info *h, uint32_t slot, tg_entry *t) {
     const uint8_t *e = buf + rd32(buf + 80) + 16 * slot;
-    slot_kind(slot, h->n_layer, &t->kind, &t->layer);
+    slot_kind(slot, h, &t->kind, &t->layer);
     tensor_name(t->name, sizeof(t->name), t->kind, t->layer);
     kind_shape(h, t->kind, &t->dtype, &t->count);
     t->offset = rd32(e + 8);
@@ -1038,25 +1138,32 @@ static void bind_tensors(tg_model *m, const uint8_t *buf) {
             case K_WTE_Q: m->wte_q = pi; break;
             case K_WTE_S: m->wte_s = pf; break;
             case K_WPE: m->wpe = pf; break;
-            case K_LNF_G: m->lnf_g = pf; break;
+            case K_ROPE: m->rope = pf; break;
+            case K_HEAD_Q: m->head_q = pi; break;
+            case K_HEAD_S: m->head_s = pf; break;
+            case K_LNF_G: case K_RMSF_G: m->lnf_g = pf; break;
             case K_LNF_B: m->lnf_b = pf; break;
-            case K_LN1_G: L->ln1_g = pf; break;
+            case K_LN1_G: case K_RMS1_G: L->ln1_g = pf; break;
             case K_LN1_B: L->ln1_b = pf; break;
-            case K_ATTN_W: L->attn_w = pi; break;
-            case K_ATTN_S: L->attn_s = pf; break;
+            case K_ATTN_W: case K_QKV_W: L->attn_w = pi; break;
+            case K_ATTN_S: case K_QKV_S: L->attn_s = pf; break;
             case K_ATTN_B: L->attn_b = pf; break;
-            case K_PROJ_W: L->proj_w = pi; break;
-            case K_PROJ_S: L->proj_s = pf; break;
+            case K_PROJ_W: case K_O_W: L->proj_w = pi; break;
+            case K_PROJ_S: case K_O_S: L->proj_s = pf; break;
             case K_PROJ_B: L->proj_b = pf; break;
-            case K_LN2_G: L->ln2_g = pf; break;
+            case K_LN2_G: case K_RMS2_G: L->ln2_g = pf; break;
             case K_LN2_B: L->ln2_b = pf; break;
-            case K_FC_W: L->fc_w = pi; break;
-            case K_FC_S: L->fc_s = pf; break;
+            case K_FC_W: case K_GU_W: L->fc_w = pi; break;
+            case K_FC_S: case K_GU_S: L->fc_s = pf; break;
             case K_FC_B: L->fc_b = pf; break;
-            case K_MPROJ_W: L->mproj_w = pi; break;
-            case K_MPROJ_S: L->mproj_s = pf; break;
+            case K_MPROJ_W: case K_DOWN_W: L->mproj_w = pi; break;
+            case K_MPROJ_S: case K_DOWN_S: L->mproj_s = pf; break;
             default: L->mproj_b = pf; break;
         }
+    }
+    if (!m->head_q) { /* tied: the output head is the token embedding */
+        m->head_q = m->wte_q;
+        m->head_s = m->wte_s;
     }
     h->weight_bytes = weight_bytes;
 }
@@ -1064,15 +1171,16 @@ static void bind_tensors(tg_model *m, const uint8_t *buf) {
 static int alloc_state(tg_model *m, tg_error *err) {
     tg_info *h = &m->info;
     uint64_t E = h->n_embd, I = h->n_inner, V = h->n_vocab, C = h->n_ctx, B = h->max_batch;
-    uint64_t L = h->n_layer, H = h->n_head;
-    uint64_t wide = 3 * E > I ? 3 * E : I;
+    uint64_t L = h->n_layer, KV = h->n_kv_head, KVD = KV * h->head_dim;
+    uint64_t fc = h->arch == TG_ARCH_LLAMA ? 2 * I : I; /* Llama: gate and up rows together */
+    uint64_t wide = E + 2 * KVD > fc ? E + 2 * KVD : fc;
     uint64_t qwide = E > I ? E : I;
     struct { void **dst; uint64_t bytes; const char *what; } plan[] = {
         {(void **)&m->layers, L * sizeof(tg_layer), "layer table"},
-        {(void **)&m->k8, L * C * E, "KV cache (K)"},
-        {(void **)&m->v8, L * C * E, "KV cache (V)"},
-        {(void **)&m->sk, 4 * L * C * H, "KV cache scales (K)"},
-        {(void **)&m->sv, 4 * L * C * H, "KV cache scales (V)"},
+        {(void **)&m->k8, L * C * KVD, "KV cache (K)"},
+        {(void **)&m->v8, L * C * KVD, "KV cache (V)"},
+        {(void **)&m->sk, 4 * L * C * KV, "KV cache scales (K)"},
+        {(void **)&m->sv, 4 * L * C * KV, "KV cache scales (V)"},
         {(void **)&m->tokens, 4 * C, "token history"},
         {(void **)&m->x, 4 * B * E, "residual stream"},
         {(void **)&m->buf, 4 * B * wide, "linear outputs"},
@@ -1281,23 +1389,26 @@ const uint8_t *tg_meta(const tg_model *m, uint32_t *len) {
         }                                                                                      \
     } while (0)
 
-/* Attention of one token at position p (its K and V already in the cache), head by head. */
+/* Attention of one token at position p (its K and V already in the cache), head by head. Query
+ * head hd reads key/value head hd / (n_head / n_kv_head): grouped-query attention (GPT-2 and
+ * plain multi-head attention: n_kv_head = n_head; multi-query: n_kv_head = 1). */
 static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, float *out) {
     const tg_info *h = &m->info;
-    uint32_t E = h->n_embd, D = h->head_dim, H = h->n_head;
-    const int8_t *k8 = m->k8 + (size_t)layer * h->n_ctx * E;
-    const int8_t *v8 = m->v8 + (size_t)layer * h->n_ctx * E;
-    const float *sk = m->sk + (size_t)layer * h->n_ctx * H;
-    const float *sv = m->sv + (size_t)layer * h->n_ctx * H;
+    uint32_t E = h->n_embd, D = h->head_dim, H = h->n_head, KV = h->n_kv_head, KVD = KV * D;
+    uint32_t group = H / KV;
+    const int8_t *k8 = m->k8 + (size_t)layer * h->n_ctx * KVD;
+    const int8_t *v8 = m->v8 + (size_t)layer * h->n_ctx * KVD;
+    const float *sk = m->sk + (size_t)layer * h->n_ctx * KV;
+    const float *sv = m->sv + (size_t)layer * h->n_ctx * KV;
     float inv_sqrt_d = 1.0f / sqrtf((float)D);
     m->counters.macs += 2u * (uint64_t)E * (p + 1); /* q.k and the sum of v, over all heads */
     for (uint32_t hd = 0; hd < H; hd++) {
-        uint32_t c = hd * D;
+        uint32_t c = hd * D, g = hd / group, ckv = g * D;
         float sq = quantize(m->q8, qkv + c, D);
         float mx = -FLT_MAX;
         for (uint32_t j = 0; j <= p; j++) {
-            int32_t acc = dot_i8(m->q8, k8 + (size_t)j * E + c, D);
-            float s = ((float)acc * (sq * sk[(size_t)j * H + hd])) * inv_sqrt_d;
+            int32_t acc = dot_i8(m->q8, k8 + (size_t)j * KVD + ckv, D);
+            float s = ((float)acc * (sq * sk[(size_t)j * KV + g])) * inv_sqrt_d;
             m->scores[j] = s;
             if (s > mx) {
                 mx = s;
@@ -1314,8 +1425,8 @@ static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, fl
             o[i] = 0.0f;
         }
         for (uint32_t j = 0; j <= p; j++) {
-            float w = (m->scores[j] * inv) * sv[(size_t)j * H + hd];
-            const int8_t *v = v8 + (size_t)j * E + c;
+            float w = (m->scores[j] * inv) * sv[(size_t)j * KV + g];
+            const int8_t *v = v8 + (size_t)j * KVD + ckv;
             for (uint32_t i = 0; i < D; i++) {
                 o[i] += w * (float)v[i];
             }
@@ -1333,36 +1444,57 @@ static void linear(tg_model *m, float *y, uint32_t y_stride, const int8_t *xq, u
     matmul(m->workers, m->info.n_threads, &job);
 }
 
-/* One transformer layer for nb tokens at positions p0 .. p0+nb-1 (residual in m->x). */
+/* The layer's normalization of one token's residual: LayerNorm (GPT-2) or RMSNorm (Llama). */
+static void norm(const tg_model *m, float *y, const float *x, const float *g, const float *b) {
+    const tg_info *h = &m->info;
+    if (h->arch == TG_ARCH_LLAMA) {
+        rmsnorm(y, x, g, h->n_embd, h->layer_norm_epsilon);
+    } else {
+        layernorm(y, x, g, b, h->n_embd, h->layer_norm_epsilon);
+    }
+}
+
+/* One transformer layer for nb tokens at positions p0 .. p0+nb-1 (residual in m->x). GPT-2 and
+ * Llama share it: they differ in the norm, the rotation of q and k (Llama), the number of
+ * key/value heads and the MLP's activation (GELU of I values, or SwiGLU of 2I). */
 static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
     const tg_info *h = &m->info;
     const tg_layer *L = &m->layers[l];
-    uint32_t E = h->n_embd, I = h->n_inner, D = h->head_dim, H = h->n_head;
-    uint32_t wide = 3 * E > I ? 3 * E : I, qwide = E > I ? E : I;
+    uint32_t E = h->n_embd, I = h->n_inner, D = h->head_dim;
+    uint32_t KV = h->n_kv_head, KVD = KV * D, QKV = E + 2 * KVD;
+    int llama = h->arch == TG_ARCH_LLAMA;
+    uint32_t fc = llama ? 2 * I : I;
+    uint32_t wide = QKV > fc ? QKV : fc, qwide = E > I ? E : I;
     int li = (int)l;
 
     /* attention block */
     for (uint32_t t = 0; t < nb; t++) {
         float *tmp = m->att + (size_t)t * E; /* att is free until attention runs */
-        layernorm(tmp, m->x + (size_t)t * E, L->ln1_g, L->ln1_b, E, h->layer_norm_epsilon);
+        norm(m, tmp, m->x + (size_t)t * E, L->ln1_g, L->ln1_b);
         m->xs[t] = quantize(m->xq + (size_t)t * qwide, tmp, E);
         TRACE(m, "xq1", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs1", li, p0 + t, &m->xs[t], 1, 2);
     }
-    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, 3 * E);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, QKV);
     for (uint32_t t = 0; t < nb; t++) {
         uint32_t p = p0 + t;
-        const float *qkv = m->buf + (size_t)t * wide;
+        float *qkv = m->buf + (size_t)t * wide;
         size_t row = ((size_t)l * h->n_ctx + p);
-        TRACE(m, "qkv", li, p, qkv, 3 * E, 2);
-        for (uint32_t hd = 0; hd < H; hd++) {
-            m->sk[row * H + hd] = quantize(m->k8 + row * E + hd * D, qkv + E + hd * D, D);
-            m->sv[row * H + hd] = quantize(m->v8 + row * E + hd * D, qkv + 2 * E + hd * D, D);
+        if (llama) {
+            const float *cs = m->rope + (size_t)p * D;
+            for (uint32_t c = 0; c < E + KVD; c += D) { /* every query head, then every key head */
+                rope(qkv + c, cs, D);
+            }
         }
-        TRACE(m, "k8", li, p, m->k8 + row * E, E, 1);
-        TRACE(m, "sk", li, p, m->sk + row * H, H, 2);
-        TRACE(m, "v8", li, p, m->v8 + row * E, E, 1);
-        TRACE(m, "sv", li, p, m->sv + row * H, H, 2);
+        TRACE(m, "qkv", li, p, qkv, QKV, 2);
+        for (uint32_t g = 0; g < KV; g++) {
+            m->sk[row * KV + g] = quantize(m->k8 + row * KVD + g * D, qkv + E + g * D, D);
+            m->sv[row * KV + g] = quantize(m->v8 + row * KVD + g * D, qkv + E + KVD + g * D, D);
+        }
+        TRACE(m, "k8", li, p, m->k8 + row * KVD, KVD, 1);
+        TRACE(m, "sk", li, p, m->sk + row * KV, KV, 2);
+        TRACE(m, "v8", li, p, m->v8 + row * KVD, KVD, 1);
+        TRACE(m, "sv", li, p, m->sv + row * KV, KV, 2);
         float *out = m->att + (size_t)t * E;
         attend(m, l, p, qkv, out);
         m->xs[t] = quantize(m->xq + (size_t)t * qwide, out, E);
@@ -1380,17 +1512,23 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
     /* MLP block */
     for (uint32_t t = 0; t < nb; t++) {
         float *tmp = m->att + (size_t)t * E;
-        layernorm(tmp, m->x + (size_t)t * E, L->ln2_g, L->ln2_b, E, h->layer_norm_epsilon);
+        norm(m, tmp, m->x + (size_t)t * E, L->ln2_g, L->ln2_b);
         m->xs[t] = quantize(m->xq + (size_t)t * qwide, tmp, E);
         TRACE(m, "xq2", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs2", li, p0 + t, &m->xs[t], 1, 2);
     }
-    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, I);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, fc);
     for (uint32_t t = 0; t < nb; t++) {
         float *f = m->buf + (size_t)t * wide;
-        TRACE(m, "fc", li, p0 + t, f, I, 2);
-        for (uint32_t i = 0; i < I; i++) {
-            f[i] = gelu(f[i], h->activation);
+        TRACE(m, "fc", li, p0 + t, f, fc, 2);
+        if (llama) {
+            for (uint32_t i = 0; i < I; i++) { /* SwiGLU: silu(gate) * up */
+                f[i] = silu(f[i]) * f[I + i];
+            }
+        } else {
+            for (uint32_t i = 0; i < I; i++) {
+                f[i] = gelu(f[i], h->activation);
+            }
         }
         m->xs[t] = quantize(m->xq + (size_t)t * qwide, f, I);
         TRACE(m, "gq", li, p0 + t, m->xq + (size_t)t * qwide, I, 1);
@@ -1406,20 +1544,21 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
     }
 }
 
-/* Final LayerNorm and the tied output head for the nb tokens whose residuals are rows t0.. of
- * m->x (positions p..), in one pass over the head's weights; logits to out[nb][V]. */
+/* Final norm and the output head (tied: the token embedding) for the nb tokens whose residuals
+ * are rows t0.. of m->x (positions p..), in one pass over the head's weights; logits to
+ * out[nb][V]. */
 static void head_forward(tg_model *m, uint32_t t0, uint32_t nb, uint32_t p, float *out) {
     const tg_info *h = &m->info;
     uint32_t E = h->n_embd, V = h->n_vocab;
     float *tmp = m->att;
     for (uint32_t t = 0; t < nb; t++) {
-        layernorm(tmp, m->x + (size_t)(t0 + t) * E, m->lnf_g, m->lnf_b, E, h->layer_norm_epsilon);
+        norm(m, tmp, m->x + (size_t)(t0 + t) * E, m->lnf_g, m->lnf_b);
         m->xs[t] = quantize(m->xq + (size_t)t * E, tmp, E);
         TRACE(m, "fq", -1, p + t, m->xq + (size_t)t * E, E, 1);
         TRACE(m, "fs", -1, p + t, &m->xs[t], 1, 2);
     }
-    m->counters.weight_bytes += 8u * (uint64_t)E; /* lnf gain and bias */
-    linear(m, out, V, m->xq, E, m->xs, nb, m->wte_q, m->wte_s, NULL, E, V);
+    m->counters.weight_bytes += (m->lnf_b ? 8u : 4u) * (uint64_t)E; /* final gain (and bias) */
+    linear(m, out, V, m->xq, E, m->xs, nb, m->head_q, m->head_s, NULL, E, V);
     for (uint32_t t = 0; t < nb; t++) {
         TRACE(m, "logits", -1, p + t, out + (size_t)t * V, V, 2);
     }
@@ -1434,21 +1573,29 @@ static int forward_layers(tg_model *m, const int32_t *ids, uint32_t nb, uint32_t
     for (uint32_t t = 0; t < nb; t++) {
         uint32_t tok = (uint32_t)ids[t];
         const int8_t *wq = m->wte_q + (size_t)tok * E;
-        const float *pe = m->wpe + (size_t)(p + t) * E;
         float s = m->wte_s[tok];
         float *x = m->x + (size_t)t * E;
-        for (uint32_t i = 0; i < E; i++) {
-            x[i] = (float)wq[i] * s + pe[i];
+        if (m->wpe) { /* GPT-2: learned positions; Llama's are rotations, in the layers */
+            const float *pe = m->wpe + (size_t)(p + t) * E;
+            for (uint32_t i = 0; i < E; i++) {
+                x[i] = (float)wq[i] * s + pe[i];
+            }
+        } else {
+            for (uint32_t i = 0; i < E; i++) {
+                x[i] = (float)wq[i] * s;
+            }
         }
     }
     m->counters.passes++;
     m->counters.tokens += nb;
-    m->counters.weight_bytes += (uint64_t)nb * (E + 4u + 4u * E); /* wte row and scale, wpe */
+    /* per token: the wte row and scale, and the wpe row (GPT-2) or the rope row (Llama) */
+    m->counters.weight_bytes += (uint64_t)nb * (E + 4u + 4u * (m->wpe ? E : h->head_dim));
     for (uint32_t l = 0; l < h->n_layer; l++) {
         if (m->poll && m->poll(m->poll_ctx)) {
             return 1;
         }
-        m->counters.weight_bytes += 16u * (uint64_t)E; /* ln1 and ln2 gains and biases */
+        /* the two norms' gains and biases (Llama: gains only) */
+        m->counters.weight_bytes += (m->wpe ? 16u : 8u) * (uint64_t)E;
         layer_forward(m, l, p, nb);
     }
     return 0;

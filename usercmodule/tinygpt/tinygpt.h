@@ -1,5 +1,5 @@
 /*
- * tinygpt: an INT8 GPT-2 inference engine in portable C99.
+ * tinygpt: an INT8 GPT-2 and Llama inference engine in portable C99.
  *
  * One engine for every build: the host Python module, the MicroPython user module (unix and
  * ESP32 ports) and the bare-metal test program all compile this file unchanged. The model file
@@ -16,7 +16,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TG_FORMAT_VERSION 2u /* the newest read; version 1 files (no meta section) load too */
+#define TG_FORMAT_VERSION 3u /* the newest read; versions 1 (no meta section) and 2 load too */
+#define TG_ARCH_GPT2 0u      /* header arch field (format version 3; versions 1 and 2 are GPT-2) */
+#define TG_ARCH_LLAMA 1u
 #define TG_HEADER_SIZE 128u
 #define TG_MAX_META_BYTES 262144u /* a meta section larger than this is refused */
 #define TG_NO_TOKEN 0xFFFFFFFFu
@@ -71,6 +73,11 @@ typedef struct {
     uint32_t max_draft;     /* tokens per tg_verify (their logits are in scratch_bytes) */
     uint32_t n_threads;     /* matmul workers running (1: the caller only) */
     uint32_t meta_bytes;    /* the meta section (format version 2; 0 in a version 1 file) */
+    /* the architecture (format version 3; a version 1 or 2 file is GPT-2) */
+    uint32_t arch;          /* TG_ARCH_GPT2 or TG_ARCH_LLAMA */
+    uint32_t n_kv_head;     /* key/value heads (Llama: divides n_head; GPT-2: n_head) */
+    float rope_theta;       /* Llama: the base the rope table was made with; GPT-2: 0 */
+    uint32_t head_tied;     /* 1: the output head is the token embedding; 0: its own matrix */
 } tg_info;
 
 /* What the forward passes did since the load or tg_reset_counters (tg_reset keeps them). */

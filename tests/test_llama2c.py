@@ -1,0 +1,204 @@
+"""llama2.c checkpoints: random ones written here in the layouts of llama2.c's export.py (legacy
+float32 version 0, version 1, Q8_0 version 2; shared and separate classifier; grouped-query
+attention), converted by `tinygpt convert CHECKPOINT --tokenizer DIR`, and compared with an
+independent numpy implementation of the float forward pass of llama2.c's run.c (written here
+from run.c's arithmetic: RMSNorm with eps 1e-5, rope over neighbouring pairs with base 10000,
+SwiGLU, softmax attention; none of it shared with the project's reference)."""
+import struct
+
+import numpy as np
+import pytest
+
+from tinygpt import cli, compare, reference, testing
+from tinygpt.engine import Model
+
+SHAPES = {
+    "gqa": dict(dim=96, hidden=160, n_layers=2, n_heads=6, n_kv=2, vocab=300, seq=48),
+    "mha": dict(dim=64, hidden=128, n_layers=2, n_heads=4, n_kv=4, vocab=300, seq=40),
+}
+
+
+# -- a llama2.c checkpoint writer, from export.py's description ----------------------------
+def random_weights(s, seed):
+    rng = np.random.default_rng(seed)
+    dim, hid, L, V = s["dim"], s["hidden"], s["n_layers"], s["vocab"]
+    kv_dim = s["n_kv"] * dim // s["n_heads"]
+
+    def m(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    w = {"tok": m(V, dim), "norm": (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32), "cls": m(V, dim)}
+    w["att_norm"] = (1 + 0.1 * rng.standard_normal((L, dim))).astype(np.float32)
+    w["ffn_norm"] = (1 + 0.1 * rng.standard_normal((L, dim))).astype(np.float32)
+    w["wq"], w["wk"], w["wv"], w["wo"] = m(L, dim, dim), m(L, kv_dim, dim), m(L, kv_dim, dim), m(L, dim, dim)
+    w["w1"], w["w2"], w["w3"] = m(L, hid, dim), m(L, dim, hid), m(L, hid, dim)
+    return w
+
+
+def q80(a, gs):
+    """export.py's Q8_0: per group of gs values, scale = max|w| / 127, q = round(w / scale)."""
+    g = a.reshape(-1, gs).astype(np.float32)
+    scale = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    q = np.round(g / scale[:, None]).astype(np.int8)
+    return q, scale, (q.astype(np.float32) * scale[:, None]).reshape(a.shape)
+
+
+def write_checkpoint(path, s, w, version, shared, gs=32):
+    """Returns the weights the file holds (Q8_0: dequantized)."""
+    params = [s["dim"], s["hidden"], s["n_layers"], s["n_heads"], s["n_kv"], s["vocab"], s["seq"]]
+    held = dict(w)
+    if shared:
+        held["cls"] = w["tok"]
+    with open(path, "wb") as f:
+        if version == 0:
+            if not shared:
+                params[5] = -params[5]
+            f.write(struct.pack("<7i", *params))
+            hs = s["dim"] // s["n_heads"]
+            freq = 1.0 / 10000.0 ** (np.arange(0, hs, 2) / hs)
+            ang = np.arange(s["seq"])[:, None] * freq[None, :]
+            for a in [w["tok"], w["att_norm"], w["wq"], w["wk"], w["wv"], w["wo"], w["ffn_norm"], w["w1"],
+                      w["w2"], w["w3"], w["norm"], np.cos(ang), np.sin(ang)] + ([] if shared else [w["cls"]]):
+                f.write(np.asarray(a, "<f4").tobytes())
+            return held
+        head = struct.pack("<Ii7iB", 0x616B3432, version, *params, int(shared))
+        if version == 2:
+            head += struct.pack("<i", gs)
+        f.write(head + bytes(256 - len(head)))
+        norms = [w["att_norm"], w["ffn_norm"], w["norm"]]
+        mats = ["tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3"] + ([] if shared else ["cls"])
+        if version == 1:
+            for a in norms + [w[k] for k in mats]:
+                f.write(np.asarray(a, "<f4").tobytes())
+            return held
+        for a in norms:
+            f.write(np.asarray(a, "<f4").tobytes())
+        scales = []
+        for k in mats:
+            q, sc, deq = q80(w[k], gs)
+            f.write(q.tobytes())
+            scales.append(sc)
+            held[k] = deq
+        if shared:
+            held["cls"] = held["tok"]
+        for sc in scales:
+            f.write(sc.astype("<f4").tobytes())
+    return held
+
+
+# -- run.c's forward pass in float32 numpy ----------------------------------------------------
+def run_c_logits(s, w, tokens):
+    dim, L, H, KV = s["dim"], s["n_layers"], s["n_heads"], s["n_kv"]
+    hs = dim // H
+    kv_dim, kv_mul = KV * hs, H // KV
+    f32 = np.float32
+
+    def rmsnorm(x, g):
+        ss = np.sum(x * x, dtype=f32) / f32(x.size) + f32(1e-5)
+        return g * (x * (f32(1) / np.sqrt(ss)))
+
+    def rope(vec, pos, n):
+        vec = vec.copy()
+        for i in range(0, n, 2):
+            freq = f32(1.0) / np.power(f32(10000.0), f32(i % hs) / f32(hs))
+            val = f32(pos) * freq
+            c, si = np.cos(val), np.sin(val)
+            v0, v1 = vec[i], vec[i + 1]
+            vec[i], vec[i + 1] = v0 * c - v1 * si, v0 * si + v1 * c
+        return vec
+
+    kc = np.zeros((L, len(tokens), kv_dim), f32)
+    vc = np.zeros((L, len(tokens), kv_dim), f32)
+    out = []
+    for pos, tok in enumerate(tokens):
+        x = w["tok"][tok].astype(f32)
+        for l in range(L):
+            xb = rmsnorm(x, w["att_norm"][l])
+            q = rope(w["wq"][l] @ xb, pos, dim)
+            kc[l, pos] = rope(w["wk"][l] @ xb, pos, kv_dim)
+            vc[l, pos] = w["wv"][l] @ xb
+            att_out = np.zeros(dim, f32)
+            for h in range(H):
+                qh = q[h * hs:(h + 1) * hs]
+                g = h // kv_mul
+                k = kc[l, :pos + 1, g * hs:(g + 1) * hs]
+                att = (k @ qh) / np.sqrt(f32(hs))
+                att = np.exp(att - att.max())
+                att = att / att.sum()
+                att_out[h * hs:(h + 1) * hs] = att @ vc[l, :pos + 1, g * hs:(g + 1) * hs]
+            x = x + w["wo"][l] @ att_out
+            xb = rmsnorm(x, w["ffn_norm"][l])
+            hb = w["w1"][l] @ xb
+            hb = hb * (f32(1) / (f32(1) + np.exp(-hb))) * (w["w3"][l] @ xb)
+            x = x + w["w2"][l] @ hb
+        out.append(w["cls"] @ rmsnorm(x, w["norm"]))
+    return np.array(out, f32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    testing.make_synthetic_tokenizer(300, seed=0).save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.mark.parametrize("version,shared,shape", [
+    (0, True, "gqa"), (0, False, "mha"), (1, False, "gqa"), (1, True, "mha"), (2, True, "gqa"), (2, False, "mha"),
+])
+def test_checkpoint_matches_run_c(tmp_path, tokenizer_dir, version, shared, shape):
+    s = SHAPES[shape]
+    w = random_weights(s, seed=version * 2 + shared)
+    ckpt = tmp_path / "model.bin"
+    held = write_checkpoint(ckpt, s, w, version, shared)
+    out = tmp_path / "tg.bin"
+    assert cli.main(["convert", str(ckpt), "--tokenizer", str(tokenizer_dir), "-o", str(out), "--quiet"]) == 0
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, s["vocab"], 32)]
+    want = run_c_logits(s, held, ids)
+    with Model(out) as m:
+        info = m.info()
+        got = compare.engine_logits(m, ids)
+    assert info["arch"] == "llama" and info["head_tied"] == shared and info["n_kv_head"] == s["n_kv"]
+    r = compare.agreement(want, got)
+    assert r["cosine_min"] >= 0.999, np.round(r["cosine"], 5)
+    srt = np.sort(want, axis=1)
+    decided = (srt[:, -1] - srt[:, -2]) >= 0.05
+    assert decided.sum() >= 16 and r["top1"][decided].all()
+    ref = reference.ReferenceModel(reference.load(out))  # and the engine is the spec's, to the bit
+    assert np.array_equal(ref.forward(ids).view(np.uint32), got.view(np.uint32))
+
+
+def _v1_bytes(tmp_path):
+    s = SHAPES["mha"]
+    p = tmp_path / "v1.bin"
+    write_checkpoint(p, s, random_weights(s, 0), 1, True)
+    return p.read_bytes()
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda b: b[:-4], "truncated?"),
+    (lambda b: b + b"\0" * 4, "bytes, but a version 1 checkpoint"),
+    (lambda b: b[:4] + struct.pack("<i", 3) + b[8:], "version 3"),
+    (lambda b: b[:8] + struct.pack("<i", 0) + b[12:], "dim = 0"),
+    (lambda b: b[:20] + struct.pack("<i", 3) + b[24:], "n_kv_heads must divide n_heads"),
+    (lambda b: b[:36] + b"\x07" + b[37:], "shared_classifier flag 7"),
+    (lambda b: b[:256] + struct.pack("<f", float("inf")) + b[260:], "non-finite"),
+    (lambda b: b[:10], "too short"),
+])
+def test_bad_checkpoints_refused(tmp_path, tokenizer_dir, edit, says, capsys):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(edit(_v1_bytes(tmp_path)))
+    out = tmp_path / "out.bin"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", str(bad), "--tokenizer", str(tokenizer_dir), "-o", str(out), "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_checkpoint_needs_a_tokenizer(tmp_path, capsys):
+    p = tmp_path / "v1.bin"
+    p.write_bytes(_v1_bytes(tmp_path))
+    with pytest.raises(SystemExit):
+        cli.main(["convert", str(p), "-o", str(tmp_path / "o.bin"), "--quiet"])
+    assert "holds no tokenizer" in capsys.readouterr().err
