@@ -10,4 +10,4 @@
 # filesystem (`tinygpt deploy`) comes first on sys.path and overrides these.
 # A relative path is resolved against this manifest's directory (tools/manifestfile.py changes
 # into it while running a manifest), so this works whatever the board directory is.
-freeze("../py", ("chat.py", "bpe.py", "draft.py", "topic.py", "retrieve.py", "selftest.py"))
+freeze("../py", ("chat.py", "bpe.py", "sptok.py", "draft.py", "topic.py", "retrieve.py", "selftest.py"))

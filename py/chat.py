@@ -64,11 +64,39 @@ def load(path=None, n_ctx=None, n_threads=None):
         _model = tinygpt.Model(path) if n_ctx is None else tinygpt.Model(path, n_ctx)
     else:
         _model = tinygpt.Model(path, n_ctx, n_threads=n_threads)
-    _tok = Tokenizer(_model.tokenizer_blob())
+    _tok = _tokenizer(_model.tokenizer_blob())
     _path = path
     _load_answers(path)
     _load_meta()
     return _model
+
+
+def _tokenizer(blob):
+    """The model's tokenizer: byte-level BPE (bpe.py, section version 1) or llama2.c's
+    score-ordered BPE (sptok.py, version 2)."""
+    if bytes(blob[4:8]) == b"\x02\x00\x00\x00":
+        from sptok import Tokenizer as ScoreTokenizer
+
+        return ScoreTokenizer(blob)
+    return Tokenizer(blob)
+
+
+def _decoder(prev=-1):
+    """A streaming decoder for the model's tokenizer; prev: the id before the first one fed
+    (llama2.c's tokenizer drops the space a token after bos starts with)."""
+    if isinstance(_tok, Tokenizer):
+        return Decoder(_tok)
+    return _tok.decoder(prev)
+
+
+def generate_prompt_ids(prompt):
+    """The ids generate() starts from: the text as it is (llama2.c's tokenizer: bos first, as
+    its run.c does); an empty prompt is the bos token alone."""
+    if not prompt:
+        return [_model.info()["bos_id"]]
+    if isinstance(_tok, Tokenizer):
+        return _tok.encode(prompt)
+    return _tok.encode(prompt, True)
 
 
 def _load_meta():
@@ -282,7 +310,7 @@ def _generate(ids, max_new_tokens, sampling, seed, stream, timing, draft):
     n_ctx = info["n_ctx"]
     eos, q_id = info["eos_id"], info["q_id"]
     temperature, top_k, top_p, repetition_penalty = sampling
-    dec = Decoder(_tok)
+    dec = _decoder()
     text = ""
     printed = 0
     n_new = 0
@@ -359,13 +387,13 @@ def generate(prompt, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, to
         raise TypeError("prompt must be a str")
     info = _model.info()
     n_ctx = info["n_ctx"]
-    ids = _tok.encode(prompt) if prompt else [info["bos_id"]]
+    ids = generate_prompt_ids(prompt)
     if len(ids) > n_ctx - 1:
         if stream:
             _out("[prompt cut to its last %d of %d tokens to fit the %d-token context]\n"
                  % (n_ctx - 1, len(ids), n_ctx))
         ids = ids[len(ids) - (n_ctx - 1):] if n_ctx > 1 else ids[-1:]
-    dec = Decoder(_tok)
+    dec = _decoder(ids[-1])
     parts = []
 
     def shown(tok):

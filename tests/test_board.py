@@ -418,7 +418,7 @@ def test_board_directory():
         assert sum(v == "y" for k, v in s.items() if k.startswith(prefix)) == 1, prefix
 
 
-DEVICE_SCRIPTS = ["bpe.py", "chat.py", "draft.py", "retrieve.py", "selftest.py", "topic.py"]
+DEVICE_SCRIPTS = ["bpe.py", "chat.py", "draft.py", "retrieve.py", "selftest.py", "sptok.py", "topic.py"]
 
 
 def run_manifest(path):

@@ -422,3 +422,50 @@ def test_bench_formulas_are_the_engines_counts(llama_converted, which):
         c = m.counters()
     assert c["weight_bytes"] == bench.bytes_read(info, 1)
     assert c["macs"] == bench.matmul_macs(info) + info["n_layer"] * 2 * info["n_embd"] * 6
+
+
+MP_GENERATE = r'''
+import sys
+sys.path.insert(0, sys.argv[2])
+import chat
+chat.load(sys.argv[1])
+print(chat.generate_ids([5, 17, 42], 8)[0])
+out = []
+chat._out = out.append
+print(repr(chat.generate(sys.argv[3], 8)))
+print(repr("".join(out)))
+print(chat._model.info()["arch"], chat._model.info()["n_kv_head"])
+'''
+
+
+def test_llama_in_real_micropython(llama_converted, tmp_path):
+    """The MicroPython binding (MICROPY_BIN: the unix port built with usercmodule/) runs Llama
+    models, BPE and llama2.c tokenizers alike, with the PC's tokens and text."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_chat import BUILD_HINT
+    from test_llama2c import SHAPES as C_SHAPES, random_weights, tokenizer_bin, write_checkpoint
+
+    exe = os.environ.get("MICROPY_BIN")
+    if not exe:
+        pytest.skip(BUILD_HINT)
+    ckpt, tokbin, l2c = tmp_path / "ckpt.bin", tmp_path / "tokenizer.bin", tmp_path / "l2c.bin"
+    write_checkpoint(ckpt, C_SHAPES["gqa"], random_weights(C_SHAPES["gqa"], seed=4), 2, False)
+    tokenizer_bin(tokbin)
+    assert cli.main(["convert", str(ckpt), "--llama2c-tokenizer", str(tokbin), "-o", str(l2c), "--quiet"]) == 0
+    prog = tmp_path / "gen.py"
+    prog.write_text(MP_GENERATE)
+    for path, prompt in ((llama_converted("gqa6x2_untied")[1], "hello there"),
+                         (llama_converted("mqa4_tied_theta5e5")[1], "a b c"), (l2c, "the hat and the ant")):
+        outs = []
+        for cmd in ([exe, "-X", "heapsize=16M"], [sys.executable]):
+            env = dict(os.environ, PYTHONPATH=str(REPO / "host_tools"))
+            p = subprocess.run(cmd + [str(prog), str(path), str(REPO / "py"), prompt], capture_output=True,
+                               text=True, timeout=300, env=env)
+            assert p.returncode == 0, p.stderr
+            outs.append(p.stdout)
+        assert outs[0] == outs[1], (path, outs)
+        assert outs[0].split("\n")[3].startswith("llama ")

@@ -4,6 +4,7 @@ attention), converted by `tinygpt convert CHECKPOINT --tokenizer DIR`, and compa
 independent numpy implementation of the float forward pass of llama2.c's run.c (written here
 from run.c's arithmetic: RMSNorm with eps 1e-5, rope over neighbouring pairs with base 10000,
 SwiGLU, softmax attention; none of it shared with the project's reference)."""
+import json
 import struct
 
 import numpy as np
@@ -202,3 +203,99 @@ def test_checkpoint_needs_a_tokenizer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["convert", str(p), "-o", str(tmp_path / "o.bin"), "--quiet"])
     assert "holds no tokenizer" in capsys.readouterr().err
+
+
+# -- with llama2.c's own tokenizer.bin (tokenizer section version 2) -------------------------
+PIECES = [" "] + list("abcdefghijklmnopqrstuvwxyz") + [" t", "th", " th", "he", " the", "in", "an", " a", "er",
+                                                       "on", "re", "ed", "nd", "ha"]
+
+
+def tokenizer_bin(path):
+    """A 300-token llama2.c tokenizer.bin: <unk>, <s>, </s>, the 256 byte tokens <0x00>.., then
+    PIECES with distinct scores (the longer, the higher)."""
+    from tinygpt import llama2c_tokenizer as lt
+
+    texts = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [lt.byte_piece(b) for b in range(256)]
+    texts += [p.encode() for p in PIECES]
+    scores = [0.0] * 259 + [-100.0 + len(p) * 10 - i * 0.25 for i, p in enumerate(PIECES)]
+    path.write_bytes(lt.write_tokenizer_bin(texts, scores))
+    return texts, scores
+
+
+def test_checkpoint_with_its_tokenizer_bin(tmp_path, capsys):
+    from test_llama_tokenizer import runc_decode, runc_encode
+
+    s = SHAPES["mha"]
+    ckpt, tokbin, out = tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "tg.bin"
+    write_checkpoint(ckpt, s, random_weights(s, seed=9), 1, True)
+    texts, scores = tokenizer_bin(tokbin)
+    assert cli.main(["convert", str(ckpt), "--llama2c-tokenizer", str(tokbin), "-o", str(out), "--quiet"]) == 0
+    mf = reference.load(out)  # the reference's reading of section 6.2
+    assert mf.tokenizer.version == 2 and mf.hparams["bos_id"] == 1 and mf.hparams["eos_id"] == 2
+    assert mf.hparams["q_id"] == 0xFFFFFFFF
+    prompt = "the hat and the ant"
+    assert cli.main(["generate", "--model", str(out), "--prompt", prompt, "-n", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ids = runc_encode(texts, scores, prompt.encode(), bos=True)  # llama2.c prepends BOS
+    ref = reference.ReferenceModel(mf)
+    logits, chain = ref.forward(ids), []
+    for _ in range(8):
+        t = int(np.argmax(logits[-1]))
+        if t == 2:
+            break
+        chain.append(t)
+        logits = ref.forward([t])
+    assert got["ids"] == chain
+    prev, text = ids[-1], b""
+    for t in chain:
+        text += runc_decode(texts, prev, t)
+        prev = t
+    assert got["text"] == text.decode("utf-8", "replace")
+
+
+def test_llama2c_tokenizer_damaged_in_the_file_is_refused(tmp_path):
+    """The engine (C) and the reference check section 6.2 in the model file: a section whose
+    byte token or sort order is broken does not load."""
+    s = SHAPES["mha"]
+    ckpt, tokbin, out = tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "tg.bin"
+    write_checkpoint(ckpt, s, random_weights(s, seed=9), 1, True)
+    tokenizer_bin(tokbin)
+    assert cli.main(["convert", str(ckpt), "--llama2c-tokenizer", str(tokbin), "-o", str(out), "--quiet"]) == 0
+    data = out.read_bytes()
+    mf = reference.load(out)
+    sec_off = next(e.offset for e in mf.directory if e.name == "tokenizer")
+    nv = 300
+    blob = sec_off + 36 + 4 * nv
+    off = np.frombuffer(data, "<u4", nv + 1, sec_off + 32)
+    import zlib
+
+    def damaged(pos, value):
+        buf = bytearray(data)
+        buf[pos] = value
+        struct.pack_into("<I", buf, 16, zlib.crc32(bytes(buf[20:len(buf)])) & 0xFFFFFFFF)
+        return bytes(buf)
+
+    cases = [(blob + int(off[3 + 0x41]), ord("B"), "byte token 68 is not the one byte 0x41"),
+             (blob + int(off[259 + 5]), ord("z"), "sorted id"),   # 'e' becomes 'z': out of order
+             (sec_off + 16, 0, "bos_id 0 differs")]
+    for pos, value, says in cases:
+        bad = damaged(pos, value)
+        with pytest.raises(ValueError, match=says):
+            Model(bad)
+        with pytest.raises(reference.FormatError):
+            reference.parse_model(bad)
+
+
+def test_tokenizer_options_refused_together_or_for_gpt2(tmp_path, tokenizer_dir, converted, capsys):
+    s = SHAPES["mha"]
+    ckpt, tokbin = tmp_path / "model.bin", tmp_path / "tokenizer.bin"
+    write_checkpoint(ckpt, s, random_weights(s, seed=1), 1, True)
+    tokenizer_bin(tokbin)
+    for args, says in (([str(ckpt), "--tokenizer", str(tokenizer_dir), "--llama2c-tokenizer", str(tokbin)], "not both"),
+                       ([str(converted("v300_hd32_gelu")[0]), "--llama2c-tokenizer", str(tokbin)], "for Llama models"),
+                       ([str(ckpt), "--llama2c-tokenizer", str(tmp_path / "nope.bin")], "no such")):
+        with pytest.raises(SystemExit):
+            cli.main(["convert", *args, "-o", str(tmp_path / "o.bin"), "--quiet"])
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.bin").exists()

@@ -836,7 +836,7 @@ def test_tokenizer_rules(small):
     voc = tok["vocab_bytes"]
     eos = tok["special_ids"][0]
     _tok_case(small, "tokenizer: bad magic", magic=b"TTOX")
-    _tok_case(small, "tokenizer: version 2", version=2)
+    _tok_case(small, "tokenizer: version 3", version=3)
     _tok_case(small, "tokenizer: n_vocab 265 != header n_vocab 264", n_vocab=V + 1)
     _tok_case(small, "tokenizer: n_vocab 263 != header n_vocab 264",
               vocab=voc[:-1], special=[])

@@ -196,11 +196,11 @@ def run(presets=None, model_path=None, as_json=False, n_ctx=None, out=print, thr
     if as_json:
         out(json.dumps(results, indent=2))
     else:
-        out("%-10s %10s %10s %12s %12s %10s %10s %9s" % (
+        out("%-12s %10s %10s %12s %12s %10s %10s %9s" % (
             "model", "decode/s", "prefill/s", "read/token", "read/prefill", "weights", "kv", "scratch"))
         for name, r in results.items():
-            out("%-10s %10.1f %10.1f %12s %12s %10s %10s %9s" % (
-                name[-10:], r["decode_tok_s"], r["prefill_tok_s"], _mb(r["bytes_read_per_decoded_token"]),
+            out("%-12s %10.1f %10.1f %12s %12s %10s %10s %9s" % (
+                name[-12:], r["decode_tok_s"], r["prefill_tok_s"], _mb(r["bytes_read_per_decoded_token"]),
                 _mb(r["bytes_read_per_prefill"]), _mb(r["weights_bytes"]), _mb(r["kv_bytes"]),
                 _mb(r["scratch_bytes"])))
         out("(host CPU, best of 3; prefill = %d-token prompt; sizes in MB = 10^6 bytes)"
@@ -294,11 +294,11 @@ def run_mcu(presets=None, model_path=None, as_json=False, out=print):
     if as_json:
         out(json.dumps(results, indent=2))
     else:
-        out("%-10s %14s %14s %14s %9s %12s %9s" % ("model", "decode insn", "prefill insn", "portable dec",
+        out("%-12s %14s %14s %14s %9s %12s %9s" % ("model", "decode insn", "prefill insn", "portable dec",
                                                    "insn/MAC", "read/token", "identical"))
         for name, r in results.items():
-            out("%-10s %14.0f %14.0f %14.0f %9.2f %12s %9s" % (
-                name[-10:], r["instructions_per_token"]["decode"], r["instructions_per_token"]["prefill"],
+            out("%-12s %14.0f %14.0f %14.0f %9.2f %12s %9s" % (
+                name[-12:], r["instructions_per_token"]["decode"], r["instructions_per_token"]["prefill"],
                 r["portable_kernel_instructions_per_token"]["decode"], r["decode_instructions_per_mac"]["default"],
                 _mb(r["weight_bytes_per_token"]), "yes" if r["bit_identical_to_host"] else "NO"))
         first = next(iter(results.values()))

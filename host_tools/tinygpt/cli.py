@@ -107,7 +107,7 @@ def cmd_generate(args):
     else:
         prompt = _question_text(args.prompt)
         if args.json:
-            ids = chat._tok.encode(prompt) if prompt else [info["bos_id"]]
+            ids = chat.generate_prompt_ids(prompt)
         else:
             chat.generate(prompt, **{k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                                "repetition_penalty", "seed")})
@@ -117,11 +117,11 @@ def cmd_generate(args):
                         % (len(ids), info["n_ctx"], info["n_ctx"] - 1))
     if args.json:
         new, _ = chat.generate_ids(ids, settings["max_new_tokens"], sampling, settings["seed"])
-        print(json.dumps({"ids": new, "text": chat._tok.decode(new).decode("utf-8", "replace")}, ensure_ascii=False))
+        dec = chat._decoder(ids[-1])
+        text = "".join(dec.feed(t) for t in new) + dec.flush()
+        print(json.dumps({"ids": new, "text": text}, ensure_ascii=False))
         return
-    from bpe import Decoder
-
-    dec = Decoder(chat._tok)
+    dec = chat._decoder(ids[-1])
     chat.generate_ids(ids, settings["max_new_tokens"], sampling, settings["seed"],
                       lambda t: print(dec.feed(t), end="", flush=True))
     print(dec.flush())
@@ -179,7 +179,10 @@ def cmd_convert(args):
         raise UserError("%s: not found (expected a Hugging Face model directory or a llama2.c checkpoint)" % hf_dir)
     if hf_dir.is_file():  # llama2.c: no float model of its own to compare with here, nor a corpus
         args.no_check, args.no_drafts = True, args.drafts is None
-    report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer,
+    llama2c_tok = _existing_file(args.llama2c_tokenizer, "llama2.c tokenizer") if args.llama2c_tokenizer else None
+    if llama2c_tok:  # the float check below reads a tokenizer.json
+        args.no_check = True
+    report = convert.convert(hf_dir, args.output, tokenizer=args.tokenizer, llama2c_tokenizer=llama2c_tok,
                              progress=not args.quiet and is_terminal())  # no bar fragments in pipes/logs
     if not args.quiet:
         convert.print_report(report)
@@ -580,9 +583,11 @@ def build_parser():
     c = sub.add_parser("convert", help="convert a Hugging Face GPT-2 or Llama directory, or a llama2.c "
                        "checkpoint, to a tinygpt model file")
     c.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin, or a "
-                   "llama2.c checkpoint file (its export.py versions 0, 1 and 2; needs --tokenizer)")
+                   "llama2.c checkpoint file (its export.py versions 0, 1 and 2; needs --llama2c-tokenizer or --tokenizer)")
     c.add_argument("-o", "--output", required=True, help="model file to write")
     c.add_argument("--tokenizer", help="tokenizer directory (default: HF_DIR)")
+    c.add_argument("--llama2c-tokenizer", metavar="TOKENIZER_BIN",
+                   help="llama2.c's tokenizer.bin for a Llama model (instead of a byte-level BPE --tokenizer)")
     c.add_argument("--prompt", default="Q: What is PSRAM?\nA:", help="sample prompt for the float vs INT8 check")
     c.add_argument("--no-check", action="store_true", help="skip the float vs INT8 logit check")
     c.add_argument("--drafts", metavar="CORPUS", help="store CORPUS's answers in the model file for drafting "

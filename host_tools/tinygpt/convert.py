@@ -369,9 +369,35 @@ def _put_gpt2_tensors(sd: dict, cfg: dict, put_q, put_f) -> None:
     put_f("lnf_b", sd["ln_f.bias"])
 
 
-def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
+def _bpe_section(tokenizer, V) -> tuple[bytes, dict]:
+    """A byte-level BPE tokenizer (directory or object) -> (section, special ids); checked fully
+    before the weights are read."""
+    from .tokenizer_section import build_section, special_token_ids
+
+    tok = load_tokenizer(tokenizer)
+    tv = tok.get_vocab_size(with_added_tokens=True)
+    if tv != V:
+        raise ValueError(f"tokenizer has {tv} tokens but config.json vocab_size is {V}; they must be equal")
+    ids = special_token_ids(tok)
+    return build_section(tok), ids
+
+
+def _llama2c_section(path, V) -> tuple[bytes, dict]:
+    """llama2.c's tokenizer.bin -> (section version 2, ids): eos 2 (</s>), bos 1 (<s>), and no
+    Q:/A:/Do: tokens."""
+    from .llama2c_tokenizer import LLAMA2C_SPECIAL_IDS, section_from_tokenizer_bin
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
+    return section_from_tokenizer_bin(path, V), dict(LLAMA2C_SPECIAL_IDS)
+
+
+def convert(hf_dir, out_path, tokenizer=None, progress=True, llama2c_tokenizer=None) -> dict:
     """Convert the GPT-2 or Llama checkpoint in ``hf_dir`` (a Hugging Face directory, or a
-    llama2.c checkpoint file with ``tokenizer`` given) to a tinygpt model file at ``out_path``.
+    llama2.c checkpoint file with ``tokenizer`` or ``llama2c_tokenizer`` given) to a tinygpt model
+    file at ``out_path``. ``llama2c_tokenizer``: llama2.c's tokenizer.bin (spec section 6.2; eos
+    2, bos 1, as llama2.c), instead of a byte-level BPE ``tokenizer``.
 
     Returns a report: ``out_path``, ``file_size``, ``crc32``, ``hparams`` (as written),
     ``source`` (weights file), ``tokenizer`` (counts and section size), ``tensors``
@@ -379,17 +405,17 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
     INT8 vs the float32 weights, 0 for tensors kept in f32), ``quantized_rel_rms_err`` (over
     all INT8 weights together) and ``worst`` (tensor with the largest rel_rms_err).
     """
-    from .tokenizer_section import build_section, special_token_ids
-
     hf_dir = os.fspath(hf_dir)
     out_path = os.fspath(out_path)
     is_llama2c = llama2c.is_checkpoint(hf_dir)
     if not is_llama2c and not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"model not found: {hf_dir} (a Hugging Face model directory or a llama2.c "
                                 "checkpoint file)")
-    if is_llama2c and tokenizer is None:
-        raise ValueError(f"{hf_dir} is a llama2.c checkpoint, which holds no tokenizer: give --tokenizer DIR "
-                         "(a byte-level BPE tokenizer.json of the checkpoint's vocabulary)")
+    if tokenizer is not None and llama2c_tokenizer is not None:
+        raise ValueError("give --tokenizer or --llama2c-tokenizer, not both")
+    if is_llama2c and tokenizer is None and llama2c_tokenizer is None:
+        raise ValueError(f"{hf_dir} is a llama2.c checkpoint, which holds no tokenizer: give --llama2c-tokenizer "
+                         "tokenizer.bin (llama2.c's) or --tokenizer DIR (a byte-level BPE tokenizer.json)")
     if os.path.isdir(out_path):
         raise ValueError(f"output path is a directory: {out_path}")
     steps = 4
@@ -407,12 +433,12 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
         else:
             cfg = read_hf_config(hf_dir)
         V = cfg["vocab_size"]
-
-        tok = load_tokenizer(hf_dir if tokenizer is None else tokenizer)
-        tv = tok.get_vocab_size(with_added_tokens=True)
-        if tv != V:
-            raise ValueError(f"tokenizer has {tv} tokens but config.json vocab_size is {V}; they must be equal")
-        ids = special_token_ids(tok)
+        if llama2c_tokenizer is not None:
+            if cfg["arch"] != "llama":
+                raise ValueError("--llama2c-tokenizer is for Llama models; this is a GPT-2 checkpoint")
+            section, ids = _llama2c_section(llama2c_tokenizer, V)
+        else:
+            section, ids = _bpe_section(hf_dir if tokenizer is None else tokenizer, V)
 
         def id_or_none(key):
             v = ids.get(key)
@@ -423,8 +449,7 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True) -> dict:
         eos = id_or_none("eos_id")
         if eos == modelfile.NO_TOKEN:
             raise ValueError("tokenizer has no <|endoftext|> token (needed as eos_id)")
-        section = build_section(tok)  # checks the tokenizer fully before the weights are read
-        bos = cfg["bos_token_id"]
+        bos = ids.get("bos_id", cfg["bos_token_id"])
         if bos is None or not 0 <= bos < V:
             bos = eos
         step("tokenizer")

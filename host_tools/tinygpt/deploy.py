@@ -28,7 +28,7 @@ NAME.new complete, which the next deploy renames. An interrupted deploy says whi
 when both do not fit) an interrupted copy leaves that file missing until deploy runs again.
 Every mpremote call has a time limit (--timeout, or the defaults below).
 Files go to the board's current directory ("/" on a board): /model.bin and the scripts (/chat.py,
-/bpe.py, /draft.py, /topic.py, /retrieve.py, /selftest.py: what a firmware freezes), where py/chat.py looks for them
+/bpe.py, /sptok.py, /draft.py, /topic.py, /retrieve.py, /selftest.py: what a firmware freezes), where py/chat.py looks for them
 (chat.DEFAULT_PATHS).
 A port given as a symlink (/dev/serial/by-id/...) is resolved again for every connection, so a
 board that comes back under another ttyACM number after a reset is found again.
@@ -46,7 +46,7 @@ from .modelfile import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
-SCRIPTS = ("chat.py", "bpe.py", "draft.py", "topic.py", "retrieve.py", "selftest.py")  # micropython_mod/manifest.py freezes these
+SCRIPTS = ("chat.py", "bpe.py", "sptok.py", "draft.py", "topic.py", "retrieve.py", "selftest.py")  # micropython_mod/manifest.py freezes these
 MODEL_NAME = "model.bin"
 FS_BLOCK_SLACK = 2  # filesystem blocks per file for littlefs metadata, beyond its data blocks
 TMP_SUFFIX = ".new"  # a file is copied to NAME.new, verified there, then renamed over NAME

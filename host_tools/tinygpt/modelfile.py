@@ -371,6 +371,13 @@ def check_tokenizer_section(section: bytes, n_vocab: int) -> dict:
     tokenizer_section.parse_section); return its counts. Raises ValueError naming the rule."""
     from .tokenizer_section import parse_section
 
+    if bytes(section[4:8]) == struct.pack("<I", 2):  # version 2: llama2.c's tokenizer (spec 6.2)
+        from .llama2c_tokenizer import parse_section_v2
+
+        v2 = parse_section_v2(section, n_vocab)
+        return {"n_vocab": v2.n_vocab, "n_merges": 0, "n_special": len(v2.control_ids),
+                "bytes_size": sum(map(len, v2.token_bytes)), "nbytes": len(section), "version": 2,
+                "bos_id": v2.bos_id}
     vocab, merges, specials = parse_section(section, n_vocab)
     return {"n_vocab": len(vocab), "n_merges": len(merges), "n_special": len(specials),
             "bytes_size": sum(map(len, vocab)), "nbytes": len(section)}
@@ -482,6 +489,8 @@ def build_model_bytes(hparams: dict, tensors: dict, tokenizer_section: bytes,
     if not isinstance(tensors, dict):
         raise ValueError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     tok_info = check_tokenizer_section(tokenizer_section, hp["n_vocab"])
+    if tok_info.get("version") == 2 and tok_info["bos_id"] != hp["bos_id"]:
+        raise ValueError(f"the tokenizer's bos_id {tok_info['bos_id']} differs from hparams bos_id {hp['bos_id']}")
     layout = plan_layout(hp, tok_info["nbytes"], None if meta_bytes is None else len(meta_bytes))
     specs = [e[0] for e in layout["entries"]]
     expected = {s.name for s in specs if s.dtype != DTYPE_RAW}

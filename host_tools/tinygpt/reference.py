@@ -395,14 +395,29 @@ def tensor_layout(n_layer: int, version: int = 1, arch: int = 0, head_tied: bool
 
 @dataclass
 class Tokenizer:
-    """Parsed tokenizer section (spec section 6)."""
+    """Parsed tokenizer section (spec section 6; version 2: section 6.2)."""
     vocab_bytes: list            # list[bytes], index = token id
     merges: list                 # list[tuple[int, int, int]] (left, right, result) in rank order
-    special_ids: list            # list[int]
+    special_ids: list            # list[int] (version 2: the control ids)
     pretokenizer: int = 1
+    version: int = 1
+    scores: list = field(default_factory=list)   # version 2
+    byte_base: int = 0
+    bos_id: int = -1
+    flags: int = 0
 
     def decode(self, ids) -> bytes:
-        return b"".join(self.vocab_bytes[i] for i in ids)
+        if self.version == 1:
+            return b"".join(self.vocab_bytes[i] for i in ids)
+        out, prev = [], -1
+        for i in ids:  # 6.2: after bos, a normal token's leading space is dropped
+            b = self.vocab_bytes[i]
+            if (self.flags & 2 and prev == self.bos_id and b[:1] == b" "
+                    and not self.byte_base <= i < self.byte_base + 256):
+                b = b[1:]
+            out.append(b)
+            prev = i
+        return b"".join(out)
 
 
 @dataclass
@@ -538,8 +553,10 @@ def parse_tokenizer(sec: bytes, n_vocab: int) -> Tokenizer:
         struct.unpack_from("<4sIIIIIII", sec, 0)
     if magic != TOK_MAGIC:
         bad("bad magic %r (expected b'TTOK')" % magic)
+    if version == 2:
+        return _parse_tokenizer_v2(sec, n_vocab, bad)
     if version != 1:
-        bad("version %d is not supported (only 1)" % version)
+        bad("version %d is not supported (only 1 and 2)" % version)
     if tv != n_vocab:
         bad("n_vocab %d != header n_vocab %d" % (tv, n_vocab))
     if pretok != 1:
@@ -597,6 +614,53 @@ def parse_tokenizer(sec: bytes, n_vocab: int) -> Tokenizer:
         if not vocab[sid]:
             bad("special token %d has empty bytes" % sid)
     return Tokenizer(vocab_bytes=vocab, merges=merges, special_ids=special, pretokenizer=pretok)
+
+
+def _parse_tokenizer_v2(sec: bytes, n_vocab: int, bad) -> Tokenizer:
+    """Spec 6.2: score-ordered BPE with byte fallback (llama2.c's tokenizer)."""
+    nv, bb, bos, nc, flags, bsize = struct.unpack_from("<6I", sec, 8)
+    if nv != n_vocab:
+        bad("n_vocab %d != header n_vocab %d" % (nv, n_vocab))
+    if nv < 257 or bb + 256 > nv:
+        bad("byte_base %d: 256 byte tokens do not fit %d tokens" % (bb, nv))
+    if not 1 <= nc <= nv - 256:
+        bad("n_control %d outside 1..%d" % (nc, nv - 256))
+    if flags & ~3:
+        bad("flags 0x%x has unknown bits" % flags)
+    pad = (bsize + 3) // 4 * 4
+    want = 32 + 4 * (nv + 1) + pad + 4 * nv + 4 * nc + 4 * (nv - 256 - nc)
+    if len(sec) != want:
+        bad("section is %d bytes, its counts need %d" % (len(sec), want))
+    off = np.frombuffer(sec, "<u4", nv + 1, 32).astype(np.int64)
+    if off[0] != 0 or off[-1] != bsize or np.any(np.diff(off) < 0):
+        bad("token offsets do not rise from 0 to bytes_size")
+    b0 = 32 + 4 * (nv + 1)
+    blob = sec[b0:b0 + bsize]
+    if any(sec[b0 + bsize:b0 + pad]):
+        bad("padding after the token bytes is not zero")
+    vocab = [blob[off[t]:off[t + 1]] for t in range(nv)]
+    for b in range(256):
+        if vocab[bb + b] != bytes([b]):
+            bad("byte token %d is not the one byte 0x%02x" % (bb + b, b))
+    scores = np.frombuffer(sec, "<f4", nv, b0 + pad)
+    if not np.all(np.isfinite(scores)):
+        bad("token %d's score is not finite" % int(np.argmin(np.isfinite(scores))))
+    ctl = np.frombuffer(sec, "<u4", nc, b0 + pad + 4 * nv).tolist()
+    if any(b <= a for a, b in zip(ctl, ctl[1:])) or any(c >= nv or bb <= c < bb + 256 for c in ctl):
+        bad("control ids are not increasing ids outside the byte tokens")
+    if bos not in ctl:
+        bad("bos_id %d is not a control id" % bos)
+    srt = np.frombuffer(sec, "<u4", nv - 256 - nc, b0 + pad + 4 * nv + 4 * nc).tolist()
+    normal = set(range(nv)) - set(ctl) - set(range(bb, bb + 256))
+    if set(srt) != normal or len(srt) != len(normal):
+        bad("the sorted ids are not exactly the normal tokens")
+    for a, b in zip(srt, srt[1:]):
+        if not vocab[a] < vocab[b]:
+            bad("sorted ids %d, %d: bytes not strictly increasing" % (a, b))
+    if any(not vocab[t] for t in srt):
+        bad("a normal token has no bytes")
+    return Tokenizer(vocab_bytes=vocab, merges=[], special_ids=ctl, pretokenizer=0, version=2,
+                     scores=scores.tolist(), byte_base=bb, bos_id=bos, flags=flags)
 
 
 def parse_model(buf, check_crc: bool = True) -> ModelFile:
@@ -681,6 +745,8 @@ def parse_model(buf, check_crc: bool = True) -> ModelFile:
         raise FormatError("file_size %d is not the end of the last tensor (%d): the spec "
                           "packs the tensors up to file_size" % (fs, prev_end))
     tok = parse_tokenizer(tok_sec, hd["n_vocab"])
+    if tok.version == 2 and tok.bos_id != hd["bos_id"]:
+        raise FormatError("tokenizer: bos_id %d differs from the header's %d" % (tok.bos_id, hd["bos_id"]))
     return ModelFile(hparams=hp, tensors=tensors, tokenizer_section=tok_sec, tokenizer=tok,
                      header=hd, directory=directory, meta=parse_meta(meta_sec))
 

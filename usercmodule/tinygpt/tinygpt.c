@@ -740,12 +740,127 @@ static void tensor_name(char *out, size_t n, uint32_t kind, uint32_t layer) {
     }
 }
 
+/* memcmp order of two byte strings, a proper prefix first: <0, 0, >0 */
+static int bytes_cmp(const uint8_t *a, uint32_t na, const uint8_t *b, uint32_t nb) {
+    int c = memcmp(a, b, na < nb ? na : nb);
+    return c ? c : (na > nb) - (na < nb);
+}
+
+/* Tokenizer section version 2 (spec 6.2: score-ordered BPE with byte fallback, llama2.c). The
+ * sorted-ids rule needs no table: strictly increasing bytes make the N ids distinct, and N
+ * distinct ids that are neither byte nor control tokens are exactly the normal tokens. */
+static int check_tokenizer_v2(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_error *err) {
+    uint32_t nv = rd32(sec + 8), byte_base = rd32(sec + 12), bos = rd32(sec + 16);
+    uint32_t n_control = rd32(sec + 20), flags = rd32(sec + 24), bytes_size = rd32(sec + 28);
+    if (nv != n_vocab) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer has %u tokens but the model has %u",
+                    (unsigned)nv, (unsigned)n_vocab);
+    }
+    if (nv < 257 || (uint64_t)byte_base + 256 > nv) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: byte_base %u does not fit %u tokens",
+                    (unsigned)byte_base, (unsigned)nv);
+    }
+    if (n_control < 1 || n_control > nv - 256) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: n_control %u is outside 1..%u",
+                    (unsigned)n_control, (unsigned)(nv - 256));
+    }
+    if (flags & ~3u) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: unknown flags 0x%x", (unsigned)flags);
+    }
+    uint64_t need = 36 + 12 * (uint64_t)nv - 1024 + (((uint64_t)bytes_size + 3) & ~(uint64_t)3);
+    if (need != len) {
+        char t[21];
+        return fail(err, TG_E_TOKENIZER, "tokenizer section is %u bytes but its counts need %s",
+                    (unsigned)len, u64_text(t, need));
+    }
+    const uint8_t *off = sec + 32;
+    const uint8_t *blob = off + 4 * ((size_t)nv + 1);
+    const uint8_t *scores = blob + ((bytes_size + 3u) & ~3u);
+    const uint8_t *ctl = scores + 4 * (size_t)nv;
+    const uint8_t *sorted = ctl + 4 * (size_t)n_control;
+    uint32_t n_normal = nv - 256 - n_control;
+    if (rd32(off) != 0 || rd32(off + 4 * (size_t)nv) != bytes_size) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer offsets do not span the byte table");
+    }
+    for (uint32_t i = bytes_size; i < ((bytes_size + 3u) & ~3u); i++) {
+        if (blob[i] != 0) {
+            return fail(err, TG_E_TOKENIZER, "tokenizer section: padding byte %u is not zero",
+                        (unsigned)i);
+        }
+    }
+    for (uint32_t t = 0; t < nv; t++) {
+        uint32_t a = rd32(off + 4 * (size_t)t), b = rd32(off + 4 * (size_t)t + 4);
+        if (b < a) {
+            return fail(err, TG_E_TOKENIZER, "token %u: offsets decrease", (unsigned)t);
+        }
+        if (t >= byte_base && t < byte_base + 256 && (b - a != 1 || blob[a] != t - byte_base)) {
+            return fail(err, TG_E_TOKENIZER, "byte token %u is not the one byte 0x%02x",
+                        (unsigned)t, (unsigned)(t - byte_base));
+        }
+        uint32_t bits = rd32(scores + 4 * (size_t)t);
+        if ((bits & 0x7F800000u) == 0x7F800000u) {
+            return fail(err, TG_E_TOKENIZER, "token %u: score is not finite", (unsigned)t);
+        }
+    }
+    int bos_found = 0;
+    for (uint32_t i = 0; i < n_control; i++) {
+        uint32_t id = rd32(ctl + 4 * (size_t)i);
+        if (id >= nv || (id >= byte_base && id < byte_base + 256) ||
+            (i > 0 && id <= rd32(ctl + 4 * (size_t)(i - 1)))) {
+            return fail(err, TG_E_TOKENIZER, "control id %u at %u: out of range, a byte token or "
+                        "not increasing", (unsigned)id, (unsigned)i);
+        }
+        bos_found |= id == bos;
+    }
+    if (!bos_found) {
+        return fail(err, TG_E_TOKENIZER, "tokenizer section: bos_id %u is not a control token",
+                    (unsigned)bos);
+    }
+    const uint8_t *prev = NULL;
+    uint32_t prev_n = 0;
+    for (uint32_t i = 0; i < n_normal; i++) {
+        uint32_t id = rd32(sorted + 4 * (size_t)i);
+        if (id >= nv || (id >= byte_base && id < byte_base + 256)) {
+            return fail(err, TG_E_TOKENIZER, "sorted id %u at %u: out of range or a byte token",
+                        (unsigned)id, (unsigned)i);
+        }
+        uint32_t lo = 0, hi = n_control; /* binary search in the increasing control ids */
+        while (lo < hi) {
+            uint32_t mid = (lo + hi) / 2;
+            uint32_t c = rd32(ctl + 4 * (size_t)mid);
+            if (c == id) {
+                return fail(err, TG_E_TOKENIZER, "sorted id %u at %u is a control token",
+                            (unsigned)id, (unsigned)i);
+            }
+            if (c < id) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        uint32_t a = rd32(off + 4 * (size_t)id), n = rd32(off + 4 * (size_t)id + 4) - a;
+        if (n == 0) {
+            return fail(err, TG_E_TOKENIZER, "token %u has no bytes", (unsigned)id);
+        }
+        if (prev && bytes_cmp(prev, prev_n, blob + a, n) >= 0) {
+            return fail(err, TG_E_TOKENIZER, "sorted id %u at %u: bytes not above the previous "
+                        "token's (unsorted or repeated)", (unsigned)id, (unsigned)i);
+        }
+        prev = blob + a;
+        prev_n = n;
+    }
+    return ok(err);
+}
+
 int tg_check_tokenizer(const uint8_t *sec, uint32_t len, uint32_t n_vocab, tg_error *err) {
     if (!sec || len < 32) {
         return fail(err, TG_E_TOKENIZER, "tokenizer section too short (%u bytes)", (unsigned)len);
     }
     if (memcmp(sec, "TTOK", 4) != 0) {
         return fail(err, TG_E_TOKENIZER, "tokenizer section: bad magic");
+    }
+    if (rd32(sec + 4) == 2) {
+        return check_tokenizer_v2(sec, len, n_vocab, err);
     }
     if (rd32(sec + 4) != 1) {
         return fail(err, TG_E_TOKENIZER, "tokenizer section: unsupported version %u",
@@ -1101,6 +1216,10 @@ static int check_values(const uint8_t *buf, const tg_info *h, tg_error *err) {
                               t.name, err);
         } else if (t.kind == K_TOKENIZER) {
             rc = tg_check_tokenizer(p, t.nbytes, h->n_vocab, err);
+            if (!rc && rd32(p + 4) == 2 && rd32(p + 16) != h->bos_id) {
+                rc = fail(err, TG_E_TOKENIZER, "tokenizer bos_id %u differs from the header's %u",
+                          (unsigned)rd32(p + 16), (unsigned)h->bos_id);
+            }
         } else if (t.kind == K_META) {
             rc = check_meta(p, t.nbytes, err);
         }
