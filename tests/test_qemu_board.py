@@ -311,6 +311,37 @@ def test_deploy_round_trip(board, tmp_path):
 
 
 @needs_firmware
+def test_llama_model_on_the_board(board, tmp_path):
+    """A Llama model (format version 3: grouped-query attention, own head) deployed to the
+    board's filesystem gives the PC's logits CRC, greedy tokens and generate() ids."""
+    from tinygpt import deploy
+
+    path = tmp_path / "llama.bin"
+    path.write_bytes(bench.random_model_bytes(dict(
+        n_vocab=300, n_embd=32, n_inner=48, n_layer=1, n_positions=32, n_head=4, n_kv_head=2, arch="llama",
+        head_tied=False)))
+    deploy.deploy(board.pty, path, scripts=False, log=lambda *a: None, timeout=BOARD_TIMEOUT)
+    try:
+        ids = [5, 17, 3, 99, 42]
+        code = ("import tinygpt, selftest, chat\nm = tinygpt.Model('/model.bin')\nr = selftest.check(m, %r)\n"
+                "info = m.info()\nm.close()\nchat.load('/model.bin')\ng = chat.generate_ids(%r, 6)[0]\n"
+                "chat.close()\nprint('\\x1e' + repr([r[0], r[1], info['arch'], info['n_kv_head'], g]))\n"
+                % (ids, ids))
+        crc, greedy, arch, kv, gen = board_eval(board, code)
+        chat = host_chat()
+        import selftest
+        with Model(path) as m:
+            want = selftest.check(m, ids)
+        chat.load(str(path))
+        want_gen = chat.generate_ids(ids, 6)[0]
+        chat.close()
+        assert (crc, greedy, arch, kv, gen) == (want[0], want[1], "llama", 2, want_gen)
+    finally:
+        board_exec(board, "import os\nos.remove('model.bin')\n")
+        mpremote(board, "soft-reset")
+
+
+@needs_firmware
 def test_engine_errors_read_like_the_pcs(board, tmp_path):
     """Error messages with numbers: the board's (MicroPython's vsnprintf) equal the PC's."""
     data = SHIPPED.read_bytes()

@@ -558,20 +558,21 @@ static void rope(float *v, const float *cs, uint32_t D) {
 /* 4. Model and loader                                                                      */
 /* ---------------------------------------------------------------------------------------- */
 
+/* A quantized matrix as the file stores it (spec 4.4): int8 rows, one scale per row (output
+ * channel), and a bias per output or NULL for none. */
+typedef struct {
+    const int8_t *w;
+    const float *s, *b;
+} tg_qmat;
+
 /* One layer's tensors. A Llama layer uses the same slots: ln1_g/ln2_g are its RMSNorm gains,
- * attn_w its fused q/k/v rows, proj_w its output projection, fc_w its fused gate/up rows and
- * mproj_w its down projection; it has no biases (NULL) and no LayerNorm biases. */
+ * attn its fused q/k/v rows, proj its output projection, fc its fused gate/up rows and mproj
+ * its down projection; it has no biases (NULL) and no LayerNorm biases. */
 typedef struct {
     const float *ln1_g, *ln1_b;
-    const int8_t *attn_w;
-    const float *attn_s, *attn_b;
-    const int8_t *proj_w;
-    const float *proj_s, *proj_b;
+    tg_qmat attn, proj;
     const float *ln2_g, *ln2_b;
-    const int8_t *fc_w;
-    const float *fc_s, *fc_b;
-    const int8_t *mproj_w;
-    const float *mproj_s, *mproj_b;
+    tg_qmat fc, mproj;
 } tg_layer;
 
 struct tg_model {
@@ -580,8 +581,7 @@ struct tg_model {
     const int8_t *wte_q;
     const float *wte_s, *wpe, *lnf_g, *lnf_b;
     const float *rope;    /* Llama: [P][D] (cos, sin) pairs; GPT-2: NULL (wpe instead) */
-    const int8_t *head_q; /* output head: wte_q/wte_s when tied */
-    const float *head_s;
+    tg_qmat head;         /* output head: wte_q/wte_s when tied; no bias */
     tg_layer *layers;
     const uint8_t *tokenizer;
     const uint8_t *meta; /* NULL in a version 1 file */
@@ -1258,31 +1258,31 @@ static void bind_tensors(tg_model *m, const uint8_t *buf) {
             case K_WTE_S: m->wte_s = pf; break;
             case K_WPE: m->wpe = pf; break;
             case K_ROPE: m->rope = pf; break;
-            case K_HEAD_Q: m->head_q = pi; break;
-            case K_HEAD_S: m->head_s = pf; break;
+            case K_HEAD_Q: m->head.w = pi; break;
+            case K_HEAD_S: m->head.s = pf; break;
             case K_LNF_G: case K_RMSF_G: m->lnf_g = pf; break;
             case K_LNF_B: m->lnf_b = pf; break;
             case K_LN1_G: case K_RMS1_G: L->ln1_g = pf; break;
             case K_LN1_B: L->ln1_b = pf; break;
-            case K_ATTN_W: case K_QKV_W: L->attn_w = pi; break;
-            case K_ATTN_S: case K_QKV_S: L->attn_s = pf; break;
-            case K_ATTN_B: L->attn_b = pf; break;
-            case K_PROJ_W: case K_O_W: L->proj_w = pi; break;
-            case K_PROJ_S: case K_O_S: L->proj_s = pf; break;
-            case K_PROJ_B: L->proj_b = pf; break;
+            case K_ATTN_W: case K_QKV_W: L->attn.w = pi; break;
+            case K_ATTN_S: case K_QKV_S: L->attn.s = pf; break;
+            case K_ATTN_B: L->attn.b = pf; break;
+            case K_PROJ_W: case K_O_W: L->proj.w = pi; break;
+            case K_PROJ_S: case K_O_S: L->proj.s = pf; break;
+            case K_PROJ_B: L->proj.b = pf; break;
             case K_LN2_G: case K_RMS2_G: L->ln2_g = pf; break;
             case K_LN2_B: L->ln2_b = pf; break;
-            case K_FC_W: case K_GU_W: L->fc_w = pi; break;
-            case K_FC_S: case K_GU_S: L->fc_s = pf; break;
-            case K_FC_B: L->fc_b = pf; break;
-            case K_MPROJ_W: case K_DOWN_W: L->mproj_w = pi; break;
-            case K_MPROJ_S: case K_DOWN_S: L->mproj_s = pf; break;
-            default: L->mproj_b = pf; break;
+            case K_FC_W: case K_GU_W: L->fc.w = pi; break;
+            case K_FC_S: case K_GU_S: L->fc.s = pf; break;
+            case K_FC_B: L->fc.b = pf; break;
+            case K_MPROJ_W: case K_DOWN_W: L->mproj.w = pi; break;
+            case K_MPROJ_S: case K_DOWN_S: L->mproj.s = pf; break;
+            default: L->mproj.b = pf; break;
         }
     }
-    if (!m->head_q) { /* tied: the output head is the token embedding */
-        m->head_q = m->wte_q;
-        m->head_s = m->wte_s;
+    if (!m->head.w) { /* tied: the output head is the token embedding */
+        m->head.w = m->wte_q;
+        m->head.s = m->wte_s;
     }
     h->weight_bytes = weight_bytes;
 }
@@ -1555,11 +1555,10 @@ static void attend(tg_model *m, uint32_t layer, uint32_t p, const float *qkv, fl
 
 /* matmul, counted: the nb rows share one read of the matrix, its scales and biases. */
 static void linear(tg_model *m, float *y, uint32_t y_stride, const int8_t *xq, uint32_t x_stride,
-                   const float *xs, uint32_t nb, const int8_t *w, const float *sw, const float *b,
-                   uint32_t n_in, uint32_t n_out) {
-    m->counters.weight_bytes += (uint64_t)n_out * n_in + 4u * (uint64_t)n_out * (b ? 2u : 1u);
+                   const float *xs, uint32_t nb, const tg_qmat *W, uint32_t n_in, uint32_t n_out) {
+    m->counters.weight_bytes += (uint64_t)n_out * n_in + 4u * (uint64_t)n_out * (W->b ? 2u : 1u);
     m->counters.macs += (uint64_t)nb * n_in * n_out;
-    matmul_job job = {y, y_stride, xq, x_stride, xs, nb, w, sw, b, n_in, n_out};
+    matmul_job job = {y, y_stride, xq, x_stride, xs, nb, W->w, W->s, W->b, n_in, n_out};
     matmul(m->workers, m->info.n_threads, &job);
 }
 
@@ -1594,7 +1593,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "xq1", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs1", li, p0 + t, &m->xs[t], 1, 2);
     }
-    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->attn_w, L->attn_s, L->attn_b, E, QKV);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, &L->attn, E, QKV);
     for (uint32_t t = 0; t < nb; t++) {
         uint32_t p = p0 + t;
         float *qkv = m->buf + (size_t)t * wide;
@@ -1620,7 +1619,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "aq", li, p, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "as", li, p, &m->xs[t], 1, 2);
     }
-    linear(m, m->att, E, m->xq, qwide, m->xs, nb, L->proj_w, L->proj_s, L->proj_b, E, E);
+    linear(m, m->att, E, m->xq, qwide, m->xs, nb, &L->proj, E, E);
     for (uint32_t t = 0; t < nb; t++) {
         float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
         for (uint32_t i = 0; i < E; i++) {
@@ -1636,7 +1635,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "xq2", li, p0 + t, m->xq + (size_t)t * qwide, E, 1);
         TRACE(m, "xs2", li, p0 + t, &m->xs[t], 1, 2);
     }
-    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, L->fc_w, L->fc_s, L->fc_b, E, fc);
+    linear(m, m->buf, wide, m->xq, qwide, m->xs, nb, &L->fc, E, fc);
     for (uint32_t t = 0; t < nb; t++) {
         float *f = m->buf + (size_t)t * wide;
         TRACE(m, "fc", li, p0 + t, f, fc, 2);
@@ -1653,7 +1652,7 @@ static void layer_forward(tg_model *m, uint32_t l, uint32_t p0, uint32_t nb) {
         TRACE(m, "gq", li, p0 + t, m->xq + (size_t)t * qwide, I, 1);
         TRACE(m, "gs", li, p0 + t, &m->xs[t], 1, 2);
     }
-    linear(m, m->att, E, m->xq, qwide, m->xs, nb, L->mproj_w, L->mproj_s, L->mproj_b, I, E);
+    linear(m, m->att, E, m->xq, qwide, m->xs, nb, &L->mproj, I, E);
     for (uint32_t t = 0; t < nb; t++) {
         float *x = m->x + (size_t)t * E, *y = m->att + (size_t)t * E;
         for (uint32_t i = 0; i < E; i++) {
@@ -1677,7 +1676,7 @@ static void head_forward(tg_model *m, uint32_t t0, uint32_t nb, uint32_t p, floa
         TRACE(m, "fs", -1, p + t, &m->xs[t], 1, 2);
     }
     m->counters.weight_bytes += (m->lnf_b ? 8u : 4u) * (uint64_t)E; /* final gain (and bias) */
-    linear(m, out, V, m->xq, E, m->xs, nb, m->head_q, m->head_s, NULL, E, V);
+    linear(m, out, V, m->xq, E, m->xs, nb, &m->head, E, V);
     for (uint32_t t = 0; t < nb; t++) {
         TRACE(m, "logits", -1, p + t, out + (size_t)t * V, V, 2);
     }
@@ -1855,8 +1854,10 @@ static void sort_by_prob(int32_t *idx, const float *p, uint32_t n) {
 
 /* Sample from logits, the repetition penalty counting tokens[0..n_hist); with a draft token
  * (draft >= 0), the draft-checking rule of tg_sample_at. */
-static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const tg_sampler *s,
-                       int32_t draft, int32_t *out_id, tg_error *err) {
+/* The sampler in the steps of spec section 5, each its own function; sample_from runs them in
+ * order. m->probs holds the working values, m->order the ids (and the repetition penalty's
+ * "seen" marks before that). */
+static int check_sampler(const tg_sampler *s, tg_error *err) {
     if (!(s->temperature >= 0.0f && s->temperature <= FLT_MAX)) {
         return fail(err, TG_E_ARG, "temperature must be finite and >= 0");
     }
@@ -1866,38 +1867,47 @@ static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const 
     if (!(s->repetition_penalty > 0.0f && s->repetition_penalty <= FLT_MAX)) {
         return fail(err, TG_E_ARG, "repetition_penalty must be finite and > 0");
     }
+    return TG_OK;
+}
+
+/* Step 1: w = the logits, each distinct token of the first n_hist positions penalized once. */
+static void penalize(tg_model *m, float *w, const float *logits, uint32_t n_hist, float penalty) {
     uint32_t V = m->info.n_vocab;
-    float *w = m->probs;
     memcpy(w, logits, 4 * (size_t)V);
-    if (s->repetition_penalty != 1.0f) {
-        int32_t *seen = m->order;
-        memset(seen, 0, 4 * (size_t)V);
-        for (uint32_t i = 0; i < n_hist; i++) {
-            int32_t t = m->tokens[i];
-            if (!seen[t]) {
-                seen[t] = 1;
-                w[t] = w[t] > 0.0f ? w[t] / s->repetition_penalty : w[t] * s->repetition_penalty;
-            }
+    if (penalty == 1.0f) {
+        return;
+    }
+    int32_t *seen = m->order;
+    memset(seen, 0, 4 * (size_t)V);
+    for (uint32_t i = 0; i < n_hist; i++) {
+        int32_t t = m->tokens[i];
+        if (!seen[t]) {
+            seen[t] = 1;
+            w[t] = w[t] > 0.0f ? w[t] / penalty : w[t] * penalty;
         }
     }
-    int32_t best = 0; /* greedy: the smallest id with the largest (penalized) logit */
+}
+
+/* Step 2: the smallest id with the largest value. */
+static int32_t greedy_id(const float *w, uint32_t V) {
+    int32_t best = 0;
     for (uint32_t i = 1; i < V; i++) {
         if (w[i] > w[best]) {
             best = (int32_t)i;
         }
     }
-    if (s->temperature == 0.0f) {
-        *out_id = best;
-        return ok(err);
-    }
+    return best;
+}
+
+/* Step 3: w = softmax(w / temperature). Returns 0 when a quotient is not finite (a tiny
+ * temperature or penalty overflowed float32): the distribution is then a spike on the largest
+ * logit, i.e. greedy, and the softmax would give NaN. */
+static int softmax_at(float *w, uint32_t V, float temperature) {
     float mx = -FLT_MAX;
     for (uint32_t i = 0; i < V; i++) {
-        w[i] = w[i] / s->temperature;
+        w[i] = w[i] / temperature;
         if (!(w[i] >= -FLT_MAX && w[i] <= FLT_MAX)) {
-            /* a tiny temperature (or penalty) overflowed float32: the distribution is a spike
-             * on the largest logit, i.e. greedy, and the softmax below would give NaN */
-            *out_id = best;
-            return ok(err);
+            return 0;
         }
         if (w[i] > mx) {
             mx = w[i];
@@ -1912,33 +1922,45 @@ static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const 
     for (uint32_t i = 0; i < V; i++) {
         w[i] = w[i] * inv;
     }
-    int32_t *idx = m->order;
+    return 1;
+}
+
+/* Steps 4-5: idx = the ids (sorted by probability when top-k or top-p applies); returns how
+ * many of them are kept. */
+static uint32_t keep_top(int32_t *idx, const float *w, uint32_t V, const tg_sampler *s) {
     for (uint32_t i = 0; i < V; i++) {
         idx[i] = (int32_t)i;
     }
     uint32_t n = V;
-    if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1.0f) {
-        sort_by_prob(idx, w, V);
-        if (s->top_k > 0 && s->top_k < V) {
-            n = s->top_k;
-        }
-        if (s->top_p < 1.0f) {
-            float mass = 0.0f;
-            for (uint32_t i = 0; i < n; i++) {
-                mass += w[idx[i]];
-            }
-            float target = s->top_p * mass, cum = 0.0f;
-            uint32_t keep = n;
-            for (uint32_t i = 0; i < n; i++) {
-                cum += w[idx[i]];
-                if (cum >= target) {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            n = keep;
-        }
+    if (!((s->top_k > 0 && s->top_k < V) || s->top_p < 1.0f)) {
+        return n;
     }
+    sort_by_prob(idx, w, V);
+    if (s->top_k > 0 && s->top_k < V) {
+        n = s->top_k;
+    }
+    if (s->top_p < 1.0f) {
+        float mass = 0.0f;
+        for (uint32_t i = 0; i < n; i++) {
+            mass += w[idx[i]];
+        }
+        float target = s->top_p * mass, cum = 0.0f;
+        uint32_t keep = n;
+        for (uint32_t i = 0; i < n; i++) {
+            cum += w[idx[i]];
+            if (cum >= target) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = keep;
+    }
+    return n;
+}
+
+/* Steps 6-7: draw among the n kept ids; with a draft token (>= 0), accept it with probability
+ * p(draft), else draw again from the kept ids without it, renormalised. */
+static int32_t draw(tg_model *m, const int32_t *idx, const float *w, uint32_t n, int32_t draft) {
     float kept = 0.0f, p_draft = 0.0f;
     for (uint32_t i = 0; i < n; i++) {
         kept += w[idx[i]];
@@ -1948,11 +1970,9 @@ static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const 
     }
     float target = rng_uniform(m) * kept, cum = 0.0f;
     if (draft >= 0) {
-        if (target < p_draft) { /* accepted with probability p(draft) */
-            *out_id = draft;
-            return ok(err);
+        if (target < p_draft) {
+            return draft;
         }
-        /* rejected: draw from p without the draft (the loop below skips it), renormalised */
         float rest = 0.0f;
         for (uint32_t i = 0; i < n; i++) {
             rest += idx[i] == draft ? 0.0f : w[idx[i]];
@@ -1969,11 +1989,28 @@ static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const 
         }
         cum += w[idx[i]];
         if (cum > target) {
-            pick = idx[i];
-            break;
+            return idx[i];
         }
     }
-    *out_id = pick;
+    return pick;
+}
+
+static int sample_from(tg_model *m, const float *logits, uint32_t n_hist, const tg_sampler *s,
+                       int32_t draft, int32_t *out_id, tg_error *err) {
+    int rc = check_sampler(s, err);
+    if (rc) {
+        return rc;
+    }
+    uint32_t V = m->info.n_vocab;
+    float *w = m->probs;
+    penalize(m, w, logits, n_hist, s->repetition_penalty);
+    int32_t best = greedy_id(w, V);
+    if (s->temperature == 0.0f || !softmax_at(w, V, s->temperature)) {
+        *out_id = best;
+        return ok(err);
+    }
+    uint32_t n = keep_top(m->order, w, V, s);
+    *out_id = draw(m, m->order, w, n, draft);
     return ok(err);
 }
 
