@@ -387,12 +387,14 @@ def generate(prompt, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=0, to
         raise TypeError("prompt must be a str")
     info = _model.info()
     n_ctx = info["n_ctx"]
+    if n_ctx < 2:
+        raise ValueError("generate needs a context of at least 2 tokens (n_ctx is %d)" % n_ctx)
     ids = generate_prompt_ids(prompt)
     if len(ids) > n_ctx - 1:
         if stream:
             _out("[prompt cut to its last %d of %d tokens to fit the %d-token context]\n"
                  % (n_ctx - 1, len(ids), n_ctx))
-        ids = ids[len(ids) - (n_ctx - 1):] if n_ctx > 1 else ids[-1:]
+        ids = ids[len(ids) - (n_ctx - 1):]
     dec = _decoder(ids[-1])
     parts = []
 

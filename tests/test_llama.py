@@ -341,6 +341,7 @@ def test_generate_cli_is_the_greedy_chain(llama_converted, capsys):
     (["--ids", "1,300"], "token id 300 is outside 0..299"),
     (["--ids", ",".join(["1"] * 64)], "the prompt is 64 tokens"),
     (["--ids", "1", "-n", "0"], "max-new-tokens"),
+    (["--ids", "1", "--n-ctx", "1"], "at least 2 tokens"),
 ])
 def test_generate_cli_refuses(llama_converted, capsys, args, says):
     _, path = llama_converted("gqa6x2_untied")
@@ -469,3 +470,19 @@ def test_llama_in_real_micropython(llama_converted, tmp_path):
             outs.append(p.stdout)
         assert outs[0] == outs[1], (path, outs)
         assert outs[0].split("\n")[3].startswith("llama ")
+
+
+def test_generate_stops_when_the_context_is_full(llama_converted, capsys):
+    _, path = llama_converted("gqa6x2_untied")  # n_positions 64
+    assert cli.main(["generate", "--model", str(path), "--ids", "5,6,7", "-n", "100000", "--json",
+                     "--temperature", "1.0", "--seed", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert 1 <= len(got["ids"]) <= 64 - 3 + 1
+    assert cli.main(["generate", "--model", str(path), "--n-ctx", "4", "--prompt", "a long prompt of many words",
+                     "-n", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[prompt cut to its last 3 of ")
+    assert cli.main(["generate", "--model", str(path), "--n-ctx", "4", "--prompt", "a long prompt of many words",
+                     "-n", "5", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "prompt was cut to its last 3 of" in cap.err and json.loads(cap.out)["ids"]

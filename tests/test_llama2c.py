@@ -251,6 +251,10 @@ def test_checkpoint_with_its_tokenizer_bin(tmp_path, capsys):
         text += runc_decode(texts, prev, t)
         prev = t
     assert got["text"] == text.decode("utf-8", "replace")
+    from tinygpt import board
+
+    assert board.read_model_header(out)["n_normal"] == len(PIECES)  # not BPE merges
+    assert board.budget(str(out))["psram"]["tokenizer_heap"] == board.tokenizer_heap_bytes(0, len(PIECES))
 
 
 def test_llama2c_tokenizer_damaged_in_the_file_is_refused(tmp_path):
@@ -299,3 +303,41 @@ def test_tokenizer_options_refused_together_or_for_gpt2(tmp_path, tokenizer_dir,
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
     assert not (tmp_path / "o.bin").exists()
+
+
+def test_damaged_checkpoints_and_tokenizers_only_raise_value_errors(tmp_path):
+    """400 random corruptions (bytes flipped, header fields set to extremes, truncations) of a
+    llama2.c checkpoint and of a tokenizer.bin: each converts or is refused with ValueError,
+    never another exception."""
+    from tinygpt import llama2c, llama2c_tokenizer
+
+    rng = np.random.default_rng(5)
+    s = SHAPES["mha"]
+    ck = tmp_path / "c.bin"
+    write_checkpoint(ck, s, random_weights(s, 0), 2, False)
+    good = ck.read_bytes()
+    tb = tmp_path / "t.bin"
+    tokenizer_bin(tb)
+    good_tok = tb.read_bytes()
+    refused = 0
+    for i in range(400):
+        data = bytearray(good if i % 2 == 0 else good_tok)
+        kind = rng.integers(3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 4)):
+                data[int(rng.integers(0, min(len(data), 300)))] = int(rng.integers(256))
+        elif kind == 1:
+            at = int(rng.integers(0, 40)) // 4 * 4
+            data[at:at + 4] = struct.pack("<i", int(rng.choice([0, -1, 1, 2**31 - 1, -2**31, 65537, 3])))
+        else:
+            data = data[:int(rng.integers(0, len(data)))]
+        p = tmp_path / "x.bin"
+        p.write_bytes(bytes(data))
+        try:
+            if i % 2 == 0:
+                llama2c.read_checkpoint(p)
+            else:
+                llama2c_tokenizer.section_from_tokenizer_bin(p, 300)
+        except ValueError:
+            refused += 1
+    assert refused >= 200  # most corruptions are caught; the rest still read as valid files

@@ -443,7 +443,11 @@ def read_model_header(path) -> dict:
                     f.seek(off)
                     th = f.read(32)
                     if len(th) == 32 and th[:4] == b"TTOK":
-                        n_merges = struct.unpack_from("<I", th, 12)[0]
+                        tok_version = struct.unpack_from("<I", th, 4)[0]
+                        if tok_version == 2:  # llama2.c's (spec 6.2): no merges; py/sptok.py indexes
+                            n_merges, n_normal = 0, n_vocab - 256 - struct.unpack_from("<I", th, 20)[0]
+                        else:
+                            n_merges, n_normal = struct.unpack_from("<I", th, 12)[0], None
             actual = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise BoardError("%s: no such file" % p)
@@ -454,7 +458,7 @@ def read_model_header(path) -> dict:
     if n_merges is None:
         raise BoardError("%s: model file has no tokenizer section" % p)
     return dict(n_vocab=n_vocab, n_positions=n_pos, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                n_inner=n_inner, file_size=file_size, n_merges=n_merges,
+                n_inner=n_inner, file_size=file_size, n_merges=n_merges, n_normal=n_normal,
                 arch="llama" if arch == 1 else "gpt2", n_kv_head=n_kv_head if arch == 1 else n_head)
 
 
@@ -473,6 +477,7 @@ N_ALLOCATIONS = 18                 # model struct + 16 alloc_state blocks + the 
 HEAP_BLOCK_OVERHEAD = 16           # heap_caps header + 16-byte alignment, per allocation
 TOKENIZER_BYTES_PER_MERGE = 12     # py/bpe.py on a 32-bit port (see module doc)
 TOKENIZER_FIXED_BYTES = 4 * KiB
+SPTOK_FIXED_BYTES = 8 * KiB  # py/sptok.py beyond its index (4.5 KB measured on the 64-bit unix port)
 PYTHON_WORKING_BYTES = 64 * KiB
 PSRAM_SYSTEM_RESERVE = 256 * KiB
 MMU_PAGES = 512
@@ -514,7 +519,16 @@ def engine_other_bytes(L, C) -> int:
             + N_ALLOCATIONS * HEAP_BLOCK_OVERHEAD)
 
 
-def tokenizer_heap_bytes(n_merges) -> int:
+def tokenizer_heap_bytes(n_merges, n_normal=None) -> int:
+    """py/bpe.py's heap for a byte-level BPE of n_merges merges; with n_normal (a llama2.c
+    tokenizer, section version 2), py/sptok.py's: its hash index of the normal tokens (2 bytes
+    a slot, slots the power of two >= 2 * n_normal, at least 256) plus the fixed part (measured:
+    136 KB for Llama 2's 31,741 normal tokens, 128 KB of it the index)."""
+    if n_normal is not None:
+        slots = 256
+        while slots < 2 * n_normal:
+            slots <<= 1
+        return 2 * slots + SPTOK_FIXED_BYTES
     return TOKENIZER_BYTES_PER_MERGE * n_merges + TOKENIZER_FIXED_BYTES
 
 
@@ -570,7 +584,7 @@ def budget(model_or_preset, board: str = "N16R8", n_ctx: int | None = None,
             "kv_cache": engine_kv_bytes(L, c, E, H, KV),
             "scratch": engine_scratch_bytes(V, E, I, H, c, B, KV, hp.get("arch") == "llama"),
             "engine_other": engine_other_bytes(L, c),
-            "tokenizer_heap": tokenizer_heap_bytes(hp["n_merges"]),
+            "tokenizer_heap": tokenizer_heap_bytes(hp["n_merges"], hp.get("n_normal")),
             "python_working": PYTHON_WORKING_BYTES,
             "system_reserve": PSRAM_SYSTEM_RESERVE,
             "model_file": F if placement == "file" else 0,
@@ -657,7 +671,7 @@ def format_budget(r: dict) -> str:
         lines.append("  model file           %12s   on the %s filesystem ('vfs')" % (_h(fl["model_file"]), _h(fl["vfs_partition"])))
     lines.append("PSRAM")
     names = [("model_file", "model file (loaded)"), ("kv_cache", "KV cache"), ("scratch", "activations/scratch"),
-             ("engine_other", "engine tables, ids"), ("tokenizer_heap", "tokenizer (bpe.py)"),
+             ("engine_other", "engine tables, ids"), ("tokenizer_heap", "tokenizer (bpe.py or sptok.py)"),
              ("python_working", "Python working set"), ("system_reserve", "ESP-IDF reserve")]
     for k, text in names:
         if ps[k]:

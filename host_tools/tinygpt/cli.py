@@ -102,12 +102,18 @@ def cmd_generate(args):
     settings = _settings(args)
     sampling = tuple(settings[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty"))
     info = chat._model.info()
+    if info["n_ctx"] < 2:
+        raise UserError("generate needs a context of at least 2 tokens (--n-ctx %d)" % info["n_ctx"])
     if args.ids is not None:
         ids = _parse_ids(args.ids, info["n_vocab"])
     else:
         prompt = _question_text(args.prompt)
         if args.json:
             ids = chat.generate_prompt_ids(prompt)
+            if len(ids) > info["n_ctx"] - 1:  # as chat.generate: the last tokens, said on stderr
+                print("tinygpt: note: the prompt was cut to its last %d of %d tokens to fit the %d-token context"
+                      % (info["n_ctx"] - 1, len(ids), info["n_ctx"]), file=sys.stderr)
+                ids = ids[len(ids) - (info["n_ctx"] - 1):]
         else:
             chat.generate(prompt, **{k: settings[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                                "repetition_penalty", "seed")})
