@@ -738,3 +738,37 @@ def test_tokenizer_bin_io(tmp_path):
     with pytest.raises(ValueError, match="too small for a llama2.c tokenizer"):
         lt.section_from_tokenizer_bin(_bin(texts[:258]), 258)
     assert lt.LLAMA2C_SPECIAL_IDS == {"bos_id": 1, "eos_id": 2}
+
+
+def test_llama_tokenizer_json_converts_as_sentencepiece(vocabs, tmp_path):
+    """A Llama-style tokenizer.json whose pieces have several splits (what a real Llama's has):
+    exact=True refuses it; exact=False takes each piece's score from its first merge, which
+    orders the pieces as the sentencepiece scores do, so it encodes like the tokenizer.bin it
+    came from. `tinygpt convert` of a Hugging Face Llama directory with it uses that."""
+    from tinygpt import convert, reference, testing
+
+    data, nv, sec, tok, _uniq = vocabs["general"]
+    hf = hf_reference(data, nv)
+    with pytest.raises(ValueError, match="splits|again"):
+        lt.section_from_hf_tokenizer_json(hf)
+    derived = sptok.Tokenizer(lt.section_from_hf_tokenizer_json(hf, exact=False))
+    for s in gen_strings(1500, seed=21):
+        assert derived.encode(s, bos=True) == tok.encode(s, bos=True), s
+    d = tmp_path / "hf"
+    testing.make_random_hf_llama(d, nv, 32, 2, 1, 48, 32, n_kv_head=1)
+    hf.save(str(d / "tokenizer.json"))
+    out = tmp_path / "m.bin"
+    convert.convert(d, out, progress=False)
+    mf = reference.load(out)
+    assert mf.tokenizer.version == 2 and mf.hparams["bos_id"] == 1 and mf.hparams["eos_id"] == 2
+    # transformers' newer Llama tokenizer.json: a Metaspace pre-tokenizer (prepend "first", no
+    # split) instead of the normalizer; the same section (sentencepiece's dummy prefix)
+    from tokenizers import pre_tokenizers
+
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="first", split=False)
+    assert lt.section_from_hf_tokenizer_json(hf, exact=False) == lt.section_from_hf_tokenizer_json(
+        hf_reference(data, nv), exact=False)
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="first", split=True)
+    with pytest.raises(ValueError, match="Metaspace"):
+        lt.section_from_hf_tokenizer_json(hf, exact=False)

@@ -382,6 +382,33 @@ def _bpe_section(tokenizer, V) -> tuple[bytes, dict]:
     return build_section(tok), ids
 
 
+def _is_sentencepiece_json(tokenizer) -> bool:
+    """A Llama-style tokenizer.json (BPE with byte fallback over sentencepiece pieces)."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return False
+    path = os.path.join(os.fspath(tokenizer), "tokenizer.json") if os.path.isdir(tokenizer) else os.fspath(tokenizer)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            model = json.load(f).get("model") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def _sentencepiece_section(tokenizer, V) -> tuple[bytes, dict]:
+    """A Llama tokenizer.json -> (section version 2, ids): scores from its merge order (the
+    sentencepiece model's), bos <s>, eos </s>."""
+    from .llama2c_tokenizer import parse_section_v2, section_from_hf_tokenizer_json
+
+    section = section_from_hf_tokenizer_json(tokenizer, exact=False)
+    sec = parse_section_v2(section, V)
+    texts = {bytes(b): t for t, b in enumerate(sec.token_bytes) if t in sec.control_ids}
+    eos = texts.get(b"</s>")
+    if eos is None:
+        raise ValueError("the Llama tokenizer.json has no </s> token (needed as eos_id)")
+    return section, {"bos_id": sec.bos_id, "eos_id": eos}
+
+
 def _llama2c_section(path, V) -> tuple[bytes, dict]:
     """llama2.c's tokenizer.bin -> (section version 2, ids): eos 2 (</s>), bos 1 (<s>), and no
     Q:/A:/Do: tokens."""
@@ -437,6 +464,8 @@ def convert(hf_dir, out_path, tokenizer=None, progress=True, llama2c_tokenizer=N
             if cfg["arch"] != "llama":
                 raise ValueError("--llama2c-tokenizer is for Llama models; this is a GPT-2 checkpoint")
             section, ids = _llama2c_section(llama2c_tokenizer, V)
+        elif cfg["arch"] == "llama" and _is_sentencepiece_json(hf_dir if tokenizer is None else tokenizer):
+            section, ids = _sentencepiece_section(hf_dir if tokenizer is None else tokenizer, V)
         else:
             section, ids = _bpe_section(hf_dir if tokenizer is None else tokenizer, V)
 

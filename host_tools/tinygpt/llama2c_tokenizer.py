@@ -433,13 +433,23 @@ def _hf_check_pipeline(d: dict) -> None:
                      f"{[x.get('type') for x in ps]}")
 
 
-def section_from_hf_tokenizer_json(src, bos_token: str = "<s>") -> bytes:
+def section_from_hf_tokenizer_json(src, bos_token: str = "<s>", exact: bool = True) -> bytes:
     """The TTOK v2 section of a sentencepiece-style Hugging Face BPE tokenizer (tokenizer.json
-    path, its directory, its parsed dict or a tokenizers.Tokenizer), when its merges are exactly
-    reproduced by score order (module doc): every multi-character piece has exactly one split into
-    two pieces, that split is a listed merge, every listed merge is such a split, and scores are
-    then -rank. Byte tokens <0x00>..<0xFF> must be contiguous; the added (special) tokens become
-    the control ids."""
+    path, its directory, its parsed dict or a tokenizers.Tokenizer).
+
+    exact=True: only when its merges are exactly reproduced by score order (module doc): every
+    multi-character piece has exactly one split into two pieces, that split is a listed merge,
+    every listed merge is such a split, and scores are then -rank.
+
+    exact=False (a real Llama tokenizer.json, made from a sentencepiece model): a piece's score is
+    minus the rank of the first merge that makes it. Hugging Face writes a sentencepiece model's
+    merges in the order of the merged pieces' scores, so this is the order sentencepiece (and
+    llama2.c) merge in; where a piece has several splits, Hugging Face's ranks can order them
+    differently from sentencepiece's leftmost-first rule, and then this section follows
+    sentencepiece. A Metaspace pre-tokenizer is taken as sentencepiece's dummy prefix.
+
+    Byte tokens <0x00>..<0xFF> must be contiguous; the added (special) tokens become the control
+    ids."""
     d = _hf_json(src)
     model = d.get("model") or {}
     if model.get("type") != "BPE":
@@ -451,7 +461,13 @@ def section_from_hf_tokenizer_json(src, bos_token: str = "<s>") -> bytes:
             raise ValueError(f"BPE {opt}={model.get(opt)!r} is not supported")
     if model.get("ignore_merges"):
         raise ValueError("BPE ignore_merges=true is not supported")
-    _hf_check_pipeline(d)
+    try:
+        _hf_check_pipeline(d)
+    except ValueError:
+        pre = d.get("pre_tokenizer") or {}
+        if (exact or d.get("normalizer") is not None or pre.get("type") != "Metaspace"
+                or pre.get("replacement") != META or pre.get("split", True) is not False):
+            raise
     vocab = model.get("vocab") or {}
     nv = len(vocab)
     added = {a["content"]: a["id"] for a in d.get("added_tokens") or []}
@@ -490,6 +506,8 @@ def section_from_hf_tokenizer_json(src, bos_token: str = "<s>") -> bytes:
         if a + b not in normal:
             raise ValueError(f"merge {k} ({a!r}, {b!r}): {a + b!r} is not a normal piece")
         if a + b in rank:
+            if not exact:
+                continue  # the piece's score is its first merge's
             raise ValueError(f"merge {k} ({a!r}, {b!r}) makes {a + b!r} again (merge {rank[a + b]}): "
                              f"two merges with one result rank apart in Hugging Face but tie in score "
                              f"order")
@@ -498,7 +516,7 @@ def section_from_hf_tokenizer_json(src, bos_token: str = "<s>") -> bytes:
     for text, t in normal.items():
         splits = [(text[:k], text[k:]) for k in range(1, len(text))
                   if text[:k] in normal and text[k:] in normal]
-        if len(splits) > 1:
+        if len(splits) > 1 and exact:
             raise ValueError(f"piece {text!r} (id {t}) has {len(splits)} splits into two pieces "
                              f"({splits[0]!r}, {splits[1]!r}, ...): Hugging Face's ranks and score "
                              f"order can disagree on it")
