@@ -293,14 +293,7 @@ def normalize_state_dict(raw: dict, cfg: dict, source: str) -> dict:
         if key in sd:
             raise ValueError(f"{source}: tensor {key!r} appears both with and without the 'transformer.' prefix")
         sd[key] = v
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(map(repr, unexpected[:5]))}{more}; "
-                         "does config.json match the weights?")
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{source}: missing tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
+    modelfile.check_tensor_names(expected, sd, unexpected, source)
     out = {}
     for key, shape in expected.items():
         v = np.asarray(sd[key])

@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from .modelfile import check_tensor_names
+
 ARCHITECTURES = {"LlamaForCausalLM"}
 # rotary buffers some exporters save; the engine has its own table
 _IGNORED_KEY = re.compile(r"^(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^(model\.)?rotary_emb\.inv_freq$")
@@ -136,14 +138,7 @@ def normalize_state_dict(raw: dict, cfg: dict, source: str) -> dict:
             unexpected.append(k)
             continue
         sd[key] = v
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(map(repr, unexpected[:5]))}{more}; "
-                         "does config.json match the weights?")
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"{source}: missing tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
+    check_tensor_names(expected, sd, unexpected, source)
     out = {key: _checked(sd[key], key, shape, source) for key, shape in expected.items()}
     emb = out["embed_tokens.weight"]
     if lm_head is None:

@@ -159,6 +159,32 @@ def _as_int(hp: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
+def _positive_f32(value, key: str, label: str) -> float:
+    """value as an f32 that is finite and > 0 (the header's rule), else ValueError."""
+    try:
+        v32 = float(np.float32(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"hparams[{key!r}] must be a number, got {value!r}") from None
+    if not (math.isfinite(v32) and v32 > 0):
+        raise ValueError(f"{label} must be finite and > 0 as f32, got {value!r}")
+    return v32
+
+
+def check_tensor_names(expected, found, unexpected, source: str) -> None:
+    """A checkpoint's tensor names: `unexpected` (names not in `expected`) and the expected ones
+    missing from `found` raise one ValueError naming the first five."""
+    def listed(names):
+        more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+        return ", ".join(map(repr, names[:5])) + more
+
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {listed(list(unexpected))}; does config.json match "
+                         "the weights?")
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {listed(missing)}")
+
+
 def normalize_hparams(hparams: dict) -> dict:
     """Validate ``hparams`` against the header rules; return a dict of plain ints/floats."""
     if not isinstance(hparams, dict):
@@ -201,14 +227,8 @@ def normalize_hparams(hparams: dict) -> dict:
         raise ValueError(f"hparams['activation'] must be 0 (gelu_new), 1 (gelu) or a name, got {act!r}")
     out["activation"] = int(act)
 
-    eps = hp.get("layer_norm_epsilon", 1e-5)
-    try:
-        eps32 = float(np.float32(eps))
-    except (TypeError, ValueError):
-        raise ValueError(f"hparams['layer_norm_epsilon'] must be a number, got {eps!r}") from None
-    if not (math.isfinite(eps32) and eps32 > 0):
-        raise ValueError(f"layer_norm_epsilon must be finite and > 0 as f32, got {eps!r}")
-    out["layer_norm_epsilon"] = eps32
+    out["layer_norm_epsilon"] = _positive_f32(hp.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon",
+                                              "layer_norm_epsilon")
     _normalize_ids(hp, out)
     out["n_tensors"] = 6 + 16 * out["n_layer"]
     return out
@@ -220,14 +240,8 @@ def _normalize_llama(hp: dict, out: dict) -> dict:
     if act not in (ACT_SILU, "silu", "swiglu"):
         raise ValueError(f"a Llama model's activation is 'silu' (SwiGLU), got {act!r}")
     out["activation"] = ACT_SILU
-    eps = hp.get("layer_norm_epsilon", hp.get("rms_norm_eps", 1e-5))
-    try:
-        eps32 = float(np.float32(eps))
-    except (TypeError, ValueError):
-        raise ValueError(f"hparams['layer_norm_epsilon'] (RMSNorm) must be a number, got {eps!r}") from None
-    if not (math.isfinite(eps32) and eps32 > 0):
-        raise ValueError(f"the RMSNorm epsilon must be finite and > 0 as f32, got {eps!r}")
-    out["layer_norm_epsilon"] = eps32
+    out["layer_norm_epsilon"] = _positive_f32(hp.get("layer_norm_epsilon", hp.get("rms_norm_eps", 1e-5)),
+                                              "layer_norm_epsilon", "the RMSNorm epsilon")
     H = out["n_head"]
     if hp.get("n_kv_head") is None:
         hp["n_kv_head"] = H
@@ -236,14 +250,7 @@ def _normalize_llama(hp: dict, out: dict) -> dict:
         raise ValueError(f"n_kv_head {out['n_kv_head']} does not divide n_head {H}")
     if (out["n_embd"] // H) % 2:
         raise ValueError(f"head_dim {out['n_embd'] // H} is odd: rotary embeddings turn pairs")
-    theta = hp.get("rope_theta", 10000.0)
-    try:
-        theta32 = float(np.float32(theta))
-    except (TypeError, ValueError):
-        raise ValueError(f"hparams['rope_theta'] must be a number, got {theta!r}") from None
-    if not (math.isfinite(theta32) and theta32 > 0):
-        raise ValueError(f"rope_theta must be finite and > 0 as f32, got {theta!r}")
-    out["rope_theta"] = theta32
+    out["rope_theta"] = _positive_f32(hp.get("rope_theta", 10000.0), "rope_theta", "rope_theta")
     tied = hp.get("head_tied", True)
     if not isinstance(tied, (bool, np.bool_)):
         raise ValueError(f"hparams['head_tied'] must be True or False, got {tied!r}")

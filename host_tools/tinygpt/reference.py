@@ -951,7 +951,13 @@ class ReferenceModel:
                                  ("fc", f), ("gq", gq), ("gs", gs), ("h", h)):
                     put(p + key, arr)
         fq, fs = quant(layernorm(h, t["lnf_g"], t["lnf_b"], self.eps))
-        logits = linear(fq, fs, None, t["wte_s"], None, acc=int_matmul(fq, self._wf["wte_q"]))
+        return self._head(fq, fs, "wte", tr, rec, put)
+
+    def _head(self, fq, fs, name, tr, rec, put):
+        """The output head (matrix `name`_q, scales `name`_s) on the final norm's quantized
+        values; the trace of the pass is stored and pos advanced."""
+        logits = linear(fq, fs, None, self.t[name + "_s"], None, acc=int_matmul(fq, self._wf[name + "_q"]))
+        T, pos0 = fq.shape[0], self.pos
         if tr:
             put("fq", fq)
             put("fs", fs)
@@ -999,15 +1005,6 @@ class ReferenceModel:
                                  ("fc", f), ("gq", gq), ("gs", gs), ("h", h)):
                     put(p + key, arr)
         fq, fs = quant(rmsnorm(h, t["rmsf_g"], self.eps))
-        hq, hs = ("wte_q", "wte_s") if "head_q" not in t else ("head_q", "head_s")
-        logits = linear(fq, fs, None, t[hs], None, acc=int_matmul(fq, self._wf[hq]))
-        if tr:
-            put("fq", fq)
-            put("fs", fs)
-            put("logits", logits)
-            for i in range(T):
-                self.trace[pos0 + i] = rec[i]
-        self.pos = pos0 + T
-        return logits
+        return self._head(fq, fs, "head" if "head_q" in t else "wte", tr, rec, put)
 
     __call__ = forward

@@ -180,15 +180,7 @@ def make_random_hf_model(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
     model.eval()
 
     if save_format == "safetensors":
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model.save_pretrained(out_dir)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+        _save_quietly(model, out_dir)
     else:
         config.save_pretrained(out_dir)
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -204,6 +196,19 @@ def make_random_hf_model(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
     return {"out_dir": out_dir, "model": model, "tokenizer": tok, "config": config, "eos_id": eos_id}
 
 
+def _save_quietly(model, out_dir):
+    """save_pretrained without transformers' progress bar in the test output."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def make_random_hf_llama(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, n_positions, *,
                          n_kv_head=None, rope_theta=10000.0, tied=False, seed=0, init_std=0.1,
                          rms_norm_eps=1e-5):
@@ -212,7 +217,6 @@ def make_random_hf_llama(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
     ``{'out_dir', 'model', 'tokenizer', 'config', 'eos_id'}``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -232,12 +236,6 @@ def make_random_hf_llama(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
                 if name.endswith("norm.weight"):
                     p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
     model.eval()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    _save_quietly(model, out_dir)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     return {"out_dir": out_dir, "model": model, "tokenizer": tok, "config": config, "eos_id": eos_id}
