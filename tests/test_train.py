@@ -108,6 +108,44 @@ def test_train_help_shows_every_default():
             assert "default" in (action.help or ""), action.dest
 
 
+
+def test_train_config_is_the_one_place_of_every_setting():
+    """Every `tinygpt train` option is a TrainConfig field with the same default, every setting
+    with a check refuses a bad value naming its option, and an unknown name is refused."""
+    import argparse
+    from dataclasses import fields
+
+    parser = argparse.ArgumentParser()
+    train_mod.add_arguments(parser)
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "tokenizer", "output")}
+    cfg_fields = {f.name: f for f in fields(train_mod.TrainConfig)}
+    with_option = {n for n, f in cfg_fields.items() if f.metadata["help"] is not None}
+    assert set(options) == with_option
+    for name in with_option:
+        assert options[name].default == cfg_fields[name].default, name
+    bad = {"epochs": 0, "max_steps": 0, "max_minutes": -1, "lr": float("nan"), "batch_size": 1.5, "dropout": 1.0,
+           "weight_decay": -0.1, "label_smoothing": 1.0, "loss": "question", "val_every": 0, "early_stop": 0,
+           "augment": 10_000, "abstain": -1, "fix_misses": -1, "seed": -1, "checkpoint_every": -1, "device": "tpu",
+           "threads": 0, "warmup_steps": -1, "min_lr_ratio": 2.0, "schedule": "step"}
+    assert set(bad) == {n for n, f in cfg_fields.items() if f.metadata["check"] is not None}
+    for name, value in bad.items():
+        with pytest.raises(ValueError) as e:
+            train_mod.TrainConfig(**{name: value}).check()
+        assert train_mod.option_name(cfg_fields[name]) in str(e.value), (name, str(e.value))
+    assert train_mod.TrainConfig().check() == train_mod.TrainConfig()
+    with pytest.raises(TypeError):
+        train_mod.train("c", "t", "o", no_such_setting=1)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(data, tmp_path, monkeypatch):
+    d, c, tok = data
+    real = os.access
+    monkeypatch.setattr(train_mod.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    with pytest.raises(ValueError, match="cannot write in"):
+        train_mod.train(c, tok, tmp_path / "new" / "run", epochs=1, **dict(KW, log=None))
+    assert not (tmp_path / "new").exists()
+
+
 # ----------------------------------------------------------------------------- time
 
 def test_plan_and_estimate_printed_no_1_steps(data, tmp_path):

@@ -1,14 +1,16 @@
-"""Train a tinygpt model (a Hugging Face GPT-2) on the corpus, on the CPU (or a GPU). nanoGPT
-style: one function, read top to bottom.
+"""Train a tinygpt model (a Hugging Face GPT-2 or Llama) on the corpus, on the CPU (or a GPU).
+nanoGPT style: the settings in one config object, named stages, one loop in a fixed order.
 
-    train(corpus, tokenizer_dir, out_dir, preset="hw1", epochs=..., lr=..., batch_size=16,
-          seed=1337, resume=False, checkpoint_every=100, dropout=..., log=print, max_steps=None,
-          *, max_minutes=None, loss="all", label_smoothing=0.0, weight_decay=0.01,
-          val_split=None, val_file=None, val_every=None, early_stop=None, augment=0,
-          device="auto", threads=1, fix_misses=0, ...)
+    train(corpus, tokenizer_dir, out_dir, TrainConfig(epochs=3), log=print)   or
+    train(corpus, tokenizer_dir, out_dir, epochs=3, lr=1e-3, ...)            (TrainConfig's names)
 
-``tinygpt train CORPUS --tokenizer DIR -o RUN_DIR [--preset hw1] [--epochs N] ...`` runs it;
-``tinygpt train --help`` lists every option with its default.
+``tinygpt train CORPUS --tokenizer DIR -o RUN_DIR [--preset d256x8] [--epochs N] ...`` runs it
+(add_arguments / run_cli); ``tinygpt train --help`` lists every option with its default.
+
+Reading order: TrainConfig (every setting: default, option, help, check, identity); the stages
+train() calls in turn (load_entries, load_tokenizer, tokenize, make_plan, check_out_dir,
+build_config, check_resume); Trainer (model, optimizer and schedule; restore, checkpoint,
+update, score, validate; loop; finish with --fix-misses; write_outputs); train() itself.
 
 Data. The corpus (see tinygpt.corpus) is serialized per entry::
 
@@ -88,7 +90,7 @@ new total, so the rate rises from where the old schedule had taken it; that is t
 not knowing the length in advance).
 
 Device. ``device="auto"`` trains on a CUDA (or Apple MPS) GPU when torch sees one, else the CPU.
-``threads``: torch's CPU threads (see DEFAULTS for why 1).
+``threads``: torch's CPU threads (see TrainConfig for why 1).
 
 Outputs in out_dir: ``model.safetensors`` + ``config.json`` (``save_pretrained``),
 ``tokenizer.json`` (copied, so ``tinygpt convert out_dir`` works directly), ``loss.png``
@@ -98,7 +100,7 @@ final loss, validation history and best, wall time, tokens/s, versions, loss per
 
 Defaults (hw1 preset, the project's corpus of 1000 entries: ~40 tokens per entry, ~380 blocks
 of 128 tokens per epoch, 24 steps per epoch at batch 16, ~1.3 s per step on 2 CPU cores):
-epochs 50 (~1200 steps, ~26 min), lr 2e-3, dropout 0.1; see DEFAULTS for the measurements.
+epochs 50 (~1200 steps, ~26 min), lr 2e-3, dropout 0.1; see TrainConfig for the measurements.
 """
 from __future__ import annotations
 
@@ -109,6 +111,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,52 +119,10 @@ import numpy as np
 from . import corpus as corpus_mod
 from .modelfile import sha256_file
 
-# Chosen for the hw1 preset and the project's corpus (data/corpus.txt: 1000 entries, 217 distinct
-# answers, ~40 tokens per entry with its 2914-token tokenizer -> 374-387 blocks of 128 tokens,
-# 24 steps per epoch at batch 16): 50 epochs = ~1200 steps, ~26 min at ~1.3 s/step on 2 cores.
-# Measured (1 thread, shared machine, ~4.4 s/step for hw1 at 16 x 128):
-#  * proxy for memorisation: 40 answers / 177 entries of the corpus at batch 2 (31 steps/epoch,
-#    the same number of updates per epoch as the full run), 48 epochs = 1528 steps, lr 2e-3:
-#    dropout 0.0 -> loss 7.2 (epoch 1) 1.10 (9) 0.26 (19) 0.18 (30) 0.147 (48); exact match on
-#    the training questions 100% float, 100% INT8; held-out paraphrases 4/40, INT8 == float 34/40.
-#    dropout 0.1 -> loss 7.2 / 1.58 / 0.38 / 0.22 / 0.158, 100% / 100% on the training questions,
-#    held-out 6/40, INT8 == float 39/40. (The loss floor of ~0.15 is the question wording,
-#    which cannot be predicted from "Q:"; the answers are memorised.)
-#  * the full corpus at batch 16 with these defaults, first 150 steps: loss 7.65 (steps 1-10),
-#    4.88 (51-60), 3.11 (141-150), i.e. the same per-step progress as the proxy (3.15); no
-#    instability at lr 2e-3 with 22 layers.
-# The recipe for a user's own corpus (issue 22, docs/recipes.md): the 8 x 256 shape, the loss on the
-# answer tokens, 8 programmatic variants of every question and off-topic questions for the abstain
-# answer (train(abstain=None): as many as the corpus has questions). With --max-minutes the
-# learning-rate schedule is fitted to the time (TIME_FIT_SHARE), so a time budget ends at the low
-# final rate instead of in mid-schedule.
-DEFAULTS = dict(
-    preset="d256x8",
-    arch="gpt2",
-    augment=8,
-    epochs=10,
-    lr=2e-3,
-    dropout=0.1,
-    batch_size=16,
-    seed=1337,
-    warmup_steps=None,      # None: 5% of the steps, at most 100
-    min_lr_ratio=0.1,
-    weight_decay=0.01,
-    schedule="cosine",
-    checkpoint_every=100,   # a hw1 checkpoint is 75 MB (weights + AdamW moments)
-    loss="answer",
-    label_smoothing=0.0,
-    device="auto",
-    # One thread. Measured on this 2-core machine while other work shared it (4 layers x 128 wide,
-    # vocab 4096, 16 x 128 tokens per step, forward + backward + AdamW, 4 interleaved rounds of 5
-    # steps, nice 15): 1 thread 2.03 / 2.27 / 1.14 / 0.85 s/step, 2 threads 5.79 / 6.52 / 0.63 /
-    # 2.19 s/step: 2 threads won one round by 1.8x (when the other cores' load paused) and lost
-    # three by 2.6-2.9x. A thread that waits for a busy core stalls every step, so 1 is the safe
-    # default; on idle cores --threads N is faster.
-    threads=1,
-)
 LOSSES = ("all", "answer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ARCHS = ("gpt2", "llama")
+SCHEDULES = ("cosine", "linear")
 ESTIMATE_STEPS = 3   # steps timed (after the first) for the time estimate
 TIME_FIT_SHARE = 0.93  # of --max-minutes planned for steps; the rest: the final validation, saving
 TIME_FIT_MARGIN = 1.05  # seconds per step planned, over the measured ones (validations come on top)
@@ -171,11 +132,6 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Files that say a directory holds a training run.
 RUN_MARKERS = ("train_log.json", "config.json", "model.safetensors", CHECKPOINT_DIR)
-# Settings that must be equal to resume a run (everything that changes the numbers).
-IDENTITY_KEYS = ("corpus_sha256", "tokenizer_sha256", "preset", "config", "epochs", "lr", "batch_size",
-                 "seed", "dropout", "max_steps", "warmup_steps", "min_lr_ratio", "weight_decay", "schedule",
-                 "loss", "label_smoothing", "val_split", "val_file_sha256", "augment", "abstain", "abstain_sha256",
-                 "abstain_answer")
 
 
 # --fix-misses: each missed question FIX_REPEAT times per round, among FIX_OTHERS times as many
@@ -557,80 +513,268 @@ def _need_int(name, v, lo, allow_none=False):
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
-def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFAULTS["epochs"], lr=DEFAULTS["lr"],
-          batch_size=DEFAULTS["batch_size"], seed=DEFAULTS["seed"], resume=False,
-          checkpoint_every=DEFAULTS["checkpoint_every"], dropout=DEFAULTS["dropout"], log=print,
-          max_steps=None, *, warmup_steps=DEFAULTS["warmup_steps"], min_lr_ratio=DEFAULTS["min_lr_ratio"],
-          weight_decay=DEFAULTS["weight_decay"], schedule=DEFAULTS["schedule"], threads=DEFAULTS["threads"],
-          stop_after=None, progress=True, max_minutes=None, loss=DEFAULTS["loss"],
-          label_smoothing=DEFAULTS["label_smoothing"], val_split=None, val_file=None, val_every=None,
-          early_stop=None, augment=DEFAULTS["augment"], device=DEFAULTS["device"], fix_misses=0, abstain=None,
-          abstain_questions=None, arch=DEFAULTS["arch"]) -> dict:
-    """Train GPT-2 (or, with arch='llama', Llama) ``preset`` on ``corpus`` with the tokenizer in ``tokenizer_dir``; write the
-    run into ``out_dir``. See the module docstring. Returns the train_log dict (plus
-    ``out_dir``; ``stopped`` is False for a complete run, else why it stopped: "stop_after",
-    "time", "early_stop", "SIGINT" or "SIGTERM").
+# ----------------------------------------------------------------------------- the settings
+# Every setting of a run lives in TrainConfig: its default, its `tinygpt train` option and help
+# text, its check, and whether resuming with another value is refused (identity). train() takes
+# one, cli builds the options from it (add_arguments), train_log.json records it.
+#
+# Why these defaults. The recipe for a user's own corpus (issue 22, docs/recipes.md): the 8 x 256
+# shape, the loss on the answer tokens, 8 programmatic variants of every question and off-topic
+# questions for the abstain answer (abstain=None: as many as the corpus has questions). With
+# --max-minutes the learning-rate schedule is fitted to the time (TIME_FIT_SHARE), so a time
+# budget ends at the low final rate instead of in mid-schedule.
+# The rate and dropout were chosen for the hw1 preset and the project's corpus (data/corpus.txt:
+# 1000 entries, 217 distinct answers, ~40 tokens per entry with its 2914-token tokenizer -> 374-387
+# blocks of 128 tokens, 24 steps per epoch at batch 16): 50 epochs = ~1200 steps, ~26 min at
+# ~1.3 s/step on 2 cores. Measured (1 thread, shared machine, ~4.4 s/step for hw1 at 16 x 128):
+#  * proxy for memorisation: 40 answers / 177 entries of the corpus at batch 2 (31 steps/epoch,
+#    the same number of updates per epoch as the full run), 48 epochs = 1528 steps, lr 2e-3:
+#    dropout 0.0 -> loss 7.2 (epoch 1) 1.10 (9) 0.26 (19) 0.18 (30) 0.147 (48); exact match on
+#    the training questions 100% float, 100% INT8; held-out paraphrases 4/40, INT8 == float 34/40.
+#    dropout 0.1 -> loss 7.2 / 1.58 / 0.38 / 0.22 / 0.158, 100% / 100% on the training questions,
+#    held-out 6/40, INT8 == float 39/40. (The loss floor of ~0.15 is the question wording,
+#    which cannot be predicted from "Q:"; the answers are memorised.)
+#  * the full corpus at batch 16 with these defaults, first 150 steps: loss 7.65 (steps 1-10),
+#    4.88 (51-60), 3.11 (141-150), i.e. the same per-step progress as the proxy (3.15); no
+#    instability at lr 2e-3 with 22 layers.
+# One thread: measured on this 2-core machine while other work shared it (4 layers x 128 wide,
+# vocab 4096, 16 x 128 tokens per step, forward + backward + AdamW, 4 interleaved rounds of 5
+# steps, nice 15): 1 thread 2.03 / 2.27 / 1.14 / 0.85 s/step, 2 threads 5.79 / 6.52 / 0.63 /
+# 2.19 s/step: 2 threads won one round by 1.8x (when the other cores' load paused) and lost
+# three by 2.6-2.9x. A thread that waits for a busy core stalls every step, so 1 is the safe
+# default; on idle cores --threads N is faster.
 
-    ``max_steps`` caps the total steps (the LR schedule then spans max_steps); ``stop_after``
-    stops after that many steps as if interrupted (checkpoint written, no final model; the
-    schedule is unchanged), to be continued with ``resume=True``. ``checkpoint_every=0``
-    writes only the final checkpoint. Bad inputs raise ValueError before torch is imported.
-    """
-    log = log or (lambda *a, **k: None)
+def _int_from(lo, allow_none=False):
+    """The check of an integer setting: an int >= lo (or None where allowed)."""
+    return lambda name, v: _need_int(name, v, lo, allow_none)
 
-    # -- arguments (no torch yet: a mistake is reported in a fraction of a second) --------------
-    _need_int("--epochs", epochs, 1)
-    _need_int("--batch-size", batch_size, 1)
-    _need_int("--seed", seed, 0)
-    _need_int("--checkpoint-every", checkpoint_every, 0, allow_none=True)
-    _need_int("--max-steps", max_steps, 1, allow_none=True)
-    _need_int("--warmup-steps", warmup_steps, 0, allow_none=True)
-    check_threads(threads)
-    _need_int("stop_after", stop_after, 1, allow_none=True)
-    _need_int("--val-every", val_every, 1, allow_none=True)
-    _need_int("--early-stop", early_stop, 1, allow_none=True)
-    _need_int("--augment", augment, 0)
+
+def _number_in(lo, hi, lo_open=False, hi_open=False, words=None, allow_none=False):
+    """The check of a number setting in [lo, hi] (either end open; hi None: no upper end)."""
+    def check(name, v):
+        if v is None and allow_none:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise ValueError(f"{name} must be {words}, got {v!r}")
+    return check
+
+
+def _one_of(choices, words=None):
+    def check(name, v):
+        if v not in choices:
+            raise ValueError(f"{name} must be {words or 'one of ' + ', '.join(choices)}, got {v!r}")
+    return check
+
+
+def _augment_count(name, v):
     from .augment import MAX_PER_QUESTION
 
-    if augment > MAX_PER_QUESTION:
-        raise ValueError(f"--augment must be at most {MAX_PER_QUESTION}, got {augment} (more variants per question "
+    _need_int(name, v, 0)
+    if v > MAX_PER_QUESTION:
+        raise ValueError(f"{name} must be at most {MAX_PER_QUESTION}, got {v} (more variants per question "
                          f"are not distinct: a short question has only a few)")
-    _need_int("--fix-misses", fix_misses, 0)
-    _need_int("--abstain", abstain, 0, allow_none=True)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {lr!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"--dropout must be in [0, 1), got {dropout!r}")
-    if not (isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0):
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"--weight-decay must be >= 0, got {weight_decay!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing!r}")
-    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
-        raise ValueError(f"--max-minutes must be a positive number, got {max_minutes!r}")
-    if schedule not in ("cosine", "linear"):
-        raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if device not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    from .presets import preset_hparams
 
-    preset_hp = preset_hparams(preset, arch)  # ValueError names an unknown preset or architecture
-    if val_split is not None and val_file is not None:
-        raise ValueError("give --val-split or --val-file, not both")
-    if early_stop is not None and val_split is None and val_file is None:
-        raise ValueError("early stopping needs a validation set: add --val-split F or --val-file FILE")
 
-    from .ui import MATPLOTLIB_INSTALL, have_matplotlib
+def _setting(default, help=None, check=None, *, type=None, metavar=None, choices=None, identity=False,
+             error_name=None):
+    """A TrainConfig field. help=None: no `tinygpt train` option (library use only); help may be a
+    function of nothing, for a text that needs a lookup. check(name, value) raises ValueError
+    naming the option. identity: part of the run's identity (a resume with another value is
+    refused, see IDENTITY_KEYS)."""
+    return field(default=default, metadata=dict(help=help, check=check, type=type, metavar=metavar, choices=choices,
+                                                identity=identity, error_name=error_name))
 
-    can_plot = have_matplotlib()  # asked now: the plots come at the end, after all the work
-    if not can_plot:
-        log(f"note: matplotlib is not installed, so loss.png and val.png will not be drawn ({MATPLOTLIB_INSTALL}); "
-            f"the model, checkpoint and train_log.json are written as usual")
 
-    # -- corpus -----------------------------------------------------------------------------
+def _preset_help():
+    from .presets import PRESETS
+
+    return ("model size: %s (default %%(default)s; `small` trains in minutes for a first try, `tiny` is for tests "
+            "only)" % ", ".join(PRESETS))
+
+
+def _arch_help():
+    from .presets import LLAMA_PRESETS
+
+    return ("architecture (default %%(default)s); llama: RMSNorm, SwiGLU, rotary positions and half as many key/value "
+            "heads, at about the preset's model-file size (presets %s)" % ", ".join(LLAMA_PRESETS))
+
+
+def _abstain_questions_help():
+    from .abstain import read_questions
+
+    try:
+        n = len(read_questions())
+    except ValueError:
+        n = 0
+    return "off-topic questions, one per line (default: the shipped list of %d)" % n
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of a training run (see the module docstring); fields in `tinygpt train
+    --help`'s order. ``TrainConfig(epochs=3).check()`` raises ValueError naming a bad one."""
+    preset: str = _setting("d256x8", _preset_help, identity=True)
+    arch: str = _setting("gpt2", _arch_help, choices=ARCHS, identity=True)  # checked with the preset
+    epochs: int = _setting(10, "passes over the corpus (default %(default)s); with --resume, a larger number "
+                               "continues a finished run", _int_from(1), type=int, identity=True)
+    max_steps: int | None = _setting(None, "cap the total steps (default: no cap)", _int_from(1, True), type=int,
+                                     identity=True)
+    max_minutes: float | None = _setting(
+        None, "stop after this many minutes with a checkpoint and a usable model (default: no limit)",
+        _number_in(0, None, lo_open=True, words="a positive number", allow_none=True), type=float)
+    lr: float = _setting(2e-3, "peak learning rate (default %(default)g)",
+                         _number_in(0, None, lo_open=True, words="a positive number"), type=float, identity=True)
+    batch_size: int = _setting(16, "blocks per step (default %(default)s)", _int_from(1), type=int, identity=True)
+    dropout: float = _setting(0.1, "dropout (default %(default)g)",
+                              _number_in(0.0, 1.0, hi_open=True, words="in [0, 1)"), type=float, identity=True)
+    weight_decay: float = _setting(0.01, "AdamW weight decay on matrices and embeddings (default %(default)g)",
+                                   _number_in(0, None, words=">= 0"), type=float, identity=True)
+    label_smoothing: float = _setting(0.0, "label smoothing of the cross entropy (default %(default)g)",
+                                      _number_in(0.0, 1.0, hi_open=True, words="in [0, 1)"), type=float,
+                                      identity=True)
+    loss: str = _setting("answer", "train on all tokens or on the answer tokens only (default %(default)s)",
+                         _one_of(LOSSES), choices=LOSSES, identity=True)
+    val_split: float | None = _setting(
+        None, "hold out this fraction of the phrasings of every answer (e.g. 0.25) and report validation loss and "
+              "exact answers as it trains; best model in RUN_DIR/best (default: no validation)",
+        type=float, metavar="F", identity=True)
+    val_file: str | None = _setting(
+        None, "validate on the questions of this corpus-format file instead of a split (default: none)")
+    val_every: int | None = _setting(None, "validate every N steps (default: once per epoch)", _int_from(1, True),
+                                     type=int)
+    early_stop: int | None = _setting(None, "stop after N validations without a better one (default: off)",
+                                      _int_from(1, True), type=int, metavar="N")
+    augment: int = _setting(8, "add N variants of every training question (as `tinygpt corpus augment`; after "
+                               "--val-split, so held-out questions do not leak) (default %(default)s)",
+                            _augment_count, type=int, metavar="N", identity=True)
+    abstain: int | None = _setting(
+        None, "train N off-topic questions (from --abstain-questions, those unlike the corpus) with the corpus's "
+              "Abstain: answer, so that the model says it does not know; 0: none (default: as many as the corpus "
+              "has questions, at most the list's)", _int_from(0, True), type=int, metavar="N")
+    abstain_questions: str | None = _setting(None, _abstain_questions_help, metavar="FILE")
+    fix_misses: int = _setting(0, "after the planned steps, up to N more steps on the training questions greedy "
+                                  "decoding still answers wrong, mixed with others, until none is (works with "
+                                  "--resume on a finished run) (default %(default)s: off)",
+                               _int_from(0), type=int, metavar="N")
+    seed: int = _setting(1337, "random seed (default %(default)s)", _int_from(0), type=int, identity=True)
+    checkpoint_every: int | None = _setting(  # a hw1 checkpoint is 75 MB (weights + AdamW moments)
+        100, "steps between checkpoints; 0 = only at the end (default %(default)s)", _int_from(0, True), type=int)
+    device: str = _setting("auto", "auto: a GPU when torch sees one, else the CPU (default %(default)s)",
+                           _one_of(DEVICES), choices=DEVICES)
+    threads: int | None = _setting(
+        1, "CPU threads (default %(default)s: on a 2-core machine shared with other work, 2 threads measured "
+           "2.6-3x slower; raise it on idle cores); --resume bit for bit needs the same",
+        lambda name, v: check_threads(v, name), type=int)
+    resume: bool = _setting(False, "continue the run in --output from its checkpoint (same arguments; a larger "
+                                   "--epochs or --max-steps trains further)")
+    # library settings, no option
+    warmup_steps: int | None = _setting(None, check=_int_from(0, True), identity=True)  # None: 5% of the steps, <= 100
+    min_lr_ratio: float = _setting(0.1, check=_number_in(0.0, 1.0, words="in [0, 1]"), identity=True,
+                                   error_name="min_lr_ratio")
+    schedule: str = _setting("cosine", check=_one_of(SCHEDULES, "'cosine' or 'linear'"), identity=True,
+                             error_name="schedule")
+
+    def check(self):
+        """ValueError naming the first bad setting; run before torch is imported, so a mistake is
+        reported in a fraction of a second."""
+        for f in fields(self):
+            if f.metadata["check"] is not None:
+                f.metadata["check"](option_name(f), getattr(self, f.name))
+        from .presets import preset_hparams
+
+        preset_hparams(self.preset, self.arch)  # ValueError names an unknown preset or architecture
+        if self.val_split is not None and self.val_file is not None:
+            raise ValueError("give --val-split or --val-file, not both")
+        if self.early_stop is not None and self.val_split is None and self.val_file is None:
+            raise ValueError("early stopping needs a validation set: add --val-split F or --val-file FILE")
+        return self
+
+
+def option_name(f) -> str:
+    """The name a setting has in messages: its option, --max-steps for max_steps."""
+    return f.metadata["error_name"] or "--" + f.name.replace("_", "-")
+
+
+# The run's identity: the settings that must be equal to resume a run (everything that changes the
+# numbers), plus what is derived from the files. epochs, max_steps and warmup_steps may grow.
+IDENTITY_KEYS = (("corpus_sha256", "tokenizer_sha256", "config")
+                 + tuple(f.name for f in fields(TrainConfig) if f.metadata["identity"])
+                 + ("val_file_sha256", "abstain", "abstain_sha256", "abstain_answer"))
+GROWING_KEYS = ("epochs", "max_steps", "warmup_steps")
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p):
+    """`tinygpt train`'s options, one for every TrainConfig setting that has a help text."""
+    p.add_argument("corpus")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `tinygpt tokenizer train`)")
+    p.add_argument("-o", "--output", required=True, help="run directory (Hugging Face save_pretrained layout)")
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if m["help"] is None:
+            continue
+        help_text = m["help"]() if callable(m["help"]) else m["help"]
+        if isinstance(f.default, bool):
+            p.add_argument(option_name(f), action="store_true", help=help_text)
+            continue
+        kw = {k: m[k] for k in ("type", "metavar", "choices") if m[k] is not None}
+        p.add_argument(option_name(f), default=f.default, help=help_text, **kw)
+
+
+def run_cli(args):
+    from .board import BoardError, check_regular_file
+
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata["help"] is not None}
+    if args.abstain_questions:
+        try:
+            settings["abstain_questions"] = check_regular_file(args.abstain_questions, "off-topic question list")
+        except BoardError as e:
+            raise ValueError(str(e)) from None
+    res = train(args.corpus, args.tokenizer, args.output, TrainConfig(**settings))
+    if res.get("stopped") in ("SIGINT", "SIGTERM"):
+        sys.exit(130 if res["stopped"] == "SIGINT" else 143)
+
+
+# ----------------------------------------------------------------------------- the run, in stages
+# train() calls these in order: load_entries, load_tokenizer, tokenize, make_plan, check_out_dir,
+# then (torch from here on) build_config, check_resume, Trainer (model, optimizer, schedule;
+# restore), Trainer.loop, Trainer.fix_misses, Trainer.write_outputs.
+
+@dataclass
+class TrainData:
+    """What the corpus gives the run: its entries (with the off-topic and augmented ones) as
+    token lists, the validation and --fix-misses questions, the tokenizer and the abstain
+    answer and word index the model file will carry."""
+    corpus: Path
+    entries: list
+    val_entries: list
+    fit_entries: list               # the corpus's own questions: what --fix-misses answers exactly
+    abstain_text: str
+    n_abstain: int = 0
+    abstain_sha: str | None = None
+    known_words: str | None = None  # py/topic.py's check on the board
+    retrieval_index: dict | None = None
+    augment_counts: dict | None = None
+    val_file: Path | None = None
+    tok: object = None
+    tok_file: Path | None = None
+    vocab_size: int = 0
+    eos_id: int = 0
+    T: int = 0                      # the context (n_positions)
+    token_lists: list = field(default_factory=list)
+    starts: list = field(default_factory=list)
+    val_lists: list = field(default_factory=list)
+    val_starts: list = field(default_factory=list)
+    fit_lists: list = field(default_factory=list)
+    fit_starts: list = field(default_factory=list)
+
+
+def load_entries(cfg: TrainConfig, corpus, log) -> TrainData:
+    """The corpus checked and parsed; the validation questions; the off-topic questions for the
+    abstain answer; the word index for py/retrieve.py; the augmented variants."""
     corpus = Path(corpus)
     if not corpus.is_file():
         raise ValueError(f"corpus not found: {corpus}")
@@ -645,65 +789,80 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
         log(f"warning: {corpus}:{pr.line}: {pr.message}")
     if not entries:
         raise ValueError(f"corpus {corpus} has no entries")
-    val_entries = []
-    if val_split is not None:
-        entries, val_entries = split_validation(entries, val_split, seed)
+    val_entries, val_file = [], None
+    if cfg.val_split is not None:
+        entries, val_entries = split_validation(entries, cfg.val_split, cfg.seed)
         if not val_entries:
-            raise ValueError(f"--val-split {val_split}: no answer of {corpus} has two phrasings, so no question "
+            raise ValueError(f"--val-split {cfg.val_split}: no answer of {corpus} has two phrasings, so no question "
                              f"can be held out; use --val-file FILE")
-    elif val_file is not None:
-        val_file = Path(val_file)
+    elif cfg.val_file is not None:
+        val_file = Path(cfg.val_file)
         if not val_file.is_file():
             raise ValueError(f"validation file not found: {val_file}")
         val_entries = [e for e in corpus_mod.parse(val_file) if e.kind != "prose"]
         if not val_entries:
             raise ValueError(f"validation file {val_file} has no Q/A or Q/Do entries")
-    fit_entries = [e for e in entries if e.kind != "prose"]  # the questions --fix-misses answers exactly
-    abstain_text = corpus_mod.abstain_answer(corpus)
-    n_abstain, abstain_sha, known_words = 0, None, None
-    if abstain != 0:
-        from . import abstain as abstain_mod
-
-        want = len(fit_entries) if abstain is None else abstain
-        off_topic, n_on_topic = abstain_mod.off_topic_entries(entries, abstain_text, want, seed,
-                                                               abstain_questions)
-        n_abstain = len(off_topic)
-        known_words = abstain_mod.known_words(entries)  # py/topic.py's check on the board
-        if len(known_words.encode("utf-8")) > abstain_mod.MAX_KNOWN_WORDS_BYTES:
-            log(f"abstain: the corpus has {len(known_words.split())} distinct content words, more than the model "
-                f"file's meta section holds; the model alone decides when to abstain")
-            known_words = None
-        abstain_sha = sha256_file(abstain_questions or abstain_mod.QUESTIONS_FILE)
-        log(f"abstain: {n_abstain} off-topic questions answered with {abstain_text!r} "
-            f"({n_on_topic} of the list left out as on-topic for this corpus)")
-        entries = entries + off_topic
-    from . import retrieval
-
-    # the corpus answers and their words, for py/retrieve.py's check of the model's answers on the
-    # board (not the off-topic entries: their answer is the abstain answer, which it knows apart)
-    retrieval_index = retrieval.index_meta(fit_entries) if fit_entries else None  # prose only: none
-    if retrieval_index is not None:
-        from . import modelfile
-
-        size = sum(len(f"{k}: {v}\n".encode("utf-8")) for k, v in retrieval_index.items())
-        size += len((known_words or "").encode("utf-8")) + 400  # + the word list and the abstain answer
-        if size > modelfile.MAX_META_BYTES:  # found now, not by convert after the training
-            log(f"retrieval: the corpus's word index ({size:,} bytes with the word list) is more than the model "
-                f"file's meta section holds ({modelfile.MAX_META_BYTES:,}); answers are not checked against it")
-            retrieval_index = None
-    augment_counts = None
-    if augment:
+    data = TrainData(corpus=corpus, entries=entries, val_entries=val_entries, val_file=val_file,
+                     fit_entries=[e for e in entries if e.kind != "prose"],
+                     abstain_text=corpus_mod.abstain_answer(corpus))
+    if cfg.abstain != 0:
+        add_off_topic(cfg, data, log)
+    data.retrieval_index = retrieval_index(data, log)
+    if cfg.augment:
         from . import augment as augment_mod
 
-        extra, augment_counts = augment_mod.augment_entries(entries, augment, seed)
-        entries = entries + extra
+        extra, data.augment_counts = augment_mod.augment_entries(data.entries, cfg.augment, cfg.seed)
+        data.entries = data.entries + extra
+    return data
 
-    # -- tokenizer --------------------------------------------------------------------------
+
+def add_off_topic(cfg, data, log):
+    """Off-topic questions answered with the abstain answer, and the corpus's content words."""
+    from . import abstain as abstain_mod
+
+    want = len(data.fit_entries) if cfg.abstain is None else cfg.abstain
+    off_topic, n_on_topic = abstain_mod.off_topic_entries(data.entries, data.abstain_text, want, cfg.seed,
+                                                           cfg.abstain_questions)
+    data.n_abstain = len(off_topic)
+    data.known_words = abstain_mod.known_words(data.entries)
+    if len(data.known_words.encode("utf-8")) > abstain_mod.MAX_KNOWN_WORDS_BYTES:
+        log(f"abstain: the corpus has {len(data.known_words.split())} distinct content words, more than the model "
+            f"file's meta section holds; the model alone decides when to abstain")
+        data.known_words = None
+    data.abstain_sha = sha256_file(cfg.abstain_questions or abstain_mod.QUESTIONS_FILE)
+    log(f"abstain: {data.n_abstain} off-topic questions answered with {data.abstain_text!r} "
+        f"({n_on_topic} of the list left out as on-topic for this corpus)")
+    data.entries = data.entries + off_topic
+
+
+def retrieval_index(data, log):
+    """The corpus answers and their words, for py/retrieve.py's check of the model's answers on
+    the board (not the off-topic entries: their answer is the abstain answer, which it knows
+    apart). None for a corpus of prose only, or one whose index the meta section cannot hold
+    (found now, not by convert after the training)."""
+    from . import modelfile, retrieval
+
+    if not data.fit_entries:
+        return None
+    index = retrieval.index_meta(data.fit_entries)
+    size = sum(len(f"{k}: {v}\n".encode("utf-8")) for k, v in index.items())
+    size += len((data.known_words or "").encode("utf-8")) + 400  # + the word list and the abstain answer
+    if size > modelfile.MAX_META_BYTES:
+        log(f"retrieval: the corpus's word index ({size:,} bytes with the word list) is more than the model "
+            f"file's meta section holds ({modelfile.MAX_META_BYTES:,}); answers are not checked against it")
+        return None
+    return index
+
+
+def load_tokenizer(cfg, data, tokenizer_dir, log):
+    """The tokenizer of tokenizer_dir, checked against the corpus's special tokens and the preset."""
     from tokenizers import Tokenizer
+
+    from .presets import preset_hparams
 
     tok_file = tokenizer_path(tokenizer_dir)
     if not tok_file.is_file():
-        raise ValueError(f"tokenizer not found: {tok_file} (make one with `tinygpt tokenizer train {corpus} "
+        raise ValueError(f"tokenizer not found: {tok_file} (make one with `tinygpt tokenizer train {data.corpus} "
                          f"-o DIR`)")
     try:
         tok = Tokenizer.from_file(str(tok_file))
@@ -716,64 +875,83 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     for special in (corpus_mod.Q_PREFIX, corpus_mod.A_PREFIX, corpus_mod.DO_PREFIX):
         if tok.token_to_id(special) is None:
             log(f"warning: tokenizer {tok_file} has no {special!r} token; the engine's stop rules need it")
+    preset_hp = preset_hparams(cfg.preset, cfg.arch)
     preset_vocab = preset_hp.get("vocab_size")
     if preset_vocab is not None and vocab_size > preset_vocab:
-        raise ValueError(f"tokenizer {tok_file} has {vocab_size} tokens but preset {preset!r} is sized for "
+        raise ValueError(f"tokenizer {tok_file} has {vocab_size} tokens but preset {cfg.preset!r} is sized for "
                          f"{preset_vocab}; train the tokenizer with `--vocab-size {preset_vocab}` or pick another "
                          f"preset")
-    T = preset_hp["n_positions"]
+    data.tok, data.tok_file, data.vocab_size, data.eos_id = tok, tok_file, vocab_size, eos_id
+    data.T = preset_hp["n_positions"]
 
-    def tokenize(ents, where):
+
+def tokenize(cfg, data, log):
+    """Token ids of every entry (training, validation, and the questions --fix-misses checks);
+    off-topic questions too long for the context left out; --loss answer leaves out prose."""
+    tok, T = data.tok, data.T
+
+    def ids_of(ents, where):
         lists = [enc.ids for enc in tok.encode_batch(corpus_mod.training_texts(ents), add_special_tokens=False)]
         for e, ids in zip(ents, lists):
             if len(ids) > T:
                 raise ValueError(f"{where}:{e.line}: {e.kind} entry is {len(ids)} tokens, longer than the "
-                                 f"context of {T} (n_positions of preset {preset!r}); shorten it")
-            if not ids or ids[-1] != eos_id:
+                                 f"context of {T} (n_positions of preset {cfg.preset!r}); shorten it")
+            if not ids or ids[-1] != data.eos_id:
                 raise ValueError(f"{where}:{e.line}: entry does not end with the {corpus_mod.EOS} token once "
-                                 f"tokenized; is {corpus_mod.EOS} a special token of {tok_file}?")
+                                 f"tokenized; is {corpus_mod.EOS} a special token of {data.tok_file}?")
         return lists
 
     # off-topic questions (line 0, augmented variants too) that do not fit the context are left out
-    off = [e for e in entries if e.line == 0]
+    off = [e for e in data.entries if e.line == 0]
     too_long = {id(e) for e, enc in zip(off, tok.encode_batch(corpus_mod.training_texts(off), add_special_tokens=False))
                 if len(enc.ids) > T}
     if too_long:
-        entries = [e for e in entries if id(e) not in too_long]
-    token_lists = tokenize(entries, corpus)
-    starts = answer_starts(tok, entries)
-    val_lists = tokenize(val_entries, val_file or corpus)
-    val_starts = answer_starts(tok, val_entries)
-    fit_lists = tokenize(fit_entries, corpus) if fix_misses else []
-    fit_starts = answer_starts(tok, fit_entries) if fix_misses else []
-    if loss == "answer":
-        keep = [i for i, s in enumerate(starts) if s is not None]
-        if len(keep) < len(entries):
-            log(f"--loss answer: {_plural(len(entries) - len(keep), 'prose entry', 'prose entries')} left out (no answer to learn)")
-        entries, token_lists, starts = ([entries[i] for i in keep], [token_lists[i] for i in keep],
-                                        [starts[i] for i in keep])
-        if not entries:
-            raise ValueError(f"--loss answer: corpus {corpus} has no Q/A or Q/Do entries")
+        data.entries = [e for e in data.entries if id(e) not in too_long]
+    data.token_lists = ids_of(data.entries, data.corpus)
+    data.starts = answer_starts(tok, data.entries)
+    data.val_lists = ids_of(data.val_entries, data.val_file or data.corpus)
+    data.val_starts = answer_starts(tok, data.val_entries)
+    data.fit_lists = ids_of(data.fit_entries, data.corpus) if cfg.fix_misses else []
+    data.fit_starts = answer_starts(tok, data.fit_entries) if cfg.fix_misses else []
+    if cfg.loss == "answer":
+        keep = [i for i, s in enumerate(data.starts) if s is not None]
+        if len(keep) < len(data.entries):
+            log(f"--loss answer: {_plural(len(data.entries) - len(keep), 'prose entry', 'prose entries')} left out "
+                f"(no answer to learn)")
+        data.entries, data.token_lists, data.starts = ([data.entries[i] for i in keep],
+                                                       [data.token_lists[i] for i in keep],
+                                                       [data.starts[i] for i in keep])
+        if not data.entries:
+            raise ValueError(f"--loss answer: corpus {data.corpus} has no Q/A or Q/Do entries")
 
-    # -- the plan: steps per epoch (packing depends on the epoch's order) and the schedule --
-    n = len(entries)
-    steps_per_epoch = [math.ceil(count_blocks(token_lists, epoch_order(n, seed, ep), T) / batch_size)
-                       for ep in range(epochs)]
-    total_steps = sum(steps_per_epoch) if max_steps is None else min(max_steps, sum(steps_per_epoch))
-    if val_every is None:
-        val_every = steps_per_epoch[0]
-    identity = {
-        "corpus_sha256": sha256_file(corpus), "tokenizer_sha256": sha256_file(tok_file),
-        "preset": preset, "arch": arch, "n_positions": T,
-        "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "seed": seed, "dropout": float(dropout),
-        "max_steps": max_steps, "warmup_steps": warmup_steps, "min_lr_ratio": float(min_lr_ratio),
-        "weight_decay": float(weight_decay), "schedule": schedule, "loss": loss,
-        "label_smoothing": float(label_smoothing), "val_split": val_split,
-        "val_file_sha256": sha256_file(val_file) if val_file is not None else None, "augment": augment,
-        "abstain": n_abstain, "abstain_sha256": abstain_sha, "abstain_answer": abstain_text,
-    }
 
-    # -- out_dir: a fresh directory, or the same run to resume ----------------------------------
+@dataclass
+class TrainPlan:
+    """Steps per epoch (packing depends on the epoch's order), the total and the run's identity."""
+    steps_per_epoch: list
+    total_steps: int
+    val_every: int
+    identity: dict
+
+
+def make_plan(cfg, data) -> TrainPlan:
+    n = len(data.entries)
+    steps_per_epoch = [math.ceil(count_blocks(data.token_lists, epoch_order(n, cfg.seed, ep), data.T) / cfg.batch_size)
+                       for ep in range(cfg.epochs)]
+    total = sum(steps_per_epoch) if cfg.max_steps is None else min(cfg.max_steps, sum(steps_per_epoch))
+    identity = {"corpus_sha256": sha256_file(data.corpus), "tokenizer_sha256": sha256_file(data.tok_file)}
+    for f in fields(cfg):
+        if f.metadata["identity"]:
+            v = getattr(cfg, f.name)
+            identity[f.name] = float(v) if f.metadata["type"] is float and v is not None else v
+    identity.update(n_positions=data.T,
+                    val_file_sha256=sha256_file(data.val_file) if data.val_file is not None else None,
+                    abstain=data.n_abstain, abstain_sha256=data.abstain_sha, abstain_answer=data.abstain_text)
+    return TrainPlan(steps_per_epoch, total, steps_per_epoch[0] if cfg.val_every is None else cfg.val_every, identity)
+
+
+def check_out_dir(out_dir, resume) -> Path:
+    """out_dir: a fresh directory, or the same run to resume."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a directory")
@@ -784,456 +962,610 @@ def train(corpus, tokenizer_dir, out_dir, preset=DEFAULTS["preset"], epochs=DEFA
     if resume and markers and not (out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
         raise ValueError(f"cannot resume: {out_dir} holds a run ({', '.join(markers)}) but no checkpoint "
                          f"({CHECKPOINT_DIR}/{CHECKPOINT_FILE})")
+    # the first checkpoint comes after checkpoint_every steps: a folder that cannot be written is
+    # refused now, not then
+    there = out_dir.absolute()
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"output {out_dir}: cannot write in {there} (permission denied); choose another "
+                         f"output directory")
+    return out_dir
 
-    # -- torch from here on ---------------------------------------------------------------------
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
+def build_config(cfg, data, plan):
+    """The Hugging Face config of the preset, sized to the tokenizer; it carries the abstain
+    answer and the word index into config.json, where convert finds them."""
     from .presets import make_config
 
-    device = resolve_device(device)
-    config = make_config(preset, arch, vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
-                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    if n_abstain:  # save_pretrained keeps them in config.json; convert writes them to the model file
-        config.abstain_answer = abstain_text
-        config.abstain_known_words = known_words
-    config.retrieval_index = retrieval_index
-    identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
-                          if k not in ("transformers_version", "dtype", "torch_dtype",
-                                       "retrieval_index")}  # derived from the corpus, whose hash is in it
-    ckpt = None
-    extended_from = None
-    if resume:
+    config = make_config(cfg.preset, cfg.arch, vocab_size=data.vocab_size, bos_token_id=data.eos_id,
+                         eos_token_id=data.eos_id, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                         attn_pdrop=cfg.dropout)
+    if data.n_abstain:  # save_pretrained keeps them in config.json; convert writes them to the model file
+        config.abstain_answer = data.abstain_text
+        config.abstain_known_words = data.known_words
+    config.retrieval_index = data.retrieval_index
+    plan.identity["config"] = {k: v for k, v in sorted(config.to_dict().items())
+                               if k not in ("transformers_version", "dtype", "torch_dtype",
+                                            "retrieval_index")}  # derived from the corpus, whose hash is in it
+    return config
+
+
+def check_resume(cfg, out_dir, plan, log):
+    """With --resume: the checkpoint of out_dir, refused when it is of another run (its identity
+    differs) or beyond the plan; a run fitted to --max-minutes keeps its fitted schedule. Sets the
+    plan's warmup and total steps. Returns (checkpoint or None, the old total when extended)."""
+    identity = plan.identity
+    ckpt, extended_from, warmup_steps = None, None, cfg.warmup_steps
+    if cfg.resume:
         ckpt = load_checkpoint(out_dir) if out_dir.is_dir() else None
         if ckpt is not None:
             old = dict(ckpt["identity"])
             if "abstain" not in old and identity["abstain"] == 0:  # a run from before abstention, resumed
                 old.update(abstain=0, abstain_sha256=None, abstain_answer=identity["abstain_answer"])  # with --abstain 0
-            # epochs / max_steps may grow: that continues a run (see the module docstring)
-            diff = [k for k in IDENTITY_KEYS if k not in ("epochs", "max_steps", "warmup_steps")
-                    and old.get(k) != identity.get(k)]
+            old.setdefault("arch", "gpt2")  # a run from before Llama
+            diff = [k for k in IDENTITY_KEYS if k not in GROWING_KEYS and old.get(k) != identity.get(k)]
             if warmup_steps is not None and old.get("warmup_steps") != warmup_steps:
                 diff.append("warmup_steps")
             if diff:
-                flag = {k: "--" + k.replace("_", "-") for k in IDENTITY_KEYS}
-                detail = "; ".join(f"{flag.get(k, k)}: checkpoint {old.get(k)!r} vs now {identity.get(k)!r}"
-                                   for k in diff if k not in ("config", "corpus_sha256", "tokenizer_sha256"))
-                for k, what in (("corpus_sha256", "the corpus file changed"),
-                                ("tokenizer_sha256", "the tokenizer changed"), ("config", "model config differs")):
-                    if k in diff:
-                        detail = (detail + "; " if detail else "") + what
-                raise ValueError(f"cannot resume {out_dir}: the checkpoint is from a different run ({detail})")
-            if ckpt["step"] > total_steps:
+                raise ValueError(f"cannot resume {out_dir}: the checkpoint is from a different run "
+                                 f"({_identity_diff(diff, old, identity)})")
+            if ckpt["step"] > plan.total_steps:
                 raise ValueError(f"cannot resume {out_dir}: its checkpoint is at step {ckpt['step']}, beyond the "
-                                 f"{total_steps} steps of --epochs {epochs}"
-                                 + (f" --max-steps {max_steps}" if max_steps else "") + "; give more")
+                                 f"{plan.total_steps} steps of --epochs {cfg.epochs}"
+                                 + (f" --max-steps {cfg.max_steps}" if cfg.max_steps else "") + "; give more")
             warmup_steps = old["warmup_steps"] if warmup_steps is None else warmup_steps
-            if old.get("planned_steps") == total_steps:  # fitted to --max-minutes: finish that schedule
-                total_steps = old["total_steps"]
+            if old.get("planned_steps") == plan.total_steps:  # fitted to --max-minutes: finish that schedule
+                plan.total_steps = old["total_steps"]
                 identity["planned_steps"] = old["planned_steps"]
-            if old.get("total_steps", total_steps) != total_steps:
+            if old.get("total_steps", plan.total_steps) != plan.total_steps:
                 extended_from = old.get("total_steps")
         else:
             log(f"no checkpoint in {out_dir}: starting a new run")
     if warmup_steps is None:
-        warmup_steps = min(100, max(1, total_steps // 20))
+        warmup_steps = min(100, max(1, plan.total_steps // 20))
     identity["warmup_steps"] = warmup_steps
-    identity["total_steps"] = total_steps
-    out_dir.mkdir(parents=True, exist_ok=True)
+    identity["total_steps"] = plan.total_steps
+    return ckpt, extended_from
 
-    # -- model, optimizer, schedule ---------------------------------------------------------------
-    prev_threads = torch.get_num_threads()
-    n_threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(n_threads)
-    try:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)  # GPT2LMHeadModel or LlamaForCausalLM
+
+def _identity_diff(diff, old, identity):
+    """What differs between a checkpoint's identity and this run's, as the options name it."""
+    flag = {k: "--" + k.replace("_", "-") for k in IDENTITY_KEYS}
+    detail = "; ".join(f"{flag.get(k, k)}: checkpoint {old.get(k)!r} vs now {identity.get(k)!r}"
+                       for k in diff if k not in ("config", "corpus_sha256", "tokenizer_sha256"))
+    for k, what in (("corpus_sha256", "the corpus file changed"),
+                    ("tokenizer_sha256", "the tokenizer changed"), ("config", "model config differs")):
+        if k in diff:
+            detail = (detail + "; " if detail else "") + what
+    return detail
+
+
+def lr_multiplier(step, warmup_steps, total_steps, schedule, min_lr_ratio):
+    """The multiplier of lr for the update number step (0-based): linear warmup, then cosine (or
+    linear) decay to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+class Trainer:
+    """The model, its optimizer and schedule, and the state of the loop (step, epoch, losses,
+    validations) that the checkpoint saves and restores."""
+
+    def __init__(self, cfg, data, plan, hf_config, out_dir, device, n_threads, log, progress):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.data, self.plan, self.out_dir, self.device = cfg, data, plan, out_dir, device
+        self.n_threads, self.log, self.progress = n_threads, log, progress
+        self.identity = plan.identity
+        self.total_steps = plan.total_steps
+        self.warmup_steps = plan.identity["warmup_steps"]
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = model = AutoModelForCausalLM.from_config(hf_config)  # GPT2LMHeadModel or LlamaForCausalLM
         model.to(device)
         model.train()
         decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
-        def lr_lambda(step):  # multiplier of lr for the update number step (0-based)
-            if step < warmup_steps:
-                return (step + 1) / (warmup_steps + 1)
-            frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
-            return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+        def lr_lambda(step):  # a plain function: LambdaLR's state_dict then stores nothing of it
+            return lr_multiplier(step, self.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        n_params = sum(p.numel() for p in model.parameters())
-        check_disk_space(out_dir, n_params, with_best=bool(val_entries))
-
-        step, epoch, batch_in_epoch = 0, 0, 0
-        losses: list[float] = []
-        val_history: list[dict] = []
-        best, evals_since_best = None, 0
-        elapsed, tokens_seen, real_tokens_seen = 0.0, 0, 0
-        resumed_from = None
-        fixes: list[dict] = []  # one record per --fix-misses phase run on this model
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            for group in optimizer.param_groups:  # the new plan's lr at this step (same unless extended)
-                group["lr"] = group["initial_lr"] * lr_lambda(ckpt["step"])
-            _set_rng_states(ckpt["rng"])
-            step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-            losses = list(ckpt["losses"])
-            val_history = list(ckpt.get("val_history", []))
-            best, evals_since_best = ckpt.get("best"), ckpt.get("evals_since_best", 0)
-            fixes = list(ckpt.get("fixes", []))
-            elapsed, tokens_seen, real_tokens_seen = ckpt["elapsed"], ckpt["tokens"], ckpt["real_tokens"]
-            resumed_from = step
-            if extended_from is not None:
-                log(f"continuing {out_dir} from step {step}: the run is now planned for {total_steps} steps "
-                    f"(was {extended_from}); the learning rate follows the new schedule from here")
-            else:
-                log(f"resuming {out_dir} at step {step}/{total_steps} (epoch {epoch + 1}/{epochs})")
-            del ckpt
-
-        def checkpoint():
-            save_checkpoint(out_dir, {
-                "version": 2, "identity": identity, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_states(), "losses": losses, "elapsed": elapsed, "tokens": tokens_seen,
-                "real_tokens": real_tokens_seen, "val_history": val_history, "best": best,
-                "evals_since_best": evals_since_best, "fixes": fixes,
-            })
-
-        def loss_of(logits, targets):
-            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                     ignore_index=-100, label_smoothing=float(label_smoothing))
-
-        def update(packed, sl):
-            """One optimizer step on the blocks packed[sl]; returns the loss."""
-            x = torch.from_numpy(packed["input_ids"][sl]).to(device)
-            y_np = packed["targets"][sl] if loss == "all" else np.where(packed["answer"][sl], packed["targets"][sl],
-                                                                       -100)
-            logits = model(input_ids=x, position_ids=torch.from_numpy(packed["position_ids"][sl]).to(device),
-                           attention_mask=attention_mask(packed["segments"][sl]).to(device)).logits
-            loss_t = loss_of(logits, torch.from_numpy(y_np).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss_t.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            return float(loss_t.item())
-
+        self.lr_lambda = lr_lambda
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        check_disk_space(out_dir, self.n_params, with_best=bool(data.val_entries))
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.losses: list[float] = []
+        self.val_history: list[dict] = []
+        self.best, self.evals_since_best = None, 0
+        self.elapsed, self.tokens_seen, self.real_tokens_seen = 0.0, 0, 0
+        self.resumed_from = None
+        self.fixes: list[dict] = []  # one record per --fix-misses phase run on this model
+        self.bar = None
         # validation data: packed once, in file order; the loss and exactness on answer tokens only
-        val_data = pack(val_lists, range(len(val_lists)), T, eos_id, val_starts) if val_entries else None
+        self.val_data = (pack(data.val_lists, range(len(data.val_lists)), data.T, data.eos_id, data.val_starts)
+                         if data.val_entries else None)
+        self.resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
 
-        def score(packed, n_entries):
-            """(loss per answer token, wrong) over packed entries; wrong[i] is True unless the
-            argmax at every answer position of entry i is the target token, i.e. unless greedy
-            decoding of "Q: ...\\nA:" yields exactly the answer and then <|endoftext|>."""
-            model.eval()
-            wrong = np.zeros(n_entries, dtype=bool)
-            nll, count = 0.0, 0
-            with torch.no_grad():
-                for s in range(0, len(packed["input_ids"]), batch_size):
-                    sl = slice(s, s + batch_size)
-                    ans = packed["answer"][sl]
-                    y = np.where(ans, packed["targets"][sl], -100)
-                    logits = model(input_ids=torch.from_numpy(packed["input_ids"][sl]).to(device),
-                                   position_ids=torch.from_numpy(packed["position_ids"][sl]).to(device),
-                                   attention_mask=attention_mask(packed["segments"][sl]).to(device)).logits
-                    yt = torch.from_numpy(y).to(device)
-                    nll += float(torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.size(-1)), yt.reshape(-1), ignore_index=-100, reduction="sum"))
-                    count += int(ans.sum())
-                    miss = (logits.argmax(-1).cpu().numpy() != packed["targets"][sl]) & ans
-                    np.logical_or.at(wrong, packed["entry"][sl][miss], True)
-            model.train()
-            return nll / max(1, count), wrong
+    # -- the checkpoint ----------------------------------------------------------------------------
+    def restore(self, ckpt, extended_from):
+        """Continue from a checkpoint of check_resume (bit for bit: weights, optimizer, schedule, RNGs)."""
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for group in self.optimizer.param_groups:  # the new plan's lr at this step (same unless extended)
+            group["lr"] = group["initial_lr"] * self.lr_lambda(ckpt["step"])
+        _set_rng_states(ckpt["rng"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.losses = list(ckpt["losses"])
+        self.val_history = list(ckpt.get("val_history", []))
+        self.best, self.evals_since_best = ckpt.get("best"), ckpt.get("evals_since_best", 0)
+        self.fixes = list(ckpt.get("fixes", []))
+        self.elapsed, self.tokens_seen, self.real_tokens_seen = ckpt["elapsed"], ckpt["tokens"], ckpt["real_tokens"]
+        self.resumed_from = self.step
+        if extended_from is not None:
+            self.log(f"continuing {self.out_dir} from step {self.step}: the run is now planned for {self.total_steps} "
+                     f"steps (was {extended_from}); the learning rate follows the new schedule from here")
+        else:
+            self.log(f"resuming {self.out_dir} at step {self.step}/{self.total_steps} (epoch {self.epoch + 1}/"
+                     f"{self.cfg.epochs})")
 
-        def validate():
-            """(loss per answer token, exact answers, count) on the validation questions."""
-            vl, wrong = score(val_data, len(val_lists))
-            return vl, int((~wrong).sum()), len(val_lists)
+    def checkpoint(self):
+        save_checkpoint(self.out_dir, {
+            "version": 2, "identity": self.identity, "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_states(), "losses": self.losses, "elapsed": self.elapsed, "tokens": self.tokens_seen,
+            "real_tokens": self.real_tokens_seen, "val_history": self.val_history, "best": self.best,
+            "evals_since_best": self.evals_since_best, "fixes": self.fixes,
+        })
 
-        def save_model(where):
-            model.eval()
-            with quiet_hf():
-                model.save_pretrained(where)
-            model.train()
-            shutil.copyfile(tok_file, Path(where) / "tokenizer.json")
+    def save_model(self, where):
+        self.model.eval()
+        with quiet_hf():
+            self.model.save_pretrained(where)
+        self.model.train()
+        shutil.copyfile(self.data.tok_file, Path(where) / "tokenizer.json")
 
-        def run_validation(after_fix=False):
-            nonlocal best, evals_since_best
-            vl, exact, nv = validate()
-            rec = {"step": step, "epoch": epoch + (batch_in_epoch > 0), "val_loss": vl, "val_exact": exact / nv,
-                   "val_exact_count": exact, "val_n": nv, "train_loss": float(np.mean(losses[-val_every:]))}
-            if after_fix:
-                rec["after_fix"] = True
-            val_history.append(rec)
-            better = best is None or (exact, -vl) > (best["val_exact_count"], -best["val_loss"])
-            if better:
-                best, evals_since_best = dict(rec), 0
-                save_model(out_dir / BEST_DIR)
-            else:
-                evals_since_best += 1
-            say(f"step {step}/{total_steps}{' + fixing misses' if after_fix else ''}: validation {exact}/{nv} exact "
-                f"({100 * exact / nv:.1f} %), loss {vl:.3f}"
-                + (" (best so far)" if better else f" (best {best['val_exact_count']}/{nv} at step {best['step']})"))
+    # -- one step, and the scores ----------------------------------------------------------------
+    def _logits(self, packed, sl):
+        import torch
 
-        def fix_training_misses(signals, t_session):
-            """--fix-misses (see the module docstring). Ctrl-C or --max-minutes end it early (the run
-            itself is complete). Returns its record for train_log.json."""
-            fit_data = pack(fit_lists, range(len(fit_lists)), T, eos_id, fit_starts)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * min_lr_ratio * FIX_LR_SCALE
-            rng = np.random.default_rng([seed, FIX_SEED, len(fixes)])
-            t0 = time.perf_counter()
-            wrong = np.flatnonzero(score(fit_data, len(fit_lists))[1])
-            rec = {"questions": len(fit_lists), "before": len(wrong), "steps": 0,
-                   "lr": lr * min_lr_ratio * FIX_LR_SCALE, "rounds": [], "interrupted": False, "losses": []}
-            say(f"fixing misses: {len(wrong)} of {len(fit_lists)} training questions not answered exactly (greedy, "
-                f"float); up to {_plural(fix_misses, 'more step')} at lr {rec['lr']:.2e}")
-            hard = set(wrong.tolist())  # every question found wrong so far: a fix can break its rival
+        return self.model(input_ids=torch.from_numpy(packed["input_ids"][sl]).to(self.device),
+                          position_ids=torch.from_numpy(packed["position_ids"][sl]).to(self.device),
+                          attention_mask=attention_mask(packed["segments"][sl]).to(self.device)).logits
 
-            def snapshot():
-                return {"wrong": wrong, "steps": rec["steps"],
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    def update(self, packed, sl):
+        """One optimizer step on the blocks packed[sl]; returns the loss."""
+        import torch
 
-            kept = snapshot()  # the weights with the fewest misses (the latest among equals)
-            while len(wrong) and rec["steps"] < fix_misses and not rec["interrupted"]:
-                train_on = sorted(hard)
-                lists = [fit_lists[i] for i in train_on] * FIX_REPEAT
-                ans = [fit_starts[i] for i in train_on] * FIX_REPEAT
-                n_others = max(FIX_OTHERS * len(lists), FIX_MIN_OTHERS)
-                others = rng.choice(len(token_lists), size=min(len(token_lists), n_others), replace=False)
-                lists += [token_lists[j] for j in others]
-                ans += [starts[j] for j in others]
-                packed = pack(lists, rng.permutation(len(lists)), T, eos_id, ans)
-                for b in range(math.ceil(len(packed["input_ids"]) / batch_size)):
-                    rec["losses"].append(update(packed, slice(b * batch_size, (b + 1) * batch_size)))
-                    rec["steps"] += 1
-                    if signals.received:
-                        rec["interrupted"] = signals.received
-                    elif max_minutes is not None and time.perf_counter() - t_session >= 60 * max_minutes:
-                        rec["interrupted"] = "time"
-                    if rec["interrupted"] or rec["steps"] >= fix_misses:
-                        break
-                wrong = np.flatnonzero(score(fit_data, len(fit_lists))[1])
-                hard.update(wrong.tolist())
-                rec["rounds"].append({"steps": rec["steps"], "wrong": len(wrong), "trained_on": len(train_on),
-                                      "seconds": time.perf_counter() - t0})
-                say(f"fixing misses: after {_plural(rec['steps'], 'step')}, {len(wrong)} of {len(fit_lists)} "
-                    f"training questions not answered exactly")
-                if len(wrong) <= len(kept["wrong"]):
-                    kept = snapshot()
-            rec["kept_after_steps"] = kept["steps"]
-            if kept["steps"] != rec["steps"]:  # a later round ended worse: go back to the best one
-                model.load_state_dict(kept["state"])
-                wrong = kept["wrong"]
-                say(f"fixing misses: keeping the weights after {_plural(kept['steps'], 'step')} ({len(wrong)} wrong)")
-            del kept
-            rec.update(after=len(wrong), seconds=time.perf_counter() - t0,
-                       still_wrong=[{"line": fit_entries[i].line, "question": fit_entries[i].question} for i in wrong])
-            return rec
+        y_np = packed["targets"][sl] if self.cfg.loss == "all" else np.where(packed["answer"][sl],
+                                                                            packed["targets"][sl], -100)
+        logits = self._logits(packed, sl)
+        loss_t = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                   torch.from_numpy(y_np).to(self.device).reshape(-1),
+                                                   ignore_index=-100, label_smoothing=float(self.cfg.label_smoothing))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return float(loss_t.item())
 
-        settings = (f"lr {lr:g}, dropout {dropout:g}, loss on {'answer tokens' if loss == 'answer' else 'all tokens'}"
-                    + (f", label smoothing {label_smoothing:g}" if label_smoothing else "")
-                    + f", weight decay {weight_decay:g}, {_plural(n_threads, 'thread')} on {device}")
-        log(f"training {preset} ({n_params / 1e6:.2f}M parameters, vocab {vocab_size}, context {T}) on "
-            f"{_plural(len(entries), 'entry', 'entries')} ({sum(map(len, token_lists))} tokens"
-            + (f", {augment_counts['variants']} of them augmented variants" if augment_counts else "") + ")"
-            + (f", validating on {len(val_entries)} held-out questions" if val_entries else "") + f"; {settings}")
-        left = total_steps - step
-        log(f"plan: {_plural(total_steps, 'step')} ({_plural(epochs, 'epoch')} of ~{steps_per_epoch[0]} at batch "
-            f"{batch_size}" + (f", capped by --max-steps {max_steps}" if max_steps and max_steps < sum(steps_per_epoch)
-                               else "") + ")" + (f", {left} to go" if step else "")
-            + (f"; stopping after {max_minutes:g} min (--max-minutes)" if max_minutes else ""))
+    def score(self, packed, n_entries):
+        """(loss per answer token, wrong) over packed entries; wrong[i] is True unless the
+        argmax at every answer position of entry i is the target token, i.e. unless greedy
+        decoding of "Q: ...\\nA:" yields exactly the answer and then <|endoftext|>."""
+        import torch
 
-        # -- the loop ---------------------------------------------------------------------------
-        resume_hint = f"continue with `tinygpt train ... -o {out_dir} --resume` (the same arguments)"
-        bar = None
-        if progress and sys.stderr.isatty():
+        self.model.eval()
+        wrong = np.zeros(n_entries, dtype=bool)
+        nll, count = 0.0, 0
+        bs = self.cfg.batch_size
+        with torch.no_grad():
+            for s in range(0, len(packed["input_ids"]), bs):
+                sl = slice(s, s + bs)
+                ans = packed["answer"][sl]
+                y = np.where(ans, packed["targets"][sl], -100)
+                logits = self._logits(packed, sl)
+                yt = torch.from_numpy(y).to(self.device)
+                nll += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), yt.reshape(-1), ignore_index=-100, reduction="sum"))
+                count += int(ans.sum())
+                miss = (logits.argmax(-1).cpu().numpy() != packed["targets"][sl]) & ans
+                np.logical_or.at(wrong, packed["entry"][sl][miss], True)
+        self.model.train()
+        return nll / max(1, count), wrong
+
+    def say(self, msg):  # a line that does not break the progress bar
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+
+    def validate(self, after_fix=False):
+        """Loss and exact answers on the validation questions; the best so far saved in best/."""
+        vl, wrong = self.score(self.val_data, len(self.data.val_lists))
+        exact, nv = int((~wrong).sum()), len(self.data.val_lists)
+        rec = {"step": self.step, "epoch": self.epoch + (self.batch_in_epoch > 0), "val_loss": vl,
+               "val_exact": exact / nv, "val_exact_count": exact, "val_n": nv,
+               "train_loss": float(np.mean(self.losses[-self.plan.val_every:]))}
+        if after_fix:
+            rec["after_fix"] = True
+        self.val_history.append(rec)
+        best = self.best
+        better = best is None or (exact, -vl) > (best["val_exact_count"], -best["val_loss"])
+        if better:
+            self.best, self.evals_since_best = dict(rec), 0
+            self.save_model(self.out_dir / BEST_DIR)
+        else:
+            self.evals_since_best += 1
+        self.say(f"step {self.step}/{self.total_steps}{' + fixing misses' if after_fix else ''}: validation {exact}/"
+                 f"{nv} exact ({100 * exact / nv:.1f} %), loss {vl:.3f}"
+                 + (" (best so far)" if better
+                    else f" (best {self.best['val_exact_count']}/{nv} at step {self.best['step']})"))
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def report_plan(self):
+        cfg, data = self.cfg, self.data
+        settings = (f"lr {cfg.lr:g}, dropout {cfg.dropout:g}, loss on "
+                    f"{'answer tokens' if cfg.loss == 'answer' else 'all tokens'}"
+                    + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+                    + f", weight decay {cfg.weight_decay:g}, {_plural(self.n_threads, 'thread')} on {self.device}")
+        self.log(f"training {cfg.preset} ({self.n_params / 1e6:.2f}M parameters, vocab {data.vocab_size}, context "
+                 f"{data.T}) on {_plural(len(data.entries), 'entry', 'entries')} ({sum(map(len, data.token_lists))} "
+                 f"tokens" + (f", {data.augment_counts['variants']} of them augmented variants"
+                              if data.augment_counts else "") + ")"
+                 + (f", validating on {len(data.val_entries)} held-out questions" if data.val_entries else "")
+                 + f"; {settings}")
+        spe = self.plan.steps_per_epoch
+        left = self.total_steps - self.step
+        self.log(f"plan: {_plural(self.total_steps, 'step')} ({_plural(cfg.epochs, 'epoch')} of ~{spe[0]} at batch "
+                 f"{cfg.batch_size}" + (f", capped by --max-steps {cfg.max_steps}"
+                                        if cfg.max_steps and cfg.max_steps < sum(spe) else "") + ")"
+                 + (f", {left} to go" if self.step else "")
+                 + (f"; stopping after {cfg.max_minutes:g} min (--max-minutes)" if cfg.max_minutes else ""))
+
+    def loop(self, signals, stop_after):
+        """The planned steps, epoch by epoch; returns False when done, else why it stopped."""
+        cfg, data = self.cfg, self.data
+        if self.progress and sys.stderr.isatty():
             from .ui import progress_bar
 
-            bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step")
-
-        def say(msg):  # a line that does not break the progress bar
-            if bar is not None:
-                bar.write(msg, file=sys.stderr)
-            else:
-                log(msg)
-
-        log_every = max(1, total_steps // 20)
+            self.bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        self.log_every = max(1, self.total_steps // 20)
         # --max-minutes without --max-steps on a new run: fit the schedule to the time
-        fit_to_time = bool(max_minutes) and max_steps is None and resumed_from is None
+        fit_to_time = bool(cfg.max_minutes) and cfg.max_steps is None and self.resumed_from is None
         stopped = False
-        step_times: list[float] = []
-        speed = None  # measured seconds per step
-        t_session = time.perf_counter()
-        t_start = t_session - elapsed
-        with _StopSignals() as signals:
-            while step < total_steps and not stopped:
-                data = pack(token_lists, epoch_order(n, seed, epoch), T, eos_id, starts)
-                n_blocks = len(data["input_ids"])
-                for b in range(batch_in_epoch, math.ceil(n_blocks / batch_size)):
-                    sl = slice(b * batch_size, (b + 1) * batch_size)
-                    t0 = time.perf_counter()
-                    losses.append(update(data, sl))
-                    scheduler.step()
-                    step += 1
-                    batch_in_epoch = b + 1
-                    step_times.append(time.perf_counter() - t0)
-                    tokens_seen += data["input_ids"][sl].size
-                    real_tokens_seen += int(data["real"][sl].sum())
-                    elapsed = time.perf_counter() - t_start
-                    # the estimate: the first step of a session pays one-off costs; time the next ones
-                    if speed is None and len(step_times) == 1 + ESTIMATE_STEPS:
-                        speed = float(np.mean(step_times[1:]))
-                        left = total_steps - step
-                        say(f"speed: {speed:.2f} s/step (measured over {ESTIMATE_STEPS} steps) -> "
-                            f"{_plural(left, 'step')} left, about {_minutes(left * speed)}, expected total "
-                            f"{_minutes(elapsed + left * speed)}")
-                    if speed is not None and len(step_times) % 50 == 0:  # follow the machine's load
-                        speed = float(np.mean(step_times[-50:]))
-                    if fit_to_time and speed is not None and (len(step_times) == 1 + ESTIMATE_STEPS
-                                                              or len(step_times) % 50 == 0):
-                        # the schedule ends when the budget does: the last steps run at the low rate
-                        # that a stop by --max-minutes in mid-schedule never reaches. The rate per
-                        # step includes the validations so far (and the first step's one-off cost).
-                        # The recent speed (last 50 steps), so that the plan follows the machine's load both
-                        # ways: a busy spell shortens it, and it grows back (up to the plan) when it ends.
-                        spent = time.perf_counter() - t_session
-                        fit = step + int((max_minutes * 60 * TIME_FIT_SHARE - spent) / (speed * TIME_FIT_MARGIN))
-                        fit = min(fit, identity.get("planned_steps") or total_steps)
-                        if step < fit != total_steps:
-                            if identity.get("planned_steps") is None:
-                                identity["planned_steps"] = total_steps
-                                say(f"--max-minutes {max_minutes:g}: about {_plural(fit, 'step')} fit in the time, so "
-                                    f"the learning-rate schedule now ends there (planned: {total_steps})")
-                            total_steps = fit
-                            identity["total_steps"] = total_steps
-                            log_every = max(1, total_steps // 20)
-                            if bar is not None:
-                                bar.total = total_steps
-                    if bar is not None:
-                        post = dict(loss=f"{losses[-1]:.3f}", epoch=epoch + 1, lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                        if speed is not None:
-                            post.update(s_step=f"{speed:.2f}", total=_minutes(elapsed + (total_steps - step) * speed))
-                        if best is not None:
-                            post["val"] = f"{100 * val_history[-1]['val_exact']:.0f}%"
-                        bar.set_postfix(post)
-                        bar.update(1)
-                    elif progress and (step % log_every == 0 or step == total_steps):
-                        est = f", ~{_minutes((total_steps - step) * speed)} left" if speed else ""
-                        log(f"step {step}/{total_steps} (epoch {epoch + 1}): loss {np.mean(losses[-log_every:]):.4f}, "
-                            f"lr {scheduler.get_last_lr()[0]:.2e}{est}")
-                    if val_data is not None and (step % val_every == 0 or step == total_steps):
-                        run_validation()
-                        if early_stop is not None and evals_since_best >= early_stop:
-                            stopped = "early_stop"
-                    if not stopped and signals.received:
-                        stopped = signals.received
-                    if not stopped and max_minutes is not None and time.perf_counter() - t_session >= 60 * max_minutes:
-                        stopped = "time"
-                    if not stopped and stop_after is not None and step >= stop_after:
-                        stopped = "stop_after"
-                    if stopped or step >= total_steps:
-                        break
-                    if checkpoint_every and step % checkpoint_every == 0:
-                        checkpoint()
-                else:
-                    epoch, batch_in_epoch = epoch + 1, 0
-            if bar is not None:
-                bar.close()
-                bar = None
-            if fix_misses and (not stopped and step >= total_steps or stopped == "early_stop"):
-                fixes.append(fix_training_misses(signals, t_session))
-                if val_data is not None:
-                    run_validation(after_fix=True)
-            elif fix_misses and stopped != "stop_after":
-                log(f"--fix-misses: not run, the run stopped before its planned steps; {resume_hint} and it runs "
-                    f"at the end")
-            if val_data is not None and stopped in ("time", "SIGINT", "SIGTERM") and \
-                    (not val_history or val_history[-1]["step"] != step):
-                run_validation()
-            checkpoint()
-        if stopped == "stop_after":
-            log(f"stopped after step {step}/{total_steps}; checkpoint in {out_dir / CHECKPOINT_DIR}; {resume_hint}")
-            return {"out_dir": str(out_dir), "steps": step, "total_steps": total_steps, "stopped": stopped,
-                    "losses": losses}
+        self.step_times: list[float] = []
+        self.speed = None  # measured seconds per step
+        self.t_session = time.perf_counter()
+        t_start = self.t_session - self.elapsed
+        n = len(data.entries)
+        while self.step < self.total_steps and not stopped:
+            packed = pack(data.token_lists, epoch_order(n, cfg.seed, self.epoch), data.T, data.eos_id, data.starts)
+            n_blocks = len(packed["input_ids"])
+            for b in range(self.batch_in_epoch, math.ceil(n_blocks / cfg.batch_size)):
+                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                t0 = time.perf_counter()
+                self.losses.append(self.update(packed, sl))
+                self.scheduler.step()
+                self.step += 1
+                self.batch_in_epoch = b + 1
+                self.step_times.append(time.perf_counter() - t0)
+                self.tokens_seen += packed["input_ids"][sl].size
+                self.real_tokens_seen += int(packed["real"][sl].sum())
+                self.elapsed = time.perf_counter() - t_start
+                self._measure_speed(fit_to_time)
+                self._show_progress()
+                if self.val_data is not None and (self.step % self.plan.val_every == 0
+                                                  or self.step == self.total_steps):
+                    self.validate()
+                    if cfg.early_stop is not None and self.evals_since_best >= cfg.early_stop:
+                        stopped = "early_stop"
+                if not stopped and signals.received:
+                    stopped = signals.received
+                if not stopped and cfg.max_minutes is not None and \
+                        time.perf_counter() - self.t_session >= 60 * cfg.max_minutes:
+                    stopped = "time"
+                if not stopped and stop_after is not None and self.step >= stop_after:
+                    stopped = "stop_after"
+                if stopped or self.step >= self.total_steps:
+                    break
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+            else:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        return stopped
 
-        # -- outputs: also when stopped early, so that the run directory always holds a model ---------
-        save_model(out_dir)
-        tail = losses[-min(len(losses), max(1, steps_per_epoch[0])):]
+    def _measure_speed(self, fit_to_time):
+        """The time estimate, and with --max-minutes the schedule fitted to the time left."""
+        cfg, times = self.cfg, self.step_times
+        # the estimate: the first step of a session pays one-off costs; time the next ones
+        if self.speed is None and len(times) == 1 + ESTIMATE_STEPS:
+            self.speed = float(np.mean(times[1:]))
+            left = self.total_steps - self.step
+            self.say(f"speed: {self.speed:.2f} s/step (measured over {ESTIMATE_STEPS} steps) -> "
+                     f"{_plural(left, 'step')} left, about {_minutes(left * self.speed)}, expected total "
+                     f"{_minutes(self.elapsed + left * self.speed)}")
+        if self.speed is not None and len(times) % 50 == 0:  # follow the machine's load
+            self.speed = float(np.mean(times[-50:]))
+        if fit_to_time and self.speed is not None and (len(times) == 1 + ESTIMATE_STEPS or len(times) % 50 == 0):
+            # the schedule ends when the budget does: the last steps run at the low rate that a
+            # stop by --max-minutes in mid-schedule never reaches. The rate per step includes the
+            # validations so far (and the first step's one-off cost). The recent speed (last 50
+            # steps), so that the plan follows the machine's load both ways: a busy spell shortens
+            # it, and it grows back (up to the plan) when it ends.
+            spent = time.perf_counter() - self.t_session
+            fit = self.step + int((cfg.max_minutes * 60 * TIME_FIT_SHARE - spent) / (self.speed * TIME_FIT_MARGIN))
+            fit = min(fit, self.identity.get("planned_steps") or self.total_steps)
+            if self.step < fit != self.total_steps:
+                if self.identity.get("planned_steps") is None:
+                    self.identity["planned_steps"] = self.total_steps
+                    self.say(f"--max-minutes {cfg.max_minutes:g}: about {_plural(fit, 'step')} fit in the time, so "
+                             f"the learning-rate schedule now ends there (planned: {self.total_steps})")
+                self.total_steps = fit
+                self.identity["total_steps"] = fit
+                self.log_every = max(1, fit // 20)
+                if self.bar is not None:
+                    self.bar.total = fit
+
+    def _show_progress(self):
+        step, total = self.step, self.total_steps
+        lr = self.scheduler.get_last_lr()[0]
+        if self.bar is not None:
+            post = dict(loss=f"{self.losses[-1]:.3f}", epoch=self.epoch + 1, lr=f"{lr:.2e}")
+            if self.speed is not None:
+                post.update(s_step=f"{self.speed:.2f}", total=_minutes(self.elapsed + (total - step) * self.speed))
+            if self.best is not None:
+                post["val"] = f"{100 * self.val_history[-1]['val_exact']:.0f}%"
+            self.bar.set_postfix(post)
+            self.bar.update(1)
+        elif self.progress and (step % self.log_every == 0 or step == total):
+            est = f", ~{_minutes((total - step) * self.speed)} left" if self.speed else ""
+            self.log(f"step {step}/{total} (epoch {self.epoch + 1}): loss "
+                     f"{np.mean(self.losses[-self.log_every:]):.4f}, lr {lr:.2e}{est}")
+
+    def finish(self, signals, stopped):
+        """After the loop: --fix-misses on a complete run, a last validation of a stopped one, the
+        checkpoint."""
+        cfg = self.cfg
+        if cfg.fix_misses and (not stopped and self.step >= self.total_steps or stopped == "early_stop"):
+            self.fixes.append(self.fix_misses(signals))
+            if self.val_data is not None:
+                self.validate(after_fix=True)
+        elif cfg.fix_misses and stopped != "stop_after":
+            self.log(f"--fix-misses: not run, the run stopped before its planned steps; {self.resume_hint} and it "
+                     f"runs at the end")
+        if self.val_data is not None and stopped in ("time", "SIGINT", "SIGTERM") and \
+                (not self.val_history or self.val_history[-1]["step"] != self.step):
+            self.validate()
+        self.checkpoint()
+
+    # -- fixing misses -----------------------------------------------------------------------------
+    def fix_misses(self, signals):
+        """--fix-misses (see the module docstring). Ctrl-C or --max-minutes end it early (the run
+        itself is complete). Returns its record for train_log.json."""
+        cfg, data = self.cfg, self.data
+        fit_data = pack(data.fit_lists, range(len(data.fit_lists)), data.T, data.eos_id, data.fit_starts)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * cfg.min_lr_ratio * FIX_LR_SCALE
+        rng = np.random.default_rng([cfg.seed, FIX_SEED, len(self.fixes)])
+        t0 = time.perf_counter()
+        n_fit = len(data.fit_lists)
+        wrong = np.flatnonzero(self.score(fit_data, n_fit)[1])
+        rec = {"questions": n_fit, "before": len(wrong), "steps": 0,
+               "lr": cfg.lr * cfg.min_lr_ratio * FIX_LR_SCALE, "rounds": [], "interrupted": False, "losses": []}
+        self.say(f"fixing misses: {len(wrong)} of {n_fit} training questions not answered exactly (greedy, "
+                 f"float); up to {_plural(cfg.fix_misses, 'more step')} at lr {rec['lr']:.2e}")
+        hard = set(wrong.tolist())  # every question found wrong so far: a fix can break its rival
+
+        def snapshot():
+            return {"wrong": wrong, "steps": rec["steps"],
+                    "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+        kept = snapshot()  # the weights with the fewest misses (the latest among equals)
+        while len(wrong) and rec["steps"] < cfg.fix_misses and not rec["interrupted"]:
+            train_on = sorted(hard)
+            self._fix_round(rng, train_on, rec, signals)
+            wrong = np.flatnonzero(self.score(fit_data, n_fit)[1])
+            hard.update(wrong.tolist())
+            rec["rounds"].append({"steps": rec["steps"], "wrong": len(wrong), "trained_on": len(train_on),
+                                  "seconds": time.perf_counter() - t0})
+            self.say(f"fixing misses: after {_plural(rec['steps'], 'step')}, {len(wrong)} of {n_fit} "
+                     f"training questions not answered exactly")
+            if len(wrong) <= len(kept["wrong"]):
+                kept = snapshot()
+        rec["kept_after_steps"] = kept["steps"]
+        if kept["steps"] != rec["steps"]:  # a later round ended worse: go back to the best one
+            self.model.load_state_dict(kept["state"])
+            wrong = kept["wrong"]
+            self.say(f"fixing misses: keeping the weights after {_plural(kept['steps'], 'step')} ({len(wrong)} wrong)")
+        del kept
+        rec.update(after=len(wrong), seconds=time.perf_counter() - t0,
+                   still_wrong=[{"line": data.fit_entries[i].line, "question": data.fit_entries[i].question}
+                                for i in wrong])
+        return rec
+
+    def _fix_round(self, rng, train_on, rec, signals):
+        """One round: each question still to fix FIX_REPEAT times among others, shuffled."""
+        cfg, data = self.cfg, self.data
+        lists = [data.fit_lists[i] for i in train_on] * FIX_REPEAT
+        ans = [data.fit_starts[i] for i in train_on] * FIX_REPEAT
+        n_others = max(FIX_OTHERS * len(lists), FIX_MIN_OTHERS)
+        others = rng.choice(len(data.token_lists), size=min(len(data.token_lists), n_others), replace=False)
+        lists += [data.token_lists[j] for j in others]
+        ans += [data.starts[j] for j in others]
+        packed = pack(lists, rng.permutation(len(lists)), data.T, data.eos_id, ans)
+        for b in range(math.ceil(len(packed["input_ids"]) / cfg.batch_size)):
+            rec["losses"].append(self.update(packed, slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)))
+            rec["steps"] += 1
+            if signals.received:
+                rec["interrupted"] = signals.received
+            elif cfg.max_minutes is not None and time.perf_counter() - self.t_session >= 60 * cfg.max_minutes:
+                rec["interrupted"] = "time"
+            if rec["interrupted"] or rec["steps"] >= cfg.fix_misses:
+                break
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def write_outputs(self, stopped, can_plot):
+        """The model (also when stopped early, so that the run directory always holds one),
+        train_log.json, the plots, and the closing lines. Returns the train_log dict."""
+        import torch
+        import transformers
+
+        cfg, data, step = self.cfg, self.data, self.step
+        self.save_model(self.out_dir)
+        spe, losses, elapsed = self.plan.steps_per_epoch, self.losses, self.elapsed
+        tail = losses[-min(len(losses), max(1, spe[0])):]
+        # absolute paths: `tinygpt convert RUN` from another folder finds the same corpus (for drafts)
+        args = {"corpus": str(data.corpus.resolve()), "tokenizer": str(data.tok_file.resolve()),
+                "out_dir": str(self.out_dir.resolve())}
+        args.update((f.name, getattr(cfg, f.name)) for f in fields(cfg) if f.name != "resume")
+        args.update(threads=self.n_threads, device=self.device, val_every=self.plan.val_every,
+                    warmup_steps=self.warmup_steps, val_file=str(data.val_file.resolve()) if data.val_file else None,
+                    abstain_questions=str(Path(cfg.abstain_questions).resolve()) if cfg.abstain_questions else None)
         info = {
-            # absolute paths: `tinygpt convert RUN` from another folder finds the same corpus (for drafts)
-            "args": {"corpus": str(corpus.resolve()), "tokenizer": str(tok_file.resolve()),
-                     "out_dir": str(out_dir.resolve()), "preset": preset, "arch": arch,
-                     "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "dropout": dropout,
-                     "checkpoint_every": checkpoint_every, "max_steps": max_steps, "warmup_steps": warmup_steps,
-                     "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "schedule": schedule,
-                     "threads": n_threads, "device": device, "loss": loss, "label_smoothing": label_smoothing,
-                     "val_split": val_split, "val_file": str(val_file.resolve()) if val_file else None,
-                     "val_every": val_every, "early_stop": early_stop, "augment": augment,
-                     "max_minutes": max_minutes, "fix_misses": fix_misses, "abstain": abstain,
-                     "abstain_questions": str(Path(abstain_questions).resolve()) if abstain_questions else None},
-            "abstain": {"answer": abstain_text, "off_topic_questions": n_abstain},
-            "planned_steps": identity.get("planned_steps"),
-            "stopped": stopped, "steps": step, "total_steps": total_steps,
-            "epochs_completed": int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right")),
-            "steps_per_epoch": steps_per_epoch[0], "entries": len(entries), "val_entries": len(val_entries),
-            "augmented": augment_counts,
-            "entry_tokens": sum(map(len, token_lists)), "n_params": n_params, "vocab_size": vocab_size,
+            "args": args,
+            "abstain": {"answer": data.abstain_text, "off_topic_questions": data.n_abstain},
+            "planned_steps": self.identity.get("planned_steps"),
+            "stopped": stopped, "steps": step, "total_steps": self.total_steps,
+            "epochs_completed": int(np.searchsorted(np.cumsum(spe), step, side="right")),
+            "steps_per_epoch": spe[0], "entries": len(data.entries), "val_entries": len(data.val_entries),
+            "augmented": data.augment_counts,
+            "entry_tokens": sum(map(len, data.token_lists)), "n_params": self.n_params, "vocab_size": data.vocab_size,
             "final_loss": losses[-1] if losses else None,
             "final_loss_mean_last_epoch": float(np.mean(tail)) if tail else None,
             "wall_time_s": elapsed, "seconds_per_step": elapsed / max(1, step),
-            "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
-            "real_tokens_per_s": real_tokens_seen / elapsed if elapsed > 0 else None,
-            "padding_fraction": 1.0 - real_tokens_seen / tokens_seen if tokens_seen else None,
-            "resumed_from_step": resumed_from,
-            "validation": val_history, "best": best, "fixed_misses": fixes,
+            "tokens_per_s": self.tokens_seen / elapsed if elapsed > 0 else None,
+            "real_tokens_per_s": self.real_tokens_seen / elapsed if elapsed > 0 else None,
+            "padding_fraction": 1.0 - self.real_tokens_seen / self.tokens_seen if self.tokens_seen else None,
+            "resumed_from_step": self.resumed_from,
+            "validation": self.val_history, "best": self.best, "fixed_misses": self.fixes,
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "python_version": sys.version.split()[0],
-            "corpus_sha256": identity["corpus_sha256"], "tokenizer_sha256": identity["tokenizer_sha256"],
+            "corpus_sha256": self.identity["corpus_sha256"], "tokenizer_sha256": self.identity["tokenizer_sha256"],
             "losses": losses,
         }
-        tmp = out_dir / "train_log.json.tmp"
+        tmp = self.out_dir / "train_log.json.tmp"
         tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / "train_log.json")
-        # the plots last: the model and the log are complete whatever happens to them
-        plots = [("loss.png", lambda p: plot_loss(losses, p, title=f"tinygpt {preset}: "
-                  f"{_plural(len(entries), 'entry', 'entries')}, {_plural(step, 'step')}"))]
-        if val_history:
+        os.replace(tmp, self.out_dir / "train_log.json")
+        self.draw_plots(can_plot)
+        self.report_end(stopped, info, tail)
+        return {"out_dir": str(self.out_dir), **info}
+
+    def draw_plots(self, can_plot):
+        """The plots last: the model and the log are complete whatever happens to them."""
+        from .ui import MATPLOTLIB_INSTALL
+
+        preset, data = self.cfg.preset, self.data
+        plots = [("loss.png", lambda p: plot_loss(self.losses, p, title=f"tinygpt {preset}: "
+                  f"{_plural(len(data.entries), 'entry', 'entries')}, {_plural(self.step, 'step')}"))]
+        if self.val_history:
             plots.append(("val.png", lambda p: plot_validation(
-                val_history, p, title=f"tinygpt {preset}: validation on {len(val_entries)} held-out questions")))
+                self.val_history, p, title=f"tinygpt {preset}: validation on {len(data.val_entries)} held-out "
+                                           f"questions")))
         for name, draw in plots if can_plot else []:
             try:
-                draw(out_dir / name)
+                draw(self.out_dir / name)
             except Exception as e:  # a plot is cosmetic: say so, never fail the finished run
-                log(f"warning: {name} not drawn ({type(e).__name__}: {e})")
+                self.log(f"warning: {name} not drawn ({type(e).__name__}: {e})")
         if not can_plot:
-            log(f"{' and '.join(n for n, _ in plots)} not drawn: matplotlib is not installed ({MATPLOTLIB_INSTALL})")
-        why = {False: "done", "time": f"stopped at the --max-minutes {max_minutes:g} limit" if max_minutes else "",
-               "early_stop": f"stopped early: no better validation in {early_stop} evaluations",
+            self.log(f"{' and '.join(n for n, _ in plots)} not drawn: matplotlib is not installed ({MATPLOTLIB_INSTALL})")
+
+    def report_end(self, stopped, info, tail):
+        cfg, step, elapsed, log = self.cfg, self.step, self.elapsed, self.log
+        why = {False: "done", "time": f"stopped at the --max-minutes {cfg.max_minutes:g} limit" if cfg.max_minutes else "",
+               "early_stop": f"stopped early: no better validation in {cfg.early_stop} evaluations",
                "SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)"}[stopped]
-        log(f"{why}: {_plural(step, 'step')} of {total_steps} in {_minutes(elapsed)} "
+        log(f"{why}: {_plural(step, 'step')} of {self.total_steps} in {_minutes(elapsed)} "
             f"({elapsed / max(1, step):.2f} s/step, {info['tokens_per_s'] or 0:.0f} tokens/s), final loss "
-            f"{info['final_loss_mean_last_epoch']:.4f} (mean of the last {_plural(len(tail), 'step')}); model in {out_dir}")
-        for fx in fixes[-1:] if fix_misses else []:
+            f"{info['final_loss_mean_last_epoch']:.4f} (mean of the last {_plural(len(tail), 'step')}); model in "
+            f"{self.out_dir}")
+        for fx in self.fixes[-1:] if cfg.fix_misses else []:
             still = ", ".join(f"{w['question']!r} (line {w['line']})" for w in fx["still_wrong"][:10])
             log(f"fixing misses: {fx['before']} -> {fx['after']} of {fx['questions']} training questions answered "
                 f"wrong, {_plural(fx['steps'], 'more step')} in {_minutes(fx['seconds'])}"
                 + (f" ({'interrupted' if fx['interrupted'] != 'time' else 'stopped at --max-minutes'})"
                    if fx["interrupted"] else "")
                 + (f"; still wrong: {still}" + (" ..." if fx["after"] > 10 else "") if still else ""))
+        best = self.best
         if best is not None:
             log(f"best validation: {best['val_exact_count']}/{best['val_n']} exact ({100 * best['val_exact']:.1f} %) "
-                f"at step {best['step']}: model in {out_dir / BEST_DIR} (tinygpt convert {out_dir / BEST_DIR} -o ...)")
+                f"at step {best['step']}: model in {self.out_dir / BEST_DIR} (tinygpt convert {self.out_dir / BEST_DIR} "
+                f"-o ...)")
         if stopped:
-            log(f"checkpoint in {out_dir / CHECKPOINT_DIR}; {resume_hint}")
-        return {"out_dir": str(out_dir), **info}
+            log(f"checkpoint in {self.out_dir / CHECKPOINT_DIR}; {self.resume_hint}")
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(corpus, tokenizer_dir, out_dir, config: TrainConfig | None = None, *, log=print, progress=True,
+          stop_after=None, **settings) -> dict:
+    """Train GPT-2 (or, with arch='llama', Llama) on ``corpus`` with the tokenizer in
+    ``tokenizer_dir``; write the run into ``out_dir``. See the module docstring. The settings are
+    ``config`` (a TrainConfig; default: every default) with ``settings`` (TrainConfig's field
+    names) put over it. Returns the train_log dict (plus ``out_dir``; ``stopped`` is False for a
+    complete run, else why it stopped: "stop_after", "time", "early_stop", "SIGINT" or "SIGTERM").
+
+    ``stop_after`` stops after that many steps as if interrupted (checkpoint written, no final
+    model; the schedule is unchanged), to be continued with ``resume=True``. Bad inputs raise
+    ValueError before torch is imported.
+    """
+    cfg = replace(config or TrainConfig(), **settings).check()
+    log = log or (lambda *a, **k: None)
+    _need_int("stop_after", stop_after, 1, allow_none=True)
+    from .ui import MATPLOTLIB_INSTALL, have_matplotlib
+
+    can_plot = have_matplotlib()  # asked now: the plots come at the end, after all the work
+    if not can_plot:
+        log(f"note: matplotlib is not installed, so loss.png and val.png will not be drawn ({MATPLOTLIB_INSTALL}); "
+            f"the model, checkpoint and train_log.json are written as usual")
+    data = load_entries(cfg, corpus, log)
+    load_tokenizer(cfg, data, tokenizer_dir, log)
+    tokenize(cfg, data, log)
+    plan = make_plan(cfg, data)
+    out_dir = check_out_dir(out_dir, cfg.resume)
+
+    import torch  # from here on
+
+    device = resolve_device(cfg.device)
+    hf_config = build_config(cfg, data, plan)
+    ckpt, extended_from = check_resume(cfg, out_dir, plan, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prev_threads = torch.get_num_threads()
+    n_threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(n_threads)
+    try:
+        trainer = Trainer(cfg, data, plan, hf_config, out_dir, device, n_threads, log, progress)
+        trainer.restore(ckpt, extended_from)
+        del ckpt
+        trainer.report_plan()
+        with _StopSignals() as signals:
+            stopped = trainer.loop(signals, stop_after)
+            trainer.finish(signals, stopped)
+        if stopped == "stop_after":
+            log(f"stopped after step {trainer.step}/{trainer.total_steps}; checkpoint in {out_dir / CHECKPOINT_DIR}; "
+                f"{trainer.resume_hint}")
+            return {"out_dir": str(out_dir), "steps": trainer.step, "total_steps": trainer.total_steps,
+                    "stopped": stopped, "losses": trainer.losses}
+        return trainer.write_outputs(stopped, can_plot)
     finally:
         torch.set_num_threads(prev_threads)
+
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # TEMPORARY while cli moves to add_arguments
