@@ -439,3 +439,35 @@ def test_llama_trains_converts_and_answers_like_its_float_model(data, tmp_path):
         q = compare.engine_logits(m, ids)
     r = compare.agreement(fl, q)
     assert r["cosine_min"] >= 0.999 and bool(r["top1"][-1]) and int(np.argmax(q[-1])) == int(np.argmax(fl[-1]))
+
+
+@pytest.mark.parametrize("where", ["model", "plot"])
+def test_ctrl_c_while_writing_the_outputs_loses_nothing(data, tmp_path, monkeypatch, where):
+    """A second Ctrl-C while the model or the plots are written: the checkpoint is complete, no
+    half-written model is left, the message says to resume, and --resume writes the outputs."""
+    d, c, tok = data
+    out = tmp_path / "r"
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    if where == "model":  # after save_pretrained wrote into the temporary folder
+        monkeypatch.setattr(train_mod.shutil, "copyfile", interrupt)
+    else:
+        monkeypatch.setattr(train_mod, "plot_loss", interrupt)
+    lines, kw = logged(**KW)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(c, tok, out, epochs=1, max_steps=3, **kw)
+    assert any("run the same command with --resume" in line for line in lines), lines
+    assert (out / "checkpoint" / "checkpoint.pt").is_file()
+    if where == "model":
+        assert not (out / "model.safetensors").exists()  # nothing half-written in its place
+    else:
+        assert (out / "model.safetensors").is_file() and (out / "train_log.json").is_file()
+    monkeypatch.undo()
+    res = train_mod.train(c, tok, out, epochs=1, max_steps=3, resume=True, **dict(KW, log=None))
+    assert res["steps"] == 3 and not res["stopped"]
+    assert (out / "model.safetensors").is_file() and not (out / ".saving").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # loads

@@ -1133,11 +1133,19 @@ class Trainer:
         })
 
     def save_model(self, where):
+        """save_pretrained and the tokenizer into where/.saving, then each file moved into place:
+        a Ctrl-C in the middle leaves no half-written model.safetensors behind."""
+        where = Path(where)
+        tmp = where / ".saving"
+        shutil.rmtree(tmp, ignore_errors=True)
         self.model.eval()
         with quiet_hf():
-            self.model.save_pretrained(where)
+            self.model.save_pretrained(tmp)
         self.model.train()
-        shutil.copyfile(self.data.tok_file, Path(where) / "tokenizer.json")
+        shutil.copyfile(self.data.tok_file, tmp / "tokenizer.json")
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, where / f.name)
+        tmp.rmdir()
 
     # -- one step, and the scores ----------------------------------------------------------------
     def _logits(self, packed, sl):
@@ -1563,7 +1571,12 @@ def train(corpus, tokenizer_dir, out_dir, config: TrainConfig | None = None, *, 
                 f"{trainer.resume_hint}")
             return {"out_dir": str(out_dir), "steps": trainer.step, "total_steps": trainer.total_steps,
                     "stopped": stopped, "losses": trainer.losses}
-        return trainer.write_outputs(stopped, can_plot)
+        try:
+            return trainer.write_outputs(stopped, can_plot)
+        except KeyboardInterrupt:  # a second Ctrl-C, while the model, the log or the plots were written
+            log(f"interrupted while writing the outputs; the checkpoint in {out_dir / CHECKPOINT_DIR} is complete: "
+                f"run the same command with --resume to write them")
+            raise
     finally:
         torch.set_num_threads(prev_threads)
 
