@@ -318,7 +318,7 @@ def _generate(ids, max_new_tokens, sampling, seed, stream, timing, draft):
     stop = -1
     interrupted = False
     drafter = None
-    if draft and Drafter is not None and hasattr(m, "verify"):
+    if draft and Drafter is not None:
         drafter = Drafter(_answers, eos)
         drafter.start(ids)
         k_max = info["max_draft"] - 1

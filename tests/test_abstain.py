@@ -201,7 +201,7 @@ def test_chat_reads_the_abstain_answer_under_micropython(tmp_path):
     v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY + " \u00e9t\u00e9"})
     code = ("import sys\nsys.path[:0] = [%r, %r]\nimport chat\nchat.load(%r)\nprint(chat.abstain_answer())\n"
             "chat.load(%r)\nprint(chat.abstain_answer())\n"
-            % (str(REPO / "tests" / "board_double"), str(REPO / "py"), str(tmp_path / "v2.bin"), str(SHIPPED)))
+            % (str(REPO / "tests" / "double"), str(REPO / "py"), str(tmp_path / "v2.bin"), str(SHIPPED)))
     p = subprocess.run(micropython_cmd() + ["-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr + p.stdout
     assert p.stdout.splitlines() == [SAY + " \u00e9t\u00e9", "None"]

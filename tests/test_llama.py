@@ -391,7 +391,7 @@ def test_generate_same_under_micropython_and_cpython(tmp_path):
     prog.write_text(GENERATE_SCRIPT)
     outs = []
     for cmd in ([micropython_bin(), "-X", "heapsize=16M"], [sys.executable]):
-        p = subprocess.run(cmd + [str(prog), str(script), str(REPO / "tests" / "mp"), str(REPO / "py")],
+        p = subprocess.run(cmd + [str(prog), str(script), str(REPO / "tests" / "double"), str(REPO / "py")],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         outs.append(p.stdout)

@@ -128,7 +128,8 @@ def test_board_files_agree_on_the_memory_map():
 
 
 def test_board_manifest_freezes_files_that_exist():
-    from test_board import DEVICE_SCRIPTS, run_manifest
+    from board_helpers import DEVICE_SCRIPTS
+    from test_firmware import run_manifest
 
     calls = run_manifest(BOARD / "manifest.py")
     assert all(c[0] in ("freeze", "include") for c in calls), calls  # no require(): no micropython-lib

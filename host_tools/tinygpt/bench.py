@@ -385,3 +385,56 @@ def run_questions(model_path, questions_path, as_json=False, out=print):
                                                        x["macs_per_token"] / 1e6, x["tok_s"], x["answers_identical"]))
     out("(per generated token; passes, weight bytes and multiply-adds counted by the engine, prefill excluded)")
     return r
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt bench`'s options."""
+    p.add_argument("model", nargs="?", help="a model file (default: random models of the presets)")
+    p.add_argument("--preset", action="append", help="only this preset (repeatable)")
+    p.add_argument("--n-ctx", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="split each matmul between N threads and report the speedup over 1 thread, measured in "
+                        "the same run (logits are bit-identical for any N)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--questions", metavar="FILE", help="answer FILE's questions (Q:/A: pairs) greedily, plainly and "
+                   "with drafts; report passes, weight bytes and multiply-adds per token and identical answers")
+    p.add_argument("--mcu", action="store_true",
+                   help="instructions per token on an emulated Cortex-M4F (QEMU) instead of host speed; needs the "
+                        "Debian packages gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm")
+
+
+def run_cli(args) -> None:
+    """`tinygpt bench`: the options checked, then run_questions, run_mcu or run."""
+    from .ui import UserError, existing_file
+
+    if args.model and args.preset:
+        raise UserError("give either --preset or a MODEL file, not both")
+    for p in args.preset or []:
+        if p not in bench_names():
+            raise UserError("unknown preset %r (known: %s)" % (p, ", ".join(bench_names())))
+    model = existing_file(args.model, "model file") if args.model else None
+    if args.questions:  # issue 12: plain vs drafted decoding of real questions
+        if not model or args.mcu or args.preset:
+            raise UserError("--questions needs a MODEL file (and no --preset or --mcu)")
+        try:
+            run_questions(model, existing_file(args.questions, "questions file"), as_json=args.json)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        return
+    if args.mcu:
+        from .mcu import McuError
+
+        if args.n_ctx is not None:
+            raise UserError("--n-ctx does not apply to --mcu (the emulated run uses n_positions)")
+        if args.threads is not None:
+            raise UserError("--threads does not apply to --mcu (the emulated board has one core)")
+        try:
+            run_mcu(presets=args.preset, model_path=model, as_json=args.json)
+        except McuError as e:
+            raise UserError(str(e)) from e
+        return
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1, got %d" % args.threads)
+    run(presets=args.preset, model_path=model, as_json=args.json, n_ctx=args.n_ctx, threads=args.threads)

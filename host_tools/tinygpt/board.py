@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ui import check_regular_file as ui_check_regular_file
 from .ui import format_bytes as _h
 
 REPO = Path(__file__).resolve().parents[2]
@@ -393,27 +393,10 @@ def write_partition_bin(csv_path, out_path) -> bytes:
 # Model files
 # ---------------------------------------------------------------------------------------------
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def check_regular_file(path, what: str = "model file") -> Path:
-    """path, if it names a regular file (symlinks followed); else BoardError saying what it is.
-    Checked before anything opens it: open() on a FIFO blocks until a writer comes, a device
-    like /dev/zero never ends."""
-    p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise BoardError("%s: no such %s" % (p, what))
-    except OSError as e:  # a symlink loop, a path through a file, no permission
-        raise BoardError("%s: cannot use it as a %s: %s" % (p, what, e.strerror or e))
-    if stat.S_ISDIR(st.st_mode):
-        raise BoardError("%s: is a directory, expected a %s" % (p, what))
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
-        raise BoardError("%s: is %s, expected a %s (a regular file)" % (p, kind, what))
-    return p
+    """path, if it names a regular file (symlinks followed); else BoardError saying what it is
+    (ui.check_regular_file)."""
+    return ui_check_regular_file(path, what, BoardError)
 
 
 def read_model_header(path) -> dict:
@@ -692,3 +675,30 @@ def format_budget(r: dict) -> str:
                                              if r["placement"] == "file" and "model" in {p.name for p in b.partition_table()}
                                              else ""))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt budget MODEL_or_PRESET`'s options."""
+    p.add_argument("model", metavar="MODEL_or_PRESET", help="a model file or a preset name")
+    p.add_argument("--board", default="N16R8", help="board: %s (default N16R8)" % ", ".join(BOARDS))
+    p.add_argument("--n-ctx", type=int, default=None, help="context length (default: the model's n_positions)")
+    p.add_argument("--placement", choices=("partition", "file"), default=None,
+                   help="model in the 'model' flash partition (memory-mapped; default when the board has one) "
+                        "or a file on the filesystem (read into PSRAM)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_cli(args) -> None:
+    """`tinygpt budget`: the table or JSON; exit status 1 when the model does not fit."""
+    import sys
+
+    r = budget(args.model, board=args.board, n_ctx=args.n_ctx, placement=args.placement)
+    if args.json:
+        import json
+        print(json.dumps(r, indent=2))
+    else:
+        print(format_budget(r))
+    if not r["fits"]:
+        sys.exit(1)

@@ -676,3 +676,74 @@ def add_drafts(model_path, corpus_path) -> dict:
     modelfile.write_drafts(model_path, section)
     return {"answers": len(answers), "ids": sum(len(a) + 1 for a in answers), "bytes": len(section),
             "corpus": str(corpus_path)}
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt convert`'s options."""
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin, or a "
+                   "llama2.c checkpoint file (its export.py versions 0, 1 and 2; needs --llama2c-tokenizer or --tokenizer)")
+    p.add_argument("-o", "--output", required=True, help="model file to write")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: HF_DIR)")
+    p.add_argument("--llama2c-tokenizer", metavar="TOKENIZER_BIN",
+                   help="llama2.c's tokenizer.bin for a Llama model (instead of a byte-level BPE --tokenizer)")
+    p.add_argument("--prompt", default="Q: What is PSRAM?\nA:", help="sample prompt for the float vs INT8 check")
+    p.add_argument("--no-check", action="store_true", help="skip the float vs INT8 logit check")
+    p.add_argument("--drafts", metavar="CORPUS", help="store CORPUS's answers in the model file for drafting "
+                   "(faster answers; default: the corpus of a training run directory, if it still exists)")
+    p.add_argument("--no-drafts", action="store_true", help="store no drafts, even for a training run")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def run_cli(args) -> None:
+    """`tinygpt convert`: the model file, its report, its drafts, then the float vs INT8 check."""
+    from .ui import UserError, existing_file, is_terminal
+
+    hf_dir = Path(args.hf_dir)
+    if not (hf_dir.is_dir() or hf_dir.is_file()):
+        raise UserError("%s: not found (expected a Hugging Face model directory or a llama2.c checkpoint)" % hf_dir)
+    if hf_dir.is_file():  # llama2.c: no float model of its own to compare with here, nor a corpus
+        args.no_check, args.no_drafts = True, args.drafts is None
+    llama2c_tok = existing_file(args.llama2c_tokenizer, "llama2.c tokenizer") if args.llama2c_tokenizer else None
+    if llama2c_tok:  # the float check below reads a tokenizer.json
+        args.no_check = True
+    report = convert(hf_dir, args.output, tokenizer=args.tokenizer, llama2c_tokenizer=llama2c_tok,
+                     progress=not args.quiet and is_terminal())  # no bar fragments in pipes/logs
+    if not args.quiet:
+        print_report(report)
+    # drafts (issue 12): the corpus answers' token ids after the model, for speculative decoding
+    corpus = None if args.no_drafts else args.drafts
+    if corpus is None and not args.no_drafts:
+        corpus, why_not = run_corpus(hf_dir)
+        if why_not and not args.quiet:
+            print("drafts: none: %s; give --drafts CORPUS to store them" % why_not)
+    if corpus is not None:
+        d = add_drafts(args.output, existing_file(corpus, "corpus"))
+        if not args.quiet:
+            print("drafts: %d answers (%d token ids, %d bytes) from %s" % (d["answers"], d["ids"], d["bytes"],
+                                                                       d["corpus"]))
+    if args.no_check:
+        return
+    _print_agreement(hf_dir, Path(args.output), args.tokenizer, args.prompt)
+
+
+def _print_agreement(hf_dir, model_path, tokenizer_dir, prompt):
+    """Float vs INT8 logits on a sample prompt: the number that says the conversion worked."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    from . import compare
+    from .engine import Model
+
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else hf_dir
+    if (tok_dir / "tokenizer.json").exists():
+        tk = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    else:
+        tk = ByteLevelBPETokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    ids = tk.encode(prompt).ids
+    with Model(model_path) as m:
+        n_ctx = m.info()["n_ctx"]
+        ids = ids[:n_ctx] or [m.info()["eos_id"]]
+        r = compare.agreement(compare.hf_logits(hf_dir, ids), compare.engine_logits(m, ids))
+    print("float vs INT8 on %d prompt tokens: cosine min %.5f mean %.5f, top-1 agrees at %d/%d positions"
+          % (r["positions"], r["cosine_min"], r["cosine_mean"], r["top1_agree"], r["positions"]))

@@ -150,6 +150,10 @@ def _read(path) -> tuple[str, list[Problem]]:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # one clear problem, not one per line of UTF-8 errors
+        order = "little" if data[:2] == b"\xff\xfe" else "big"
+        return "", [Problem(1, f"the file is UTF-16 ({order}-endian byte order mark {data[:2].hex(' ').upper()}), "
+                               f"not UTF-8: save it as UTF-8")]
     problems = [Problem(line, f"undecodable UTF-8 at byte offset {off} ({reason})")
                 for off, line, reason in _utf8_errors(data)]
     return data.decode("utf-8", errors="replace"), problems

@@ -46,6 +46,7 @@ from .modelfile import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 PY_DIR = REPO / "py"
+DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
 SCRIPTS = ("chat.py", "bpe.py", "sptok.py", "draft.py", "topic.py", "retrieve.py", "selftest.py")  # micropython_mod/manifest.py freezes these
 MODEL_NAME = "model.bin"
 FS_BLOCK_SLACK = 2  # filesystem blocks per file for littlefs metadata, beyond its data blocks
@@ -409,9 +410,9 @@ def _copy_verified(board, todo, want, retries, log) -> dict:
     return {}
 
 
-def add_arguments(p, default_model) -> None:
+def add_arguments(p) -> None:
     p.add_argument("--port", required=True, help="serial port of the board (e.g. /dev/ttyACM0)")
-    p.add_argument("--model", default=str(default_model), help="model file (default: the shipped model)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model file (default: the shipped model)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-scripts", action="store_true", help="copy only the model, not the py/ scripts")
     g.add_argument("--frozen", action="store_true",

@@ -134,7 +134,7 @@ class _FloatRunner:
         self.torch = torch
         self.prev_threads = torch.get_num_threads()
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        from .train import quiet_hf
+        from .ui import quiet_hf
 
         with quiet_hf():
             self.model = GPT2LMHeadModel.from_pretrained(str(hf_dir), attn_implementation="eager",
@@ -323,53 +323,12 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
     log = log or (lambda *a, **k: None)
     t0 = time.perf_counter()
     src = Path(run_dir_or_model)
-    if not src.exists():
-        raise ValueError(f"model not found: {src}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-    hf_dir = src if src.is_dir() else None
-    if hf_dir is not None and not (hf_dir / "config.json").is_file():
-        raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    if hf_dir is None:
-        if int8_model not in (None, False) and Path(int8_model) != src:
-            raise ValueError("int8_model is only used with a run directory")
-        int8_model = src
-    qfile = Path(questions_file)
-    if not qfile.is_file():
-        raise ValueError(f"questions file not found: {qfile}")
-    questions = corpus_mod.load_questions(qfile)
-    if not questions:
-        raise ValueError(f"{qfile} has no Q/A or Q/Do entries (eval needs questions with their expected "
-                         f"answers: 'Q: ...' lines each followed by an 'A: ...' or 'Do: ...' line)")
-    n_all = len(questions)
-    questions = questions[:limit]
-    for pr in corpus_mod.conflicting_duplicates(qfile):
-        log(f"warning: {qfile}:{pr.line}: {pr.message}; at most one of the two can be counted right")
-    ood = load_ood_questions(ood_file)[:limit] if ood_file is not None else []
-
-    hf_tok = None
-    if tokenizer is not None:
-        hf_tok = _load_hf_tokenizer(tokenizer)
-    elif hf_dir is not None:
-        hf_tok = _load_hf_tokenizer(hf_dir)
-    elif (src.parent / "tokenizer.json").is_file():
-        hf_tok = _load_hf_tokenizer(src.parent)
+    hf_dir, int8_model = _check_model_args(src, int8_model, max_new_tokens, limit)
+    qfile, questions, n_all, ood = _read_questions(questions_file, limit, ood_file, log)
+    hf_tok = _pick_hf_tokenizer(tokenizer, hf_dir, src)
 
     with tempfile.TemporaryDirectory(prefix="tinygpt-eval-") as tmp:
-        model_file = None
-        if int8_model is None and hf_dir is not None:
-            from .convert import convert
-
-            model_file = Path(tmp) / "model.bin"
-            log(f"converting {hf_dir} to INT8 ({model_file.name} in a temporary directory)")
-            convert(hf_dir, model_file, tokenizer=hf_tok if tokenizer is not None else None, progress=False)
-        elif int8_model not in (None, False):
-            model_file = Path(int8_model)
-            if not model_file.is_file():
-                raise ValueError(f"INT8 model file not found: {model_file}")
-
+        model_file = _int8_model_file(tmp, hf_dir, int8_model, hf_tok if tokenizer is not None else None, log)
         abstain, known, index = answer_checks_of(hf_dir, model_file)
         from .abstain import _topic
 
@@ -385,61 +344,153 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
                 runners["float"] = _FloatRunner(hf_dir, threads)
             if int8 is not None:
                 runners["int8"] = _Int8Runner(int8)
-            results, ood_results = [], []
-
-            def checked(q, answer, r, name):
-                """chat.ask's check of the model's answer against the corpus answers (py/retrieve.py)."""
-                if index is None:
-                    return answer
-                chosen, how = index.choose(q, answer, abstain)
-                r["model_" + name], r["how_" + name] = answer, how
-                return chosen
-
-            bar = None
-            if progress:
-                from .ui import progress_bar
-                bar = progress_bar(total=len(questions), desc="eval", unit="q")
-            n_ctx = min((r.n_ctx for r in runners.values()), default=1 << 30)
-            if bar is not None:
-                bar.total = len(questions) + len(ood)
-            for q, expected in questions + [(q, None) for q in ood]:
-                ids = board_prompt_ids(tok, q, n_ctx)
-                guess = None
-                # chat.ask's first check: no word of the question in the corpus -> the abstain answer
-                gated = bool(abstain and known and topic.off_topic(q, known))
-                if expected is None:  # out of domain: no expected answer to draft from
-                    r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids), "gated": gated}
-                    for name, runner in runners.items():
-                        r[name] = abstain if gated else checked(q, generate(runner, tok, ids, max_new_tokens), r, name)
-                    ood_results.append(r)
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
-                    full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())
-                    guess = full[len(ids):] if full[:len(ids)] == ids else None
-                r = {"question": q, "expected": expected, "prompt_tokens": len(ids), "gated": gated}
-                for name, runner in runners.items():
-                    ans = abstain if gated else checked(q, generate(runner, tok, ids, max_new_tokens, draft=guess),
-                                                        r, name)
-                    r[name] = ans
-                    r["ok_" + name] = ans == expected.strip()
-                results.append(r)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k: f"{sum(x['ok_' + k] for x in results) / len(results):.3f}" for k in runners})
-            if bar is not None:
-                bar.close()
+            results, ood_results = _answer_all(runners, tok, questions, ood, (abstain, known, index), topic,
+                                               max_new_tokens, draft, progress)
         finally:
             if int8 is not None:
                 int8.close()
             if "float" in runners:
                 runners["float"].torch.set_num_threads(runners["float"].prev_threads)
 
-    n = len(results)
     model_label = None
     if model_file is not None:
         model_label = str(model_file) if int8_model not in (None, False) else "converted from the run directory"
+    out = _summary(results, ood_results, ood, runners, (abstain, known, index), n_in_file=n_all, qfile=qfile,
+                   hf_dir=hf_dir, model_label=model_label, ood_file=ood_file)
+    _print_table(out, log)
+    if plot:
+        plot_metrics(out, plot)
+        out["plot"] = str(plot)
+        log(f"plot: {plot}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# evaluate()'s steps, in the order it takes them
+
+def _check_model_args(src, int8_model, max_new_tokens, limit):
+    """(hf_dir or None, int8_model): a run directory, or a model file that is then the INT8 model."""
+    if not src.exists():
+        raise ValueError(f"model not found: {src}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    hf_dir = src if src.is_dir() else None
+    if hf_dir is not None and not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    if hf_dir is None:
+        if int8_model not in (None, False) and Path(int8_model) != src:
+            raise ValueError("int8_model is only used with a run directory")
+        int8_model = src
+    return hf_dir, int8_model
+
+
+def _read_questions(questions_file, limit, ood_file, log):
+    """(qfile, the first `limit` (question, expected) pairs, how many the file has, ood questions)."""
+    qfile = Path(questions_file)
+    if not qfile.is_file():
+        raise ValueError(f"questions file not found: {qfile}")
+    questions = corpus_mod.load_questions(qfile)
+    if not questions:
+        raise ValueError(f"{qfile} has no Q/A or Q/Do entries (eval needs questions with their expected "
+                         f"answers: 'Q: ...' lines each followed by an 'A: ...' or 'Do: ...' line)")
+    n_all = len(questions)
+    questions = questions[:limit]
+    for pr in corpus_mod.conflicting_duplicates(qfile):
+        log(f"warning: {qfile}:{pr.line}: {pr.message}; at most one of the two can be counted right")
+    ood = load_ood_questions(ood_file)[:limit] if ood_file is not None else []
+    return qfile, questions, n_all, ood
+
+
+def _pick_hf_tokenizer(tokenizer, hf_dir, src):
+    """The Hugging Face tokenizer: `tokenizer`, the run's, the one next to a model file, else None
+    (then the model file's own section, through py/bpe.py)."""
+    if tokenizer is not None:
+        return _load_hf_tokenizer(tokenizer)
+    if hf_dir is not None:
+        return _load_hf_tokenizer(hf_dir)
+    if (src.parent / "tokenizer.json").is_file():
+        return _load_hf_tokenizer(src.parent)
+    return None
+
+
+def _int8_model_file(tmp, hf_dir, int8_model, convert_tokenizer, log):
+    """The INT8 model file: int8_model, else the run directory converted into tmp; None for
+    int8_model=False."""
+    if int8_model is None and hf_dir is not None:
+        from .convert import convert
+
+        model_file = Path(tmp) / "model.bin"
+        log(f"converting {hf_dir} to INT8 ({model_file.name} in a temporary directory)")
+        convert(hf_dir, model_file, tokenizer=convert_tokenizer, progress=False)
+        return model_file
+    if int8_model not in (None, False):
+        model_file = Path(int8_model)
+        if not model_file.is_file():
+            raise ValueError(f"INT8 model file not found: {model_file}")
+        return model_file
+    return None
+
+
+def _checked(index, abstain, q, answer, r, name):
+    """chat.ask's check of the model's answer against the corpus answers (py/retrieve.py)."""
+    if index is None:
+        return answer
+    chosen, how = index.choose(q, answer, abstain)
+    r["model_" + name], r["how_" + name] = answer, how
+    return chosen
+
+
+def _answer_all(runners, tok, questions, ood, checks, topic, max_new_tokens, draft, progress):
+    """Every question (then every out-of-domain one) asked of every runner as chat.ask asks it:
+    (results, ood_results), one dict per question."""
+    abstain, known, index = checks
+    results, ood_results = [], []
+    bar = None
+    if progress:
+        from .ui import progress_bar
+        bar = progress_bar(total=len(questions), desc="eval", unit="q")
+    n_ctx = min((r.n_ctx for r in runners.values()), default=1 << 30)
+    if bar is not None:
+        bar.total = len(questions) + len(ood)
+    for q, expected in questions + [(q, None) for q in ood]:
+        ids = board_prompt_ids(tok, q, n_ctx)
+        guess = None
+        # chat.ask's first check: no word of the question in the corpus -> the abstain answer
+        gated = bool(abstain and known and topic.off_topic(q, known))
+        if expected is None:  # out of domain: no expected answer to draft from
+            r = {"question": q, "expected": None, "ood": True, "prompt_tokens": len(ids), "gated": gated}
+            for name, runner in runners.items():
+                r[name] = abstain if gated else _checked(index, abstain, q,
+                                                         generate(runner, tok, ids, max_new_tokens), r, name)
+            ood_results.append(r)
+            if bar is not None:
+                bar.update(1)
+            continue
+        if draft:  # the expected answer's tokens, when the prompt's tokens are their prefix
+            full = tok.encode(corpus_mod.prompt(q) + " " + expected.strip())
+            guess = full[len(ids):] if full[:len(ids)] == ids else None
+        r = {"question": q, "expected": expected, "prompt_tokens": len(ids), "gated": gated}
+        for name, runner in runners.items():
+            ans = abstain if gated else _checked(index, abstain, q,
+                                                 generate(runner, tok, ids, max_new_tokens, draft=guess), r, name)
+            r[name] = ans
+            r["ok_" + name] = ans == expected.strip()
+        results.append(r)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{sum(x['ok_' + k] for x in results) / len(results):.3f}" for k in runners})
+    if bar is not None:
+        bar.close()
+    return results, ood_results
+
+
+def _summary(results, ood_results, ood, runners, checks, *, n_in_file, qfile, hf_dir, model_label, ood_file):
+    """evaluate()'s result but "seconds": exact matches, agreement, mismatches, abstentions and
+    what the corpus check changed."""
+    abstain, known, index = checks
+    n = len(results)
 
     def share(key):
         if not results or key not in results[0]:
@@ -464,8 +515,8 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
         abst[name] = {"in_domain_abstained": refused, "in_domain_abstained_share": refused / n if n else None,
                       "ood_abstained": got if ood else None,
                       "ood_abstained_share": (got / len(ood_results)) if ood else None}
-    out = {
-        "n": n, "n_in_file": n_all, "questions_file": str(qfile),
+    return {
+        "n": n, "n_in_file": n_in_file, "questions_file": str(qfile),
         "exact_match_float": em_f, "exact_match_int8": em_i, "int8_equals_float": agree,
         "exact_match_float_count": c_f, "exact_match_int8_count": c_i, "int8_equals_float_count": c_a,
         "hf_dir": str(hf_dir) if hf_dir is not None else None,
@@ -479,13 +530,6 @@ def evaluate(run_dir_or_model, questions_file, tokenizer=None, int8_model=None, 
             "model_alone_exact": sum(r.get("model_" + name, r[name]) == r["expected"].strip() for r in results),
         } for name in runners},
     }
-    _print_table(out, log)
-    if plot:
-        plot_metrics(out, plot)
-        out["plot"] = str(plot)
-        log(f"plot: {plot}")
-    out["seconds"] = time.perf_counter() - t0
-    return out
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -572,3 +616,82 @@ def plot_metrics(res, path):
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt eval`'s options."""
+    p.description = ("Asks every question of a file of Q/A pairs (corpus format: a 'Q: ...' line, "
+                     "then its expected 'A: ...' or 'Do: ...' line; prose is skipped) and counts "
+                     "the answers that equal the expected one exactly. A run directory gives float "
+                     "and INT8 answers; a model file gives INT8 only, which is about 10x faster "
+                     "(measured on 20 questions, hw1 preset: 5 s instead of 56 s of CPU time; "
+                     "the float model runs in PyTorch, one token per call).")
+    p.add_argument("model", help="training run directory (float + INT8) or a model file (INT8 only, ~10x faster)")
+    p.add_argument("--questions", required=True,
+                   help="Q/A pairs in the corpus format (Q: + A: or Do: lines), e.g. data/heldout.txt")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N questions (default: all)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of the float model (default 1: on a busy 2-core machine 2 threads were "
+                        "10x slower; raise it on idle cores)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--int8", help="INT8 model file (default: convert the run directory)")
+    p.add_argument("--no-int8", action="store_true", help="float model only")
+    p.add_argument("--plot", help="write a bar chart PNG here")
+    p.add_argument("--json", metavar="FILE", help="write every question's expected, float and INT8 answers and "
+                                                  "the totals to FILE as JSON (the table shows only the first "
+                                                  "20 mismatches)")
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--ood", metavar="FILE",
+                   help="out-of-domain questions (one per line): report how many get the model's abstain answer, "
+                        "next to the in-domain questions that get it wrongly")
+    p.add_argument("--no-draft", action="store_true",
+                   help="generate every answer token by token (default: check the expected answer's tokens in "
+                        "one forward pass and generate only from where the model departs from it; the same "
+                        "greedy answers, INT8 bit for bit, in a fraction of the time)")
+
+
+def _check_output_file(flag, path):
+    """An output file of a long command, checked before the work: a result must not be lost at
+    the end for a path that cannot be written."""
+    from .ui import UserError
+
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError("%s %s is a directory; give a file name" % (flag, path))
+    if not p.absolute().parent.is_dir():
+        raise UserError("%s %s: folder %s does not exist" % (flag, path, p.absolute().parent))
+    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.absolute().parent, os.W_OK | os.X_OK):
+        raise UserError("%s %s: cannot write there (permission denied)" % (flag, path))
+
+
+def run_cli(args) -> None:
+    """`tinygpt eval`: the arguments and files checked first, then evaluate(), then --json."""
+    from .ui import UserError, existing_file
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be >= 1")
+    questions = existing_file(args.questions, "questions file")
+    int8 = existing_file(args.int8, "model file") if args.int8 and not args.no_int8 else args.int8
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _check_output_file(flag, path)
+    if args.plot:
+        from .ui import MATPLOTLIB_INSTALL, have_matplotlib
+
+        if not have_matplotlib():
+            raise UserError("--plot needs matplotlib, which is not installed (%s); or leave out --plot"
+                            % MATPLOTLIB_INSTALL)
+    res = evaluate(args.model, questions, tokenizer=args.tokenizer,
+                   int8_model=False if args.no_int8 else int8, plot=args.plot,
+                   max_new_tokens=args.max_new_tokens, limit=args.limit, threads=args.threads,
+                   draft=not args.no_draft,
+                   ood_file=existing_file(args.ood, "out-of-domain questions file") if args.ood else None)
+    if args.json:  # every question's answers, not only the first mismatches the table shows
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1, ensure_ascii=False)
+        print("results: %s (%d questions, %d with a mismatch)" % (args.json, res["n"], len(res["mismatches"])))

@@ -17,7 +17,7 @@ which writes DIR/ports/esp32/build-TINYGPT_S3_N16R8/firmware.bin (flash it with
 `make -C DIR/mpy-cross` and `make -C DIR/ports/esp32 BOARD_DIR=... submodules`; the hint is printed.
 
 The PC build of the same module (MicroPython's unix port; no ESP-IDF needed), e.g. for
-tests/test_board.py with MICROPY_BIN=DIR/ports/unix/build-standard/micropython:
+tests/test_micropython_module.py and tests/test_chat.py with MICROPY_BIN=DIR/ports/unix/build-standard/micropython:
     make -C DIR/ports/unix USER_C_MODULES=<repo>/usercmodule
 """
 from __future__ import annotations

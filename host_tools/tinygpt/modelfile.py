@@ -10,6 +10,7 @@ Public API:
 * ``tensor_specs(hparams)`` / ``plan_layout(hparams, tokenizer_nbytes)``: the canonical tensor
   list and the exact byte layout (used by ``presets.estimate_bytes`` too).
 * ``check_tokenizer_section(section, n_vocab)``: the rules of spec section 6.
+* ``add_arguments(p)`` / ``run_cli(args)``: ``tinygpt info MODEL`` (what is inside a model file).
 
 ``hparams`` keys (all ints unless noted): ``n_vocab`` (alias ``vocab_size``), ``n_positions``,
 ``n_embd``, ``n_layer``, ``n_head``, ``n_inner`` (None -> 4*n_embd), ``activation`` (0/1 or
@@ -655,3 +656,49 @@ def read_drafts(path) -> tuple[int, list[int]] | None:
     if zlib.crc32(body) & 0xFFFFFFFF != crc:
         raise ValueError(f"{path}: drafts section CRC32 mismatch (damaged file)")
     return n_answers, np.frombuffer(body, dtype="<u2").astype(int).tolist()
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt info MODEL`'s options."""
+    p.add_argument("model")
+    p.add_argument("--n-ctx", type=int, default=None, help="KV cache length to size (default: n_positions)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--selftest", action="store_true",
+                   help="run the board self-test (py/selftest.py) on the PC: compare its bit-exact CRC with a "
+                        "board's `import selftest; selftest.run()`")
+
+
+def run_cli(args) -> None:
+    """`tinygpt info`: the engine's numbers for the file (format_info), as text or JSON."""
+    from .engine import Model
+    from .ui import UserError, existing_file
+
+    path = existing_file(args.model, "model file")
+    if args.selftest:
+        return _selftest(path)
+    with Model(path, n_ctx=args.n_ctx) as m:
+        info = m.info()
+        try:
+            info[ABSTAIN_KEY] = parse_meta(m.meta()).get(ABSTAIN_KEY)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+    if args.json:
+        import json
+        print(json.dumps(info, indent=2))
+        return
+    print(format_info(info, path))
+
+
+def _selftest(path):
+    """py/selftest.py on the host engine: its "bit-exact" line must equal the board's."""
+    import sys
+    from pathlib import Path
+
+    py_dir = str(Path(__file__).resolve().parents[2] / "py")
+    if py_dir not in sys.path:
+        sys.path.insert(0, py_dir)
+    import selftest
+
+    selftest.run(str(path))

@@ -198,15 +198,10 @@ def make_random_hf_model(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, 
 
 def _save_quietly(model, out_dir):
     """save_pretrained without transformers' progress bar in the test output."""
-    from transformers.utils import logging as hf_logging
+    from .ui import quiet_hf
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_hf():
         model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def make_random_hf_llama(out_dir, vocab_size, n_embd, n_head, n_layer, n_inner, n_positions, *,

@@ -166,3 +166,35 @@ def train_tokenizer(corpus_path, out_dir, vocab_size: int = 4096, special_tokens
                       f"{n} tokens ({len(d['model']['merges'])} merges; min_frequency={min_frequency})",
                       UserWarning, stacklevel=2)
     return path
+
+
+# ----------------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    """`tinygpt tokenizer ACTION`'s actions: train (the only one)."""
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    tt = sub.add_parser("train", help="train a tokenizer (Hugging Face tokenizers, byte-level BPE)")
+    tt.add_argument("corpus")
+    tt.add_argument("-o", "--output", required=True, help="directory for tokenizer.json, vocab.json, merges.txt")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--special-tokens", help="file of domain words that must stay one token (one per line, # comments)")
+    tt.add_argument("--min-frequency", type=int, default=2)
+
+
+def run_cli(args) -> None:
+    """`tinygpt tokenizer train`: the tokenizer, its notices as one plain line each, its size."""
+    import sys
+
+    from .ui import existing_file
+
+    corpus = existing_file(args.corpus, "corpus file")
+    with warnings.catch_warnings(record=True) as caught:  # tinygpt's notices: one plain line each
+        warnings.simplefilter("always", UserWarning)
+        out = train_tokenizer(corpus, args.output, vocab_size=args.vocab_size,
+                              special_tokens_file=args.special_tokens, min_frequency=args.min_frequency)
+    for w in caught:
+        print("tinygpt: warning: %s" % w.message, file=sys.stderr)
+    from tokenizers import Tokenizer
+    n = Tokenizer.from_file(str(out)).get_vocab_size()
+    print("wrote %s (%d tokens)" % (out, n))

@@ -118,6 +118,7 @@ import numpy as np
 
 from . import corpus as corpus_mod
 from .modelfile import sha256_file
+from .ui import quiet_hf
 
 LOSSES = ("all", "answer")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -294,23 +295,6 @@ def load_checkpoint(out_dir):
                          f"{', '.join(missing)}); start the run again in another directory (-o NEW_DIR), or "
                          f"delete {out_dir} and start it there")
     return ckpt
-
-
-class quiet_hf:
-    """Context manager: no Hugging Face progress bars (e.g. "Writing model shards") inside."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        if self._on:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- plots
@@ -709,6 +693,8 @@ GROWING_KEYS = ("epochs", "max_steps", "warmup_steps")
 
 def add_arguments(p):
     """`tinygpt train`'s options, one for every TrainConfig setting that has a help text."""
+    p.description = ("Train a model on a corpus. Prints the plan and, after a few steps, the measured time per step and "
+                     "the expected total. Ctrl-C stops with a checkpoint and a usable model; --resume continues.")
     p.add_argument("corpus")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `tinygpt tokenizer train`)")
     p.add_argument("-o", "--output", required=True, help="run directory (Hugging Face save_pretrained layout)")
@@ -725,14 +711,11 @@ def add_arguments(p):
 
 
 def run_cli(args):
-    from .board import BoardError, check_regular_file
+    from .ui import existing_file
 
     settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata["help"] is not None}
     if args.abstain_questions:
-        try:
-            settings["abstain_questions"] = check_regular_file(args.abstain_questions, "off-topic question list")
-        except BoardError as e:
-            raise ValueError(str(e)) from None
+        settings["abstain_questions"] = existing_file(args.abstain_questions, "off-topic question list")
     res = train(args.corpus, args.tokenizer, args.output, TrainConfig(**settings))
     if res.get("stopped") in ("SIGINT", "SIGTERM"):
         sys.exit(130 if res["stopped"] == "SIGINT" else 143)
@@ -1580,5 +1563,3 @@ def train(corpus, tokenizer_dir, out_dir, config: TrainConfig | None = None, *, 
     finally:
         torch.set_num_threads(prev_threads)
 
-
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # TEMPORARY while cli moves to add_arguments

@@ -6,12 +6,51 @@ warnings as one plain line, no third-party deprecation noise.
     quiet_third_party()                             called once by the CLI before any command runs
     have_matplotlib()                               False when the plots must be skipped (or refused)
     format_bytes(6_690_364) -> "6.38 MiB"           sizes as the budget and info tables show them
+    quiet_hf()                                      no Hugging Face progress bars inside (save_pretrained)
+    raise UserError("...")                          a problem in what the user gave: one line, exit status 2
+    existing_file(path, "model file") -> Path       a regular file, else UserError (a FIFO would block)
+    check_regular_file(path, what, error)           the same, raising the caller's error class (BoardError)
 """
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import warnings
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path, what: str = "file", error=None) -> Path:
+    """path, if it names a regular file (symlinks followed); else `error` (an exception class,
+    default UserError) saying what it is. Checked before anything opens it: open() on a FIFO
+    blocks until a writer comes, a device like /dev/zero never ends."""
+    error = error or UserError
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise error("%s: no such %s" % (p, what))
+    except OSError as e:  # a symlink loop, a path through a file, no permission
+        raise error("%s: cannot use it as a %s: %s" % (p, what, e.strerror or e))
+    if stat.S_ISDIR(st.st_mode):
+        raise error("%s: is a directory, expected a %s" % (p, what))
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise error("%s: is %s, expected a %s (a regular file)" % (p, kind, what))
+    return p
+
+
+def existing_file(path, what="file"):
+    """path as a Path if it is a regular file (else UserError): a FIFO or a device would block or never end."""
+    return check_regular_file(path, what)
 
 
 def format_bytes(n: int) -> str:
@@ -97,3 +136,20 @@ def quiet_third_party() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     warnings.showwarning = _one_line_warning
+
+
+class quiet_hf:
+    """Context manager: no Hugging Face progress bars (e.g. "Writing model shards") inside."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self._on:
+            hf_logging.enable_progress_bar()

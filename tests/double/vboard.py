@@ -6,7 +6,7 @@
     ...
     board.stop()
 
-Run it by hand (`python tests/board_double/vboard.py [--fs-kib N] [--put FILE ...]`) and it prints
+Run it by hand (`python tests/double/vboard.py [--fs-kib N] [--put FILE ...]`) and it prints
 the port to give to `mpremote connect PORT` or `tinygpt chat --port PORT`.
 
 How it is put together, and where it differs from an ESP32-S3:
@@ -34,6 +34,9 @@ How it is put together, and where it differs from an ESP32-S3:
   "raw REPL; CTRL-B to exit\\r\\n", so mpremote's enter_raw_repl(soft_reset=True) sees what a board
   sends. Bytes the host sends meanwhile wait in the host tty until the restart is done.
 * `fail_after(n)`: after n more host->board bytes the relay unplugs (above): an interrupted copy.
+* The interpreter has no `tinygpt` module (unless $MICROPY_BIN is a build with usercmodule/): copy
+  DOUBLE, the test double of the module beside this file (tests/double/tinygpt.py), to the
+  board as tinygpt.py, and py/chat.py runs on it.
 """
 import errno
 import fcntl
@@ -48,6 +51,7 @@ import tty
 from pathlib import Path
 
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
+DOUBLE = Path(__file__).resolve().with_name("tinygpt.py")  # the board's `tinygpt` without MICROPY_BIN
 
 BOOT = r'''
 import os, sys, vfs
