@@ -104,10 +104,20 @@ def _load_meta():
     global _abstain, _known, _index
     _abstain = _known = _index = None
     meta = {}
-    for line in bytes(_model.meta()).decode("utf-8").split("\n"):
+    raw = bytes(_model.meta())
+    # line by line, not raw.decode().split(): a word index is ~180 KB, and the whole text and its
+    # list of lines next to the copy would need three such blocks of the board's heap at once
+    start, end = 0, len(raw)
+    while start < end:
+        stop = raw.find(b"\n", start)
+        if stop < 0:
+            stop = end
+        line = raw[start:stop].decode("utf-8")
+        start = stop + 1
         i = line.find(": ")  # not str.partition: optional in MicroPython builds
         if i > 0:
             meta[line[:i]] = line[i + 2:]
+    del raw
     _abstain = meta.get(ABSTAIN_KEY)
     _known = meta.get(KNOWN_WORDS_KEY)
     if Index is not None and RETRIEVAL_KEY in meta:

@@ -65,8 +65,20 @@ def off_topic(question, known):
     words = content_words(question)
     if not words or not known:
         return False
-    padded = " " + known + " "
     for w in words:
-        if (" " + w + " ") in padded:
+        if _has_word(known, w):
             return False
     return True
+
+
+def _has_word(known, w):
+    """w is one of the space-separated words of known. Searched in place: " " + known + " " would
+    copy the whole list (17 KB for the shipped corpus) at every question, and a fragmented board
+    heap may have no such block free."""
+    n, end = len(w), len(known)
+    i = known.find(w)
+    while i >= 0:
+        if (i == 0 or known[i - 1] == " ") and (i + n == end or known[i + n] == " "):
+            return True
+        i = known.find(w, i + 1)
+    return False

@@ -223,6 +223,25 @@ def test_budget_of_a_file_matches_the_engine(tmp_path):
     assert r["hparams"]["n_merges"] == 300 - 256  # the synthetic tokenizer: no specials
 
 
+
+def test_budget_counts_the_answer_index_in_the_heap(tmp_path):
+    """A model file with a word index (tinygpt index) needs the index's heap on the board
+    (board.INDEX_HEAP_PER_BYTE, measured on the emulated board); one without needs none."""
+    from conftest import REPO
+    from tinygpt.engine import Model
+
+    plain = make_model(tmp_path / "m.bin", seed=1)
+    indexed = tmp_path / "indexed.bin"
+    assert cli.main(["index", str(plain), "--corpus", str(REPO / "data" / "testcorpora" / "plants" / "corpus.txt"),
+                     "-o", str(indexed)]) == 0
+    with Model(indexed) as m:
+        meta_bytes = m.info()["meta_bytes"]
+    a, b = board.budget(str(plain)), board.budget(str(indexed))
+    assert a["psram"]["meta_heap"] == 0 and meta_bytes > 10_000
+    assert b["psram"]["meta_heap"] == board.meta_heap_bytes(meta_bytes, True) > 4 * meta_bytes
+    assert b["psram"]["total"] - a["psram"]["total"] == b["psram"]["meta_heap"]
+    assert "answer index (heap)" in board.format_budget(b) and "answer index" not in board.format_budget(a)
+
 def test_budget_cli(capsys, tmp_path):
     assert cli.main(["budget", "hw1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == board.budget("hw1")

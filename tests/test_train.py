@@ -471,3 +471,25 @@ def test_ctrl_c_while_writing_the_outputs_loses_nothing(data, tmp_path, monkeypa
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # loads
+
+
+@pytest.mark.parametrize("edit, want", [
+    (lambda c: c.pop("rng"), "it lacks rng"), (lambda c: c.pop("scheduler"), "it lacks scheduler"),
+    (lambda c: c.update(losses=None), "bad losses"), (lambda c: c.update(step="5"), "bad step"),
+    (lambda c: c.update(step=-1), "bad step"), (lambda c: c.update(identity=[1]), "bad identity"),
+    (lambda c: c.update(rng={"torch": 1}), "does not fit this run's model"),
+    (lambda c: c["model"].update({k: v[:1] for k, v in list(c["model"].items())[:1]}), "does not fit this run's model"),
+])
+def test_an_edited_checkpoint_is_refused_in_one_line(data, tmp_path, edit, want):
+    """A checkpoint that loads but whose contents are not a run's (hand-edited, another model)."""
+    import torch
+
+    d, c, tok = data
+    out = tmp_path / "r"
+    train_mod.train(c, tok, out, epochs=1, max_steps=4, stop_after=2, **dict(KW, log=None))
+    p = out / "checkpoint" / "checkpoint.pt"
+    ckpt = torch.load(p, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, p)
+    with pytest.raises(ValueError, match=want):
+        train_mod.train(c, tok, out, epochs=1, max_steps=4, resume=True, **dict(KW, log=None))

@@ -32,8 +32,10 @@ training. ``tinygpt train --val-split F --augment N`` augments only the training
 """
 from __future__ import annotations
 
+import os
 import random
 import re
+import tempfile
 from pathlib import Path
 
 from . import corpus as corpus_mod
@@ -239,8 +241,10 @@ def augment_file(in_path, out_path, per_question=8, seed=0, synonyms=None) -> di
     src, dst = Path(in_path), Path(out_path)
     if not src.is_file():
         raise ValueError(f"corpus not found: {src}")
-    if dst.exists() and dst.resolve() == src.resolve():
+    if dst.exists() and (dst.resolve() == src.resolve() or _same_file(dst, src)):
         raise ValueError(f"output {dst} is the input corpus; write the augmented corpus to a new file")
+    if dst.is_dir():  # before: the temp file was written beside it and left there, "[Errno 21]"
+        raise ValueError(f"output {dst} is a directory; give the file to write, e.g. {dst / 'augmented.txt'}")
     problems = corpus_mod.check(src)
     if problems:
         raise ValueError(f"corpus {src} has {len(problems)} problem(s), first {src}:{problems[0]}; "
@@ -255,15 +259,35 @@ def augment_file(in_path, out_path, per_question=8, seed=0, synonyms=None) -> di
     for e in new:
         answer_line = f"{corpus_mod.A_PREFIX} {e.answer}" if e.kind == "qa" else f"{corpus_mod.DO_PREFIX} {e.answer}"
         parts.append(f"\n{corpus_mod.Q_PREFIX} {e.question}\n{answer_line}\n")
-    tmp = dst.with_name(dst.name + ".tmp")
+    # A temp file of its own (never OUT.tmp, which may be the input itself: it was overwritten and
+    # then renamed away), removed on any failure or Ctrl-C, so a failed write leaves OUT untouched.
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("".join(parts), encoding="utf-8")
-    left = corpus_mod.check(tmp)
-    if left:  # pragma: no cover - variants are filtered so that this cannot happen
-        tmp.unlink()
-        raise RuntimeError(f"augmented corpus fails the check: {left[0]}")
-    tmp.replace(dst)
+    fd, tmp_name = tempfile.mkstemp(prefix="." + dst.name + ".", suffix=".tmp", dir=dst.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # newline="": the input's bytes as they are
+            f.write("".join(parts))
+        left = corpus_mod.check(tmp)
+        if left:  # pragma: no cover - variants are filtered so that this cannot happen
+            raise RuntimeError(f"augmented corpus fails the check: {left[0]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        tmp.replace(dst)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     return {**counts, "entries_in": len(entries), "entries_out": len(entries) + len(new)}
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def format_report(report, out_path) -> str:

@@ -39,6 +39,7 @@ The budget's numbers come from how the code allocates, not from measurements on 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -420,8 +421,13 @@ def read_model_header(path) -> dict:
             if len(directory) < 16 * n_tensors:
                 raise BoardError("%s: truncated model file (tensor directory)" % p)
             n_merges = None
+            meta_bytes, has_index = 0, False
             for i in range(n_tensors):
                 tid, _dt, off, nbytes = struct.unpack_from("<4I", directory, 16 * i)
+                if tid == 7 and 0 < nbytes <= 1 << 20:  # the meta section (spec section 8)
+                    f.seek(off)
+                    meta_bytes = nbytes
+                    has_index = b"\nretrieval: " in b"\n" + f.read(nbytes)
                 if tid == 6:
                     f.seek(off)
                     th = f.read(32)
@@ -442,7 +448,8 @@ def read_model_header(path) -> dict:
         raise BoardError("%s: model file has no tokenizer section" % p)
     return dict(n_vocab=n_vocab, n_positions=n_pos, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                 n_inner=n_inner, file_size=file_size, n_merges=n_merges, n_normal=n_normal,
-                arch="llama" if arch == 1 else "gpt2", n_kv_head=n_kv_head if arch == 1 else n_head)
+                arch="llama" if arch == 1 else "gpt2", n_kv_head=n_kv_head if arch == 1 else n_head,
+                meta_bytes=meta_bytes, has_index=has_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +469,14 @@ TOKENIZER_BYTES_PER_MERGE = 12     # py/bpe.py on a 32-bit port (see module doc)
 TOKENIZER_FIXED_BYTES = 4 * KiB
 SPTOK_FIXED_BYTES = 8 * KiB  # py/sptok.py beyond its index (4.5 KB measured on the 64-bit unix port)
 PYTHON_WORKING_BYTES = 64 * KiB
+# The meta section in the GC heap (py/chat.py's _load_meta): its copy and key/value dict while it
+# is read, and with a word index (py/retrieve.py) the index too. Measured on the emulated board
+# (boards/TINYGPT_QEMU, 32-bit, MicroPython 1.29): the free heap `chat.load` plus one `chat.ask`
+# needed beyond the same model without a meta section, found by bisection with a ballast
+# allocation: 776,855 bytes for the shipped corpus's 181,594-byte index, 343,261 for plants'
+# 73,648, 231,250 for ledgerly's 65,561 (4.28x, 4.66x, 3.53x). The budget takes 4.7x.
+META_HEAP_PER_BYTE = 2
+INDEX_HEAP_PER_BYTE = 4.7
 PSRAM_SYSTEM_RESERVE = 256 * KiB
 MMU_PAGES = 512
 MMU_PAGE = 64 * KiB
@@ -500,6 +515,13 @@ def engine_other_bytes(L, C) -> int:
     per-allocation heap overhead."""
     return (16 * POINTER_BYTES * L + 4 * C + 4 * C + MODEL_STRUCT_BYTES
             + N_ALLOCATIONS * HEAP_BLOCK_OVERHEAD)
+
+
+def meta_heap_bytes(meta_bytes, has_index) -> int:
+    """The GC heap py/chat.py needs for a model's meta section of meta_bytes (see
+    INDEX_HEAP_PER_BYTE): with a word index, what the index takes; without, the section's copy
+    and its key/value dict while it is read (the abstain answer and known_words stay)."""
+    return int(math.ceil(meta_bytes * (INDEX_HEAP_PER_BYTE if has_index else META_HEAP_PER_BYTE)))
 
 
 def tokenizer_heap_bytes(n_merges, n_normal=None) -> int:
@@ -568,6 +590,7 @@ def budget(model_or_preset, board: str = "N16R8", n_ctx: int | None = None,
             "scratch": engine_scratch_bytes(V, E, I, H, c, B, KV, hp.get("arch") == "llama"),
             "engine_other": engine_other_bytes(L, c),
             "tokenizer_heap": tokenizer_heap_bytes(hp["n_merges"], hp.get("n_normal")),
+            "meta_heap": meta_heap_bytes(hp.get("meta_bytes", 0), hp.get("has_index", False)),
             "python_working": PYTHON_WORKING_BYTES,
             "system_reserve": PSRAM_SYSTEM_RESERVE,
             "model_file": F if placement == "file" else 0,
@@ -654,7 +677,8 @@ def format_budget(r: dict) -> str:
         lines.append("  model file           %12s   on the %s filesystem ('vfs')" % (_h(fl["model_file"]), _h(fl["vfs_partition"])))
     lines.append("PSRAM")
     names = [("model_file", "model file (loaded)"), ("kv_cache", "KV cache"), ("scratch", "activations/scratch"),
-             ("engine_other", "engine tables, ids"), ("tokenizer_heap", "tokenizer (bpe.py or sptok.py)"),
+             ("engine_other", "engine tables, ids"), ("tokenizer_heap", "tokenizer (heap)"),
+             ("meta_heap", "answer index (heap)"),
              ("python_working", "Python working set"), ("system_reserve", "ESP-IDF reserve")]
     for k, text in names:
         if ps[k]:

@@ -39,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .board import BoardError, check_port, check_regular_file
@@ -91,6 +92,10 @@ class DeployError(BoardError):
     pass
 
 
+class BoardSilent(DeployError):
+    """The board stopped answering in the middle of a deploy (a copy and the next query timed out)."""
+
+
 def mpremote_command() -> list[str]:
     """mpremote of this Python (a dependency of the `device` extra)."""
     return [sys.executable, "-m", "mpremote"]
@@ -118,12 +123,30 @@ class Board:
         limit = self.timeout or timeout or QUERY_TIMEOUT
         cmd = self.mpremote + ["connect", check_port(resolve_port(self.port))] + list(args)
         try:
-            return subprocess.run(cmd, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, timeout=limit)
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(cmd, 124, "", "mpremote timed out after %.0f s" % limit)
+            p = subprocess.Popen(cmd, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError:
             raise DeployError("cannot run %s: is mpremote installed? (pip install mpremote)" % self.mpremote[0])
+        # Read as it comes, keeping only the last OUTPUT_KEEP bytes of each stream: a board that
+        # prints without end must not fill the PC's memory before the time limit (before: 4 GB in
+        # 3 s from a fast port). Bytes that are not UTF-8 (line noise) become U+FFFD.
+        kept = {}
+        readers = [threading.Thread(target=_drain, args=(f, kept, key), daemon=True)
+                   for key, f in (("out", p.stdout), ("err", p.stderr)) if f is not None]
+        for t in readers:
+            t.start()
+        try:
+            rc = p.wait(limit)
+        except subprocess.TimeoutExpired:
+            _stop(p)
+            rc = None
+        except BaseException:  # Ctrl-C reaches mpremote too: let it stop, then make sure
+            _stop(p, grace=0.25)
+            raise
+        for t in readers:
+            t.join(5)
+        if rc is None:
+            return subprocess.CompletedProcess(cmd, 124, "", "mpremote timed out after %.0f s" % limit)
+        return subprocess.CompletedProcess(cmd, rc, kept.get("out", ""), kept.get("err", ""))
 
     def query(self, names) -> dict:
         r = self.run("exec", _QUERY % (list(names),))
@@ -152,6 +175,37 @@ class Board:
         if "TGR" not in r.stdout:
             raise DeployError("renaming on the board failed: %s; %s" % (_why(r), _interrupted(
                 "rename", [b for _a, b in pairs], False)))
+
+
+OUTPUT_KEEP = 256 * 1024  # bytes of an mpremote call's stdout (and stderr) kept: its last lines say what happened
+
+
+def _drain(f, kept, key) -> None:
+    """Read the pipe f to its end, keeping its last OUTPUT_KEEP bytes, decoded, in kept[key]."""
+    buf = bytearray()
+    try:
+        while True:
+            b = f.read1(65536)
+            if not b:
+                break
+            buf += b
+            if len(buf) > 2 * OUTPUT_KEEP:
+                del buf[:-OUTPUT_KEEP]
+    except (OSError, ValueError):
+        pass
+    finally:
+        kept[key] = bytes(buf[-OUTPUT_KEEP:]).decode("utf-8", "replace")
+
+
+def _stop(p, grace: float = 0.0) -> None:
+    """End the mpremote process p (after `grace` seconds for it to end by itself)."""
+    try:
+        p.wait(grace)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    p.kill()
+    p.wait()
 
 
 _FS_KEYS = ("bsize", "frsize", "blocks", "bfree", "bavail")
@@ -190,6 +244,10 @@ def check_query_answer(text: str, names, port: str) -> dict:
             raise bad("a bad entry for %s (%r)" % (name, got))
     return info
 
+
+
+def _why_text(text: str) -> str:
+    return text.rsplit(": ", 1)[-1] if text.startswith("cannot talk to the board") else text
 
 
 def _why(r: subprocess.CompletedProcess) -> str:
@@ -329,7 +387,10 @@ def deploy(port: str, model, scripts: bool = True, retries: int = 3, mpremote=No
             board.remove(stale)
         if in_place:
             board.remove([name for _p, name, _n in todo if info["files"].get(name)])
-        failures = _copy_verified(board, todo, want, retries, log)
+        try:
+            failures = _copy_verified(board, todo, want, retries, log)
+        except BoardSilent as e:
+            raise DeployError("%s; %s" % (e, _interrupted("copy", [t[1] for t in todo], in_place, had)))
         if failures:
             raise DeployError("giving up after %d retries: %s; %s" % (retries, "; ".join(
                 "%s: %s" % (name, why) for name, why in failures.items()),
@@ -376,15 +437,25 @@ def _copy_verified(board, todo, want, retries, log) -> dict:
         if attempt:
             log("retrying %s (attempt %d of %d)" % (", ".join(t[1] for t in todo), attempt + 1, retries + 1))
         failures = {}
+        silent = None  # the file whose copy ran out of time: the board may have stopped answering
         for p, name, n in todo:
+            if silent:  # each further copy would wait its whole time limit too
+                failures[name] = "not copied (the board stopped answering during the copy of %s)" % silent
+                continue
             log("copying %s -> :%s%s (%d bytes)" % (p, name, TMP_SUFFIX, n))
             r = board.copy(p, name + TMP_SUFFIX)
             if r.returncode != 0:
                 failures[name] = "copy failed: " + _why(r)
                 log("%s: %s" % (name, failures[name]))
+                if r.returncode == 124:
+                    silent = name
         try:
             info = board.query([t[1] + TMP_SUFFIX for t in todo])
         except DeployError as e:
+            if silent:  # a copy and then the query ran out of time: no retry would get an answer
+                raise BoardSilent("the board on %s stopped answering: the copy of %s and then the file query "
+                                  "ran out of time (%s), so deploy gave up without further retries"
+                                  % (board.port, silent, _why_text(str(e))))
             for _p, name, _n in todo:
                 failures.setdefault(name, str(e))
             info = None

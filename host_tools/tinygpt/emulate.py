@@ -17,6 +17,8 @@ With --icount, QEMU executes one instruction per nanosecond of virtual time (-ic
 so the board's time.ticks_us() counts thousands of instructions and the self-test reports
 instructions per token; the board learns this from a flag word the loader writes.
 """
+import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .board import BoardError, check_regular_file
+from .board import BoardError, check_regular_file, read_model_header
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "default" / "model.bin"
@@ -80,7 +82,15 @@ def check_model(path):
         raise EmulateError("model %s is %d bytes; the board's model region holds %d (%d MiB): put it on the "
                            "board's filesystem with `tinygpt deploy` instead, or use a smaller model"
                            % (path, size, MODEL_SIZE, MODEL_SIZE >> 20))
+    # The header, tensor directory and tokenizer section: "TGPT" and then anything else would
+    # start the board and fail only at Model("model") (BoardError naming what is wrong).
+    read_model_header(p)
     return p
+
+
+def _printable(line):
+    """A line of QEMU's output fit for one error line: control bytes and line noise as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in line)[:200]
 
 
 def qemu_command(qemu, firmware, model, icount=False):
@@ -109,14 +119,17 @@ class Emulator:
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pty = None
         self._log = log
-        lines = []
+        lines = collections.deque(maxlen=20)  # the last lines, for an error (a long session prints on)
         found = threading.Event()
 
         def read_output():
-            for raw in self.proc.stdout:
+            # lines of at most 4 KB: a firmware printing without newlines must not fill memory
+            for raw in iter(lambda: self.proc.stdout.readline(4096), b""):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
-                if self.pty is None and "char device redirected to " in line:
-                    self.pty = line.split("char device redirected to ", 1)[1].split()[0]
+                words = line.split("char device redirected to ", 1)[1].split() if (
+                    self.pty is None and "char device redirected to " in line) else []
+                if words:  # (a line with no path after it is QEMU's noise, not its pty)
+                    self.pty = words[0]
                     found.set()
                 elif "terminating on signal" in line:
                     continue  # our own stop()
@@ -129,23 +142,35 @@ class Emulator:
 
         self._reader = threading.Thread(target=read_output, daemon=True)
         self._reader.start()
-        found.wait(PTY_TIMEOUT)
+        try:
+            found.wait(PTY_TIMEOUT)
+        except BaseException:  # Ctrl-C while QEMU starts: before, QEMU (a session of its own) ran on
+            self.stop()
+            raise
         if self.pty is None:
             self.stop()
             raise EmulateError("%s did not start (%s): %s" % (QEMU, " ".join(self.cmd),
-                                                            " | ".join(lines[-5:]) or "no output"))
+                                                            " | ".join(_printable(ln) for ln in list(lines)[-5:])
+                                                            or "no output"))
 
     def stop(self, timeout=10):
         """Stop QEMU (SIGTERM, then SIGKILL if it does not go). Returns its exit status."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal(signal.SIGKILL)
                 self.proc.wait()
         self._reader.join(timeout)
         return self.proc.returncode
+
+    def _signal(self, sig):
+        """sig to QEMU's session (QEMU and anything it started, which may hold its output pipe)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except OSError:
+            self.proc.send_signal(sig)
 
     def __enter__(self):
         return self

@@ -28,6 +28,7 @@ RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n>"
 MARK = "\x1eTGA"   # precedes the repr() of chat.ask's return value at the end of the output
 ANSWER_LIMIT = 300.0   # seconds one answer may take in all (--answer-limit): a board that streams forever stops
 MAX_OUTPUT = 64 * 1024  # characters of one answer's output kept: far above n_ctx tokens of text
+WRITE_TIMEOUT_MAX = 1e6  # seconds: the largest write limit given to pyserial
 
 
 class SerialChatError(BoardError):
@@ -82,8 +83,10 @@ class BoardChat:
         self.timeout = timeout
         try:
             # write_timeout: a board that stops reading (hung, or its USB stalled) must not block a write
+            # (capped: pyserial's write raises OverflowError for a limit past what select() takes,
+            # e.g. --timeout 1e10 or inf)
             self.ser = serial.serial_for_url(check_port(resolve_port(port)), baudrate=baudrate, timeout=0.05,
-                                             write_timeout=timeout)
+                                             write_timeout=min(timeout, WRITE_TIMEOUT_MAX))
         except (serial.SerialException, OSError) as e:
             raise SerialChatError("cannot open %s: %s" % (port, e))
         self._serial_errors = (serial.SerialException, OSError)
@@ -121,6 +124,8 @@ class BoardChat:
                 raise SerialChatError("no answer from the board on %s (waited %.0f s for %r; got %r)"
                                       % (self.port, timeout, ending, self._buf[-80:]))
             self._buf += self._read()
+            if len(self._buf) > 2 * self.max_output:  # a board that prints without end: keep the tail only
+                self._buf = self._buf[-self.max_output:]
         i = self._buf.index(ending) + len(ending)
         out, self._buf = self._buf[:i], self._buf[i:]
         return out
@@ -226,15 +231,17 @@ class BoardChat:
         held = [""]
 
         def show(text):
-            # everything before MARK is the answer as chat.ask shows it; hold back a possible
-            # start of MARK until it is clear
+            # everything before MARK is the answer as chat.ask shows it; hold back only what may be
+            # the start of MARK (before: everything from the first "\x1e" of the answer, which then
+            # never showed although ask returned it)
             s = held[0] + text
-            k = s.find(MARK[0])
+            k = s.find(MARK)
             if k < 0:
-                held[0] = ""
-                if on_text:
-                    on_text(s)
-                return
+                k = len(s)
+                for j in range(max(0, len(s) - len(MARK) + 1), len(s)):
+                    if MARK.startswith(s[j:]):
+                        k = j
+                        break
             if on_text and k:
                 on_text(s[:k])
             held[0] = s[k:]
@@ -245,7 +252,7 @@ class BoardChat:
         rep = out[out.rindex(MARK) + len(MARK):].strip()
         try:
             answer = ast.literal_eval(rep)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: "{[]: 1}"
             raise SerialChatError("unexpected answer from the board: %r" % rep[:200])
         if not isinstance(answer, str):  # tinygpt's chat.ask returns the answer text, always
             raise SerialChatError("the board's chat.ask returned %s, not the answer text (%r): is the chat.py "

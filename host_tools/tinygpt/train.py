@@ -289,11 +289,17 @@ def load_checkpoint(out_dir):
         raise ValueError(f"cannot resume: the checkpoint {p} is damaged ({type(e).__name__}: {e}). It cannot be "
                          f"repaired: start the run again in another directory (-o NEW_DIR), or delete {out_dir} and "
                          f"start it there (without --resume)") from None
-    missing = [k for k in ("identity", "step", "model", "optimizer") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"cannot resume: the checkpoint {p} is not a tinygpt training checkpoint (it lacks "
-                         f"{', '.join(missing)}); start the run again in another directory (-o NEW_DIR), or "
-                         f"delete {out_dir} and start it there")
+    keys = ("identity", "step", "model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "losses",
+            "elapsed", "tokens", "real_tokens")
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    bad = [] if missing else [k for k, ok in (
+        ("identity", isinstance(ckpt["identity"], dict)), ("losses", isinstance(ckpt["losses"], list)),
+        *((k, isinstance(ckpt[k], int) and not isinstance(ckpt[k], bool) and ckpt[k] >= 0)
+          for k in ("step", "epoch", "batch_in_epoch", "tokens", "real_tokens"))) if not ok]
+    if missing or bad:
+        what = f"it lacks {', '.join(missing)}" if missing else f"it has a bad {', '.join(bad)}"
+        raise ValueError(f"cannot resume: the checkpoint {p} is not a tinygpt training checkpoint ({what}); start "
+                         f"the run again in another directory (-o NEW_DIR), or delete {out_dir} and start it there")
     return ckpt
 
 
@@ -1084,12 +1090,17 @@ class Trainer:
         """Continue from a checkpoint of check_resume (bit for bit: weights, optimizer, schedule, RNGs)."""
         if ckpt is None:
             return
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_states(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # a checkpoint edited or of
+            p = self.out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE                    # another model
+            raise ValueError(f"cannot resume: the checkpoint {p} does not fit this run's model ({type(e).__name__}: "
+                             f"{str(e)[:300]}); start the run again in another directory (-o NEW_DIR)") from None
         for group in self.optimizer.param_groups:  # the new plan's lr at this step (same unless extended)
             group["lr"] = group["initial_lr"] * self.lr_lambda(ckpt["step"])
-        _set_rng_states(ckpt["rng"])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.losses = list(ckpt["losses"])
         self.val_history = list(ckpt.get("val_history", []))
