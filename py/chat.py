@@ -105,23 +105,26 @@ def _load_meta():
     _abstain = _known = _index = None
     meta = {}
     raw = bytes(_model.meta())
-    # line by line, not raw.decode().split(): a word index is ~180 KB, and the whole text and its
-    # list of lines next to the copy would need three such blocks of the board's heap at once
+    view = memoryview(raw)
+    # Line by line from a view of the copy, not raw.decode().split(): a word index is ~180 KB, and
+    # the whole text and its list of lines next to the copy would need three such blocks of the
+    # board's heap at once. The copy is kept until the index is built: freed before, its block
+    # would fill with the index's objects among short-lived ones, and the heap left so fragmented
+    # that a 16 KB logits() copy found no room (the shipped corpus's index on a 1.5 MB heap).
     start, end = 0, len(raw)
     while start < end:
         stop = raw.find(b"\n", start)
         if stop < 0:
             stop = end
-        line = raw[start:stop].decode("utf-8")
+        i = raw.find(b": ", start, stop)  # not str.partition: optional in MicroPython builds
+        if i > start:
+            meta[str(view[start:i], "utf-8")] = str(view[i + 2:stop], "utf-8")
         start = stop + 1
-        i = line.find(": ")  # not str.partition: optional in MicroPython builds
-        if i > 0:
-            meta[line[:i]] = line[i + 2:]
-    del raw
     _abstain = meta.get(ABSTAIN_KEY)
     _known = meta.get(KNOWN_WORDS_KEY)
     if Index is not None and RETRIEVAL_KEY in meta:
         _index = Index(meta)
+    del view, raw, meta
 
 
 def abstain_answer():

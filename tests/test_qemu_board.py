@@ -422,7 +422,17 @@ def test_indexed_shipped_model_answers_and_abstains_like_the_pc(tmp_path):
     abstain = chat.abstain_answer()
     chat.close()
     assert abstain and abstain in want  # the off-topic questions are refused on the PC
+    import selftest
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        selftest.run(str(indexed))
+    host_crc = re.search(r"^bit-exact\s+(.*)$", buf.getvalue(), re.M).group(1)
     with emulate.Emulator(FIRMWARE, indexed) as emu:
+        # first, as a user does: the self-test, whose 16 KB logits() copies need a heap that
+        # loading the 182 KB index left unfragmented (it failed with MemoryError before)
+        out = board_exec(emu, "import selftest\nselftest.run()\n", timeout=600)
+        assert re.search(r"^bit-exact\s+(.*)$", out, re.M).group(1).strip() == host_crc.strip(), out
+        mpremote(emu, "soft-reset")
         got = board_eval(emu, "import gc, chat\nchat.load('model')\ngc.collect()\n"
                               "r = [chat.ask(q, stream=False) for q in %r]\n"
                               "print('\\x1e' + repr([r, chat._index is not None, gc.mem_free()]))\n" % questions,

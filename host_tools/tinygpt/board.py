@@ -472,11 +472,11 @@ PYTHON_WORKING_BYTES = 64 * KiB
 # The meta section in the GC heap (py/chat.py's _load_meta): its copy and key/value dict while it
 # is read, and with a word index (py/retrieve.py) the index too. Measured on the emulated board
 # (boards/TINYGPT_QEMU, 32-bit, MicroPython 1.29): the free heap `chat.load` plus one `chat.ask`
-# needed beyond the same model without a meta section, found by bisection with a ballast
-# allocation: 776,855 bytes for the shipped corpus's 181,594-byte index, 343,261 for plants'
-# 73,648, 231,250 for ledgerly's 65,561 (4.28x, 4.66x, 3.53x). The budget takes 4.7x.
+# needed beyond the same model without a meta section (208,984 bytes), found by bisection with a
+# ballast allocation: 888,867 bytes for the shipped corpus's 181,594-byte index, 350,488 for
+# plants' 73,648, 278,222 for ledgerly's 65,561 (4.89x, 4.76x, 4.24x). The budget takes 4.9x.
 META_HEAP_PER_BYTE = 2
-INDEX_HEAP_PER_BYTE = 4.7
+INDEX_HEAP_PER_BYTE = 4.9
 PSRAM_SYSTEM_RESERVE = 256 * KiB
 MMU_PAGES = 512
 MMU_PAGE = 64 * KiB
