@@ -144,6 +144,10 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(data
     with pytest.raises(ValueError, match="cannot write in"):
         train_mod.train(c, tok, tmp_path / "new" / "run", epochs=1, **dict(KW, log=None))
     assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train_mod.train(c, tok, tmp_path / "afile" / "run", epochs=1, **dict(KW, log=None))
 
 
 # ----------------------------------------------------------------------------- time

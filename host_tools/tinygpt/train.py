@@ -956,7 +956,9 @@ def check_out_dir(out_dir, resume) -> Path:
     there = out_dir.absolute()
     while not there.exists():
         there = there.parent
-    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+    if not there.is_dir():
+        raise ValueError(f"output {out_dir}: {there} is a file, not a folder; choose another output directory")
+    if not os.access(there, os.W_OK | os.X_OK):
         raise ValueError(f"output {out_dir}: cannot write in {there} (permission denied); choose another "
                          f"output directory")
     return out_dir
