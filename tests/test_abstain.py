@@ -26,19 +26,27 @@ SAY = "I cannot answer that: it is not in my notes."
 
 
 def v2_copy(path, meta):
-    """The shipped model rewritten as a version 2 file with the given meta dict."""
+    """The shipped model rewritten as a version 2 file with the given meta dict (meta None: a
+    version 1 file, without the meta section the shipped file has)."""
     mf = reference.load(SHIPPED)
     buf, info = modelfile.build_model_bytes(dict(mf.hparams), dict(mf.tensors), mf.tokenizer_section, meta)
     Path(path).write_bytes(bytes(buf))
     return info
 
 
+def v1_copy(path):
+    info = v2_copy(path, None)
+    assert info["format_version"] == 1
+    return path
+
+
 # ----------------------------------------------------------------------------- the format
 def test_version_2_file_answers_as_version_1_and_carries_the_answer(tmp_path):
     info = v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY})
     assert info["format_version"] == 2
+    v1 = v1_copy(tmp_path / "v1.bin")
     ids = [1, 300, 400, 57, 2]
-    with Model(SHIPPED) as m1, Model(tmp_path / "v2.bin") as m2:
+    with Model(v1) as m1, Model(tmp_path / "v2.bin") as m2:
         m1.prefill(ids)
         m2.prefill(ids)
         assert np.array_equal(np.asarray(m1.logits()), np.asarray(m2.logits()))
@@ -47,7 +55,7 @@ def test_version_2_file_answers_as_version_1_and_carries_the_answer(tmp_path):
         assert m2.info()["meta_bytes"] == len(m2.meta())
     ref = reference.load(tmp_path / "v2.bin")  # the independent reader agrees
     assert ref.meta == {"abstain_answer": SAY} and ref.header["format_version"] == 2
-    assert reference.load(SHIPPED).meta == {}
+    assert reference.load(v1).meta == {}
 
 
 def _patch(path, offset, data):
@@ -92,8 +100,10 @@ def test_info_json_prints_the_abstain_answer(tmp_path, capsys):
     v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY})
     assert cli.main(["info", str(tmp_path / "v2.bin"), "--json"]) in (0, None)
     assert json.loads(capsys.readouterr().out)["abstain_answer"] == SAY
-    assert cli.main(["info", str(SHIPPED), "--json"]) in (0, None)
+    assert cli.main(["info", str(v1_copy(tmp_path / "v1.bin")), "--json"]) in (0, None)
     assert json.loads(capsys.readouterr().out)["abstain_answer"] is None
+    assert cli.main(["info", str(SHIPPED), "--json"]) in (0, None)  # the shipped model was trained with it
+    assert json.loads(capsys.readouterr().out)["abstain_answer"] == corpus.DEFAULT_ABSTAIN
 
 
 def test_chat_reads_the_abstain_answer(tmp_path):
@@ -103,7 +113,7 @@ def test_chat_reads_the_abstain_answer(tmp_path):
     try:
         chat.load(str(tmp_path / "v2.bin"))
         assert chat.abstain_answer() == SAY
-        chat.load(str(SHIPPED))
+        chat.load(str(v1_copy(tmp_path / "v1.bin")))
         assert chat.abstain_answer() is None
     finally:
         chat.close()
@@ -201,7 +211,7 @@ def test_chat_reads_the_abstain_answer_under_micropython(tmp_path):
     v2_copy(tmp_path / "v2.bin", {"abstain_answer": SAY + " \u00e9t\u00e9"})
     code = ("import sys\nsys.path[:0] = [%r, %r]\nimport chat\nchat.load(%r)\nprint(chat.abstain_answer())\n"
             "chat.load(%r)\nprint(chat.abstain_answer())\n"
-            % (str(REPO / "tests" / "double"), str(REPO / "py"), str(tmp_path / "v2.bin"), str(SHIPPED)))
+            % (str(REPO / "tests" / "double"), str(REPO / "py"), str(tmp_path / "v2.bin"), str(v1_copy(tmp_path / "v1.bin"))))
     p = subprocess.run(micropython_cmd() + ["-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr + p.stdout
     assert p.stdout.splitlines() == [SAY + " \u00e9t\u00e9", "None"]
